@@ -1,0 +1,353 @@
+"""backend="triton": the fused steering op, one launch for the whole batch.
+
+Closed form: grid (B, S). Program (row, s) streams its slice of the row once, computing
+x = z_L + c_T * (z_c - z_n) in fp32, writing x to ``out`` and keeping an online (max, sum-exp)
+plus the status bits. The S partials of a row are merged inside the same launch:
+- MERGE_NONE    S = 1: the program normalizes its own row in a second sweep.
+- MERGE_LAST    the last program of the row to finish (atomic counter, self-resetting) merges
+                and normalizes the whole row. Runs under the CPU interpreter.
+- MERGE_BARRIER all S programs of a row meet at a barrier (sense-reversing, self-resetting),
+                each merges the partials and normalizes its own slice, which is still in L2.
+                Needs every program of the row resident at once: the launcher only picks it
+                when B * S fits the SM count. A spin-wait cannot run in the interpreter (it runs
+                programs one after another), so there it is compiled ahead of time only.
+Iterative: one program per row runs the literal T-step update, T+2 sweeps over the row.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import status as st
+
+MERGE_NONE, MERGE_LAST, MERGE_BARRIER = 0, 1, 2
+MAX_SPLIT = 256
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _finite64(x):
+    return (x - x) == 0.0
+
+
+@triton.jit
+def _row_coefficient(hp_ptr):
+    """c_T in float64 from the packed (T, alpha, beta, lam, eta) row, and whether the row is valid."""
+    T = tl.load(hp_ptr + 0)
+    alpha = tl.load(hp_ptr + 1)
+    beta = tl.load(hp_ptr + 2)
+    lam = tl.load(hp_ptr + 3)
+    eta = tl.load(hp_ptr + 4)
+    ok = _finite64(T) & _finite64(alpha) & _finite64(beta) & _finite64(lam) & _finite64(eta)
+    ok = ok & (T >= 0.0) & (T == tl.floor(T)) & (lam > 0.0) & (eta > 0.0)
+    n = tl.where(ok, T, 0.0).to(tl.int32)
+    inv_eta = 1.0 / tl.where(ok, eta, 1.0)
+    lam = tl.where(ok, lam, 1.0)
+    c_prev = alpha * 0.0
+    c_sum = alpha * 0.0
+    for t in range(1, n + 1):
+        tf = t * 1.0
+        c = (alpha * c_sum + tf * beta + c_prev * inv_eta) / (tf * lam + inv_eta)
+        c_sum += c
+        c_prev = c
+    return c_prev, ok
+
+
+@triton.jit
+def _steered_block(llm_ptr, ctx_ptr, noctx_ptr, offs, mask, c, HAS_NOCTX: tl.constexpr):
+    """x = z_L + c (z_c - z_n) for one block, in fp32, plus the block's input status bits."""
+    zl = tl.load(llm_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    zc = tl.load(ctx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    flags = tl.max((zl != zl).to(tl.int32), 0) * 1 | tl.max((zl == float("inf")).to(tl.int32), 0) * 8
+    flags = flags | tl.max((zc != zc).to(tl.int32), 0) * 2 | tl.max((zc == float("inf")).to(tl.int32), 0) * 16
+    if HAS_NOCTX:
+        zn = tl.load(noctx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        flags = flags | tl.max((zn != zn).to(tl.int32), 0) * 4 | tl.max((zn == float("inf")).to(tl.int32), 0) * 32
+        # A mask shared by both small-model rows (both -inf) carries no delta.
+        delta = tl.where(zc == zn, 0.0, zc - zn)
+    else:
+        delta = zc
+    x = tl.where(c == 0.0, zl, zl + c * delta)
+    return x, flags
+
+
+@triton.jit
+def _delta_block(ctx_ptr, noctx_ptr, offs, mask, HAS_NOCTX: tl.constexpr):
+    zc = tl.load(ctx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NOCTX:
+        zn = tl.load(noctx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return tl.where(zc == zn, 0.0, zc - zn)
+    else:
+        return zc
+
+
+@triton.jit
+def _online_update(m, s, x):
+    """Merge a block into the running (max, sum-exp); -inf-safe (an all -inf prefix has s = 0)."""
+    m_new = tl.maximum(m, tl.max(x, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+    return m_new, s
+
+
+@triton.jit
+def _finish_row(m, s, flags, hp_ok):
+    """Log-sum-exp and status of a row; the lse is NaN for an invalid row, so its output is NaN."""
+    flags = flags | tl.where(hp_ok, 0, 256)
+    bad_inputs = flags != 0
+    flags = flags | tl.where(bad_inputs, 0, tl.where(m == float("-inf"), 64, 0))
+    flags = flags | tl.where(flags != 0, 0, tl.where((m == float("inf")) | (s != s) | (s == float("inf")), 128, 0))
+    lse = m + tl.log(s)
+    lse = tl.where(flags != 0, float("nan"), lse)
+    return lse, flags
+
+
+@triton.jit
+def _merge_partials(part_ptr, flag_ptr, base, nsplit, MAX_SPLIT: tl.constexpr):
+    """Merge the S partial (max, sum-exp, flags) of a row; loads bypass L1 (written by other SMs)."""
+    j = tl.arange(0, MAX_SPLIT)
+    jm = j < nsplit
+    m_j = tl.load(part_ptr + 2 * (base + j), mask=jm, other=float("-inf"), cache_modifier=".cg")
+    s_j = tl.load(part_ptr + 2 * (base + j) + 1, mask=jm, other=0.0, cache_modifier=".cg")
+    f_j = tl.load(flag_ptr + base + j, mask=jm, other=0, cache_modifier=".cg")
+    m = tl.max(m_j, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(s_j * tl.exp(m_j - m_safe), 0)
+    flags = tl.reduce(f_j, 0, _bit_or)
+    return m, s, flags
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _normalize(out_ptr, start, end, lse, BLOCK: tl.constexpr):
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        x = tl.load(out_ptr + offs, mask=mask, cache_modifier=".cg")
+        tl.store(out_ptr + offs, x - lse, mask=mask)
+
+
+@triton.jit
+def steer_closed_form_kernel(
+    llm_ptr, ctx_ptr, noctx_ptr, hp_ptr, out_ptr, part_ptr, flag_ptr, lock_ptr, status_ptr,
+    V, llm_stride, ctx_stride, noctx_stride, out_stride, hp_stride,
+    BLOCK: tl.constexpr, HAS_NOCTX: tl.constexpr, MERGE: tl.constexpr, MAX_SPLIT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    sid = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    row64 = row.to(tl.int64)
+    c64, hp_ok = _row_coefficient(hp_ptr + row * hp_stride)
+    c = c64.to(tl.float32)
+
+    chunk = tl.cdiv(tl.cdiv(V, nsplit), BLOCK) * BLOCK
+    start = sid * chunk
+    end = tl.minimum(start + chunk, V)
+    llm_row = llm_ptr + row64 * llm_stride
+    ctx_row = ctx_ptr + row64 * ctx_stride
+    noctx_row = noctx_ptr + row64 * noctx_stride
+    out_row = out_ptr + row64 * out_stride
+
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    flags = tl.zeros((), tl.int32)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < end
+        x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, c, HAS_NOCTX)
+        flags = flags | f
+        m, s = _online_update(m, s, x)
+        tl.store(out_row + offs, x, mask=mask)
+
+    if MERGE == 0:
+        lse, flags = _finish_row(m, s, flags, hp_ok)
+        tl.store(status_ptr + row, flags)
+        _normalize(out_row, start, end, lse, BLOCK)
+    else:
+        base = row * nsplit
+        tl.store(part_ptr + 2 * (base + sid), m)
+        tl.store(part_ptr + 2 * (base + sid) + 1, s)
+        tl.store(flag_ptr + base + sid, flags)
+        if MERGE == 1:
+            # acq_rel: our partials are visible before the count, the others' after it.
+            arrived = tl.atomic_add(lock_ptr + row, 1, sem="acq_rel")
+            if arrived == nsplit - 1:
+                tl.atomic_xchg(lock_ptr + row, 0)
+                m, s, flags = _merge_partials(part_ptr, flag_ptr, base, nsplit, MAX_SPLIT)
+                lse, flags = _finish_row(m, s, flags, hp_ok)
+                tl.store(status_ptr + row, flags)
+                _normalize(out_row, 0, V, lse, BLOCK)
+        else:
+            # Sense-reversing barrier over the row's programs: lock[2r] counts, lock[2r+1] is
+            # the generation. The generation is read before arriving, so it cannot move before
+            # every program of this row has read it.
+            gen = tl.atomic_add(lock_ptr + 2 * row + 1, 0, sem="acquire")
+            arrived = tl.atomic_add(lock_ptr + 2 * row, 1, sem="acq_rel")
+            if arrived == nsplit - 1:
+                tl.atomic_xchg(lock_ptr + 2 * row, 0)
+                tl.atomic_add(lock_ptr + 2 * row + 1, 1, sem="release")
+            else:
+                while tl.atomic_add(lock_ptr + 2 * row + 1, 0, sem="acquire") == gen:
+                    pass
+            m, s, flags = _merge_partials(part_ptr, flag_ptr, base, nsplit, MAX_SPLIT)
+            lse, flags = _finish_row(m, s, flags, hp_ok)
+            if sid == 0:
+                tl.store(status_ptr + row, flags)
+            _normalize(out_row, start, end, lse, BLOCK)
+
+
+@triton.jit
+def steer_iterative_kernel(
+    llm_ptr, ctx_ptr, noctx_ptr, hp_ptr, out_ptr, u_ptr, status_ptr,
+    V, llm_stride, ctx_stride, noctx_stride, out_stride, hp_stride,
+    BLOCK: tl.constexpr, HAS_NOCTX: tl.constexpr,
+):
+    """The published loop, one program per row: p lives in ``out``, U in the scratch ``u``.
+
+    b = z_L - lse(z_L); the delta's normalizers are per-row constants that the loop's
+    log_softmax removes, so d = z_c - z_n unnormalized gives the same p_t.
+    """
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    llm_row = llm_ptr + row64 * llm_stride
+    ctx_row = ctx_ptr + row64 * ctx_stride
+    noctx_row = noctx_ptr + row64 * noctx_stride
+    out_row = out_ptr + row64 * out_stride
+    u_row = u_ptr + row64 * V
+    hp_row = hp_ptr + row * hp_stride
+    _, hp_ok = _row_coefficient(hp_row)
+    n = tl.where(hp_ok, tl.load(hp_row), 0.0).to(tl.int32)
+    alpha = tl.load(hp_row + 1).to(tl.float32)
+    beta = tl.load(hp_row + 2).to(tl.float32)
+    lam = tl.where(hp_ok, tl.load(hp_row + 3), 1.0).to(tl.float32)
+    inv_eta = (1.0 / tl.where(hp_ok, tl.load(hp_row + 4), 1.0)).to(tl.float32)
+
+    # Sweep 0: statistics of x_1 (for the status bits, same as the closed form) and of z_L.
+    c1 = beta / (lam + inv_eta)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    mb = tl.full((), float("-inf"), tl.float32)
+    sb = tl.zeros((), tl.float32)
+    flags = tl.zeros((), tl.int32)
+    for off in range(0, V, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < V
+        x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, tl.where(n > 0, c1, 0.0), HAS_NOCTX)
+        flags = flags | f
+        m, s = _online_update(m, s, x)
+        zl = tl.load(llm_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        mb, sb = _online_update(mb, sb, zl)
+    lse_b = mb + tl.log(sb)
+    # p_0 = b; lse_p holds the normalizer of the values stored in out (0 for p_0 written as b).
+    for off in range(0, V, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        mask = offs < V
+        zl = tl.load(llm_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        tl.store(out_row + offs, zl - lse_b, mask=mask)
+        tl.store(u_row + offs, tl.zeros((BLOCK,), tl.float32), mask=mask)
+    lse_p = tl.zeros((), tl.float32)
+    for t in range(1, n + 1):
+        tf = t * 1.0
+        denom = tf * lam + inv_eta
+        mt = tl.full((), float("-inf"), tl.float32)
+        sumt = tl.zeros((), tl.float32)
+        for off in range(0, V, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            mask = offs < V
+            zl = tl.load(llm_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            b = zl - lse_b
+            d = _delta_block(ctx_row, noctx_row, offs, mask, HAS_NOCTX)
+            p = tl.load(out_row + offs, mask=mask, other=float("-inf")) - lse_p
+            pb = tl.where(p == b, 0.0, p - b)
+            u = tl.load(u_row + offs, mask=mask, other=0.0)
+            u = u + tl.where(alpha == 0.0, 0.0, alpha * pb) + tl.where(beta == 0.0, 0.0, beta * d)
+            pre = (tf * lam * b + u + p * inv_eta) / denom
+            pre = tl.where(mask, pre, float("-inf"))
+            tl.store(u_row + offs, u, mask=mask)
+            tl.store(out_row + offs, pre, mask=mask)
+            mt, sumt = _online_update(mt, sumt, pre)
+        lse_p = mt + tl.log(sumt)
+    lse_x, flags = _finish_row(m, s, flags, hp_ok)
+    final = tl.where(flags != 0, float("nan"), lse_p)
+    tl.store(status_ptr + row, flags)
+    _normalize(out_row, 0, V, final, BLOCK)
+
+
+_LOCKS: dict = {}
+
+
+def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
+    # Zeroed once, left zeroed by every launch (the kernels reset what they use): no memset per
+    # call, and the same buffer is reused by CUDA-graph replays.
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _LOCKS[device] = buf
+    return buf
+
+
+def _plan(B: int, V: int, device: torch.device, num_splits, merge):
+    """(S, merge, BLOCK, num_warps) for a launch; explicit arguments win (tests, benchmarks)."""
+    block = 4096 if device.type == "cpu" else 1024
+    num_warps = 4
+    max_split = min(MAX_SPLIT, triton.cdiv(V, block))
+    if num_splits is None:
+        if device.type == "cuda":
+            n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+            num_splits = 1 if B >= n_sm else min(n_sm // B, max_split)
+        else:
+            num_splits = 1
+    num_splits = max(1, min(int(num_splits), MAX_SPLIT))
+    if merge is None:
+        merge = "none" if num_splits == 1 else ("last" if device.type == "cpu" else "barrier")
+    merge = {"none": MERGE_NONE, "last": MERGE_LAST, "barrier": MERGE_BARRIER}[merge]
+    if num_splits == 1:
+        merge = MERGE_NONE
+    if merge == MERGE_NONE and num_splits != 1:
+        raise ValueError("merge='none' needs num_splits=1")
+    if merge == MERGE_BARRIER and INTERPRET:
+        raise ValueError("merge='barrier' spins on other programs and cannot run under TRITON_INTERPRET=1")
+    return num_splits, merge, block, num_warps
+
+
+def _check_device(t: torch.Tensor):
+    if t.device.type == "cpu" and not INTERPRET:
+        raise ValueError(
+            "backend='triton' got CPU tensors: run on a GPU, or set TRITON_INTERPRET=1 before importing "
+            "triton to run the kernel in Triton's CPU interpreter (slow; for testing)"
+        )
+
+
+def steer_triton(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits=None, merge=None) -> torch.Tensor:
+    """Launch the fused op: inputs [B, V] with unit column stride, ``out`` float32 [B, V],
+    ``hp`` float64 [1 or B, 5]. Returns int32 status [B] (see ``status.py``); no host sync."""
+    _check_device(zl)
+    B, V = zl.shape
+    status = torch.empty(B, dtype=torch.int32, device=zl.device)
+    has_noctx = zn is not None
+    zn_arg = zn if has_noctx else zc
+    hp_stride = 0 if hp.shape[0] == 1 else hp.stride(0)
+    common = (zl.stride(0), zc.stride(0), zn_arg.stride(0), out.stride(0), hp_stride)
+    if mode == "iterative":
+        u = torch.empty(B, V, dtype=torch.float32, device=zl.device)
+        block = 4096 if zl.device.type == "cpu" else 1024
+        steer_iterative_kernel[(B,)](
+            zl, zc, zn_arg, hp, out, u, status, V, *common, BLOCK=block, HAS_NOCTX=has_noctx, num_warps=4
+        )
+        return status
+    S, merge_id, block, num_warps = _plan(B, V, zl.device, num_splits, merge)
+    part = torch.empty(2 * B * S if S > 1 else 2, dtype=torch.float32, device=zl.device)
+    flags = torch.empty(B * S if S > 1 else 1, dtype=torch.int32, device=zl.device)
+    lock = _lock_buffer(zl.device, 2 * B)
+    steer_closed_form_kernel[(B, S)](
+        zl, zc, zn_arg, hp, out, part, flags, lock, status, V, *common,
+        BLOCK=block, HAS_NOCTX=has_noctx, MERGE=merge_id, MAX_SPLIT=MAX_SPLIT, num_warps=num_warps,
+    )
+    return status
