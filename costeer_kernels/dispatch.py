@@ -35,8 +35,16 @@ def available_backends() -> tuple:
     return tuple(_BACKENDS)
 
 
+_LOADED = False
+
+
 def _load_optional() -> None:
-    # Importing registers what can run here; failures are remembered with their reason.
+    # Importing registers what can run here; failures are remembered with their reason. Once per
+    # process, and never while torch.compile traces (imports and try/except do not trace).
+    global _LOADED
+    if _LOADED or torch.compiler.is_compiling():
+        return
+    _LOADED = True
     if "triton" not in _BACKENDS and "triton" not in _UNAVAILABLE:
         try:
             from .triton import steer as _tsteer

@@ -23,19 +23,19 @@ def steer_op(
     slm_ctx_logits: torch.Tensor,
     slm_noctx_logits: Optional[torch.Tensor],
     hparams: torch.Tensor,
-    mode: str = "closed_form",
+    update: str = "closed_form",
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Steered float32 log-probs [B, V] and int32 status [B]. Inputs already validated 2-D."""
     B, V = llm_logits.shape
     out = torch.empty(B, V, dtype=torch.float32, device=llm_logits.device)
     name = dispatch.resolve_backend(backend, llm_logits.device)
-    status = dispatch.get_backend(name)(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, out, mode)
+    status = dispatch.get_backend(name)(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, out, update)
     return out, status
 
 
 @steer_op.register_fake
-def _steer_fake(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, mode="closed_form", backend="auto"):
+def _steer_fake(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, update="closed_form", backend="auto"):
     B, V = llm_logits.shape
     return (
         llm_logits.new_empty((B, V), dtype=torch.float32),
@@ -50,16 +50,16 @@ def steer_out_op(
     slm_noctx_logits: Optional[torch.Tensor],
     hparams: torch.Tensor,
     out: torch.Tensor,
-    mode: str = "closed_form",
+    update: str = "closed_form",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Writes steered log-probs into ``out`` (float32 [B, V]); returns int32 status [B]."""
     name = dispatch.resolve_backend(backend, llm_logits.device)
-    return dispatch.get_backend(name)(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, out, mode)
+    return dispatch.get_backend(name)(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, out, update)
 
 
 @steer_out_op.register_fake
-def _steer_out_fake(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, out, mode="closed_form", backend="auto"):
+def _steer_out_fake(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, out, update="closed_form", backend="auto"):
     return llm_logits.new_empty((llm_logits.shape[0],), dtype=torch.int32)
 
 

@@ -5,7 +5,9 @@ Every fast path is tested against ``reference_steer(..., dtype=torch.float64)``.
 Masks (-inf), the same convention as every backend:
 - ``llm_logits[v] = -inf``: token v is banned; its output log-prob is -inf.
 - ``slm_ctx_logits[v] = slm_noctx_logits[v] = -inf``: a mask shared by both small-model passes
-  (padding, a processor applied to both) says nothing about the private context: no delta.
+  (padding, a processor applied to both) says nothing about the private context: no delta on the
+  logits (z_c - z_n := 0 there; in log-prob terms, the row's constant lse(z_c) - lse(z_n), which
+  keeps the closed form one pass).
 - ``slm_ctx_logits[v] = -inf`` alone: the small model with context rules token v out, and the
   update drives it to -inf (for c_T > 0; with c_T = 0 there is no steering at all).
 - ``slm_noctx_logits[v] = -inf`` alone would push token v to +inf: the row is invalid.
@@ -57,7 +59,8 @@ def reference_steer(
     alpha, beta, lam, eta = (hp[:, i : i + 1] for i in range(1, 5))
 
     b = torch.log_softmax(zl, dim=-1)
-    d = _masked_delta(torch.log_softmax(zc, dim=-1), torch.log_softmax(zn, dim=-1))
+    lse_shift = torch.logsumexp(zc, dim=-1, keepdim=True) - torch.logsumexp(zn, dim=-1, keepdim=True)
+    d = torch.where(zc == zn, -lse_shift, torch.log_softmax(zc, dim=-1) - torch.log_softmax(zn, dim=-1))
     p = b.clone()
     U = torch.zeros_like(b)
     t_max = int(T_rows.max().item()) if T_rows.numel() else 0

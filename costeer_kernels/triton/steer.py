@@ -126,10 +126,10 @@ def _bit_or(a, b):
 
 
 @triton.jit
-def _normalize(out_ptr, start, end, lse, BLOCK: tl.constexpr):
+def _normalize(out_ptr, start, end, V, lse, BLOCK: tl.constexpr):
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
-        mask = offs < end
+        mask = offs < V
         x = tl.load(out_ptr + offs, mask=mask, cache_modifier=".cg")
         tl.store(out_ptr + offs, x - lse, mask=mask)
 
@@ -158,9 +158,11 @@ def steer_closed_form_kernel(
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     flags = tl.zeros((), tl.int32)
+    # Slices are whole blocks, so "offs < V" is the only mask: with V % 16 == 0 (every real
+    # vocabulary) Triton then emits 16-byte vector loads.
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
-        mask = offs < end
+        mask = offs < V
         x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, c, HAS_NOCTX)
         flags = flags | f
         m, s = _online_update(m, s, x)
@@ -169,7 +171,7 @@ def steer_closed_form_kernel(
     if MERGE == 0:
         lse, flags = _finish_row(m, s, flags, hp_ok)
         tl.store(status_ptr + row, flags)
-        _normalize(out_row, start, end, lse, BLOCK)
+        _normalize(out_row, start, end, V, lse, BLOCK)
     else:
         base = row * nsplit
         tl.store(part_ptr + 2 * (base + sid), m)
@@ -183,7 +185,7 @@ def steer_closed_form_kernel(
                 m, s, flags = _merge_partials(part_ptr, flag_ptr, base, nsplit, MAX_SPLIT)
                 lse, flags = _finish_row(m, s, flags, hp_ok)
                 tl.store(status_ptr + row, flags)
-                _normalize(out_row, 0, V, lse, BLOCK)
+                _normalize(out_row, 0, V, V, lse, BLOCK)
         else:
             # Sense-reversing barrier over the row's programs: lock[2r] counts, lock[2r+1] is
             # the generation. The generation is read before arriving, so it cannot move before
@@ -200,7 +202,7 @@ def steer_closed_form_kernel(
             lse, flags = _finish_row(m, s, flags, hp_ok)
             if sid == 0:
                 tl.store(status_ptr + row, flags)
-            _normalize(out_row, start, end, lse, BLOCK)
+            _normalize(out_row, start, end, V, lse, BLOCK)
 
 
 @triton.jit
@@ -277,7 +279,7 @@ def steer_iterative_kernel(
     lse_x, flags = _finish_row(m, s, flags, hp_ok)
     final = tl.where(flags != 0, float("nan"), lse_p)
     tl.store(status_ptr + row, flags)
-    _normalize(out_row, 0, V, final, BLOCK)
+    _normalize(out_row, 0, V, V, final, BLOCK)
 
 
 _LOCKS: dict = {}
