@@ -5,10 +5,13 @@ the tolerance rules compare against.
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from . import status as st
-from .config import coefficient_rows, hparams_valid
+from .config import coefficient_rows, hparams_valid, steer_coefficient
 from .reference import _masked_delta, _scaled
 
 _NEG_INF = float("-inf")
@@ -43,8 +46,13 @@ def steer_torch(zl, zc, zn, hp, out, mode: str) -> torch.Tensor:
     hp_rows = hp.expand(B, 5)
     zlf = zl.float()
     d = zc.float() if zn is None else _masked_delta(zc.float(), zn.float())
-    c = coefficient_rows(hp_rows).to(torch.float32)[:, None]
-    c = torch.nan_to_num(c, nan=0.0)
+    if hp.shape[0] == 1 and hp.device.type == "cpu":
+        # Shared settings on the host: the scalar recurrence, no per-call tensor loop.
+        c_val = _scalar_coefficient(tuple(hp[0].tolist()))
+        c = torch.full((B, 1), c_val, dtype=torch.float32)
+    else:
+        c = coefficient_rows(hp_rows).to(torch.float32)[:, None]
+        c = torch.nan_to_num(c, nan=0.0)
     x = zlf + _scaled(c, d)
     status = row_status(zl, zc, zn, x, hp_rows)
     if mode == "iterative":
@@ -53,6 +61,13 @@ def steer_torch(zl, zc, zn, hp, out, mode: str) -> torch.Tensor:
     res = x - lse
     torch.where((status != 0)[:, None], torch.full_like(res, float("nan")), res, out=out)
     return status
+
+
+@functools.lru_cache(maxsize=256)
+def _scalar_coefficient(values) -> float:
+    T, alpha, beta, lam, eta = values
+    ok = all(math.isfinite(v) for v in values) and T >= 0 and T == int(T) and lam > 0 and eta > 0
+    return steer_coefficient(int(T), alpha, beta, lam, eta) if ok else 0.0
 
 
 def _iterate(zl: torch.Tensor, d: torch.Tensor, hp_rows: torch.Tensor) -> torch.Tensor:

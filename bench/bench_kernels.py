@@ -1,0 +1,158 @@
+"""Kernel benchmark: every steering backend against the reference loop and a same-run copy.
+
+    python bench/bench_kernels.py                 # the op issue's table: B in {1, 8, 64}, V=151936
+    python bench/bench_kernels.py --preset full   # B x V x dtype grid of the report
+    python bench/bench_kernels.py --preset tiny   # seconds; what CI runs to test the harness
+
+Writes JSON, a Markdown table and PNG plots under bench/results/<machine>/ (or --out) and prints
+the table. Effective bandwidth counts the bytes a fused op must move: three input rows read and
+one float32 row written; "copy %" compares it with a copy of the same bytes timed in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import costeer_kernels as ck
+from bench.harness import Report, Timing, copy_timing, git_rev, machine_info, time_cuda_graph, time_fn
+
+PRESETS = {
+    "op": dict(batches=[1, 8, 64], vocabs=[151936], dtypes=["fp32", "bf16"], ref_max_batch=64, compile_ref=True),
+    "full": dict(batches=[1, 4, 16, 64, 256], vocabs=[32000, 49152, 128256, 151936], dtypes=["fp32", "fp16", "bf16"],
+                 ref_max_batch=4, compile_ref=False),
+    "tiny": dict(batches=[1, 4], vocabs=[4099], dtypes=["fp32", "bf16"], ref_max_batch=4, compile_ref=False),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _backends(device: str):
+    names = [b for b in ck.available_backends() if b != "triton" or device == "cuda"]
+    return [b for b in names if ck.dispatch._supports(b, torch.device(device))]
+
+
+def bench_case(B, V, dtype_name, device, *, runs, ref, compile_ref, cold, graphs):
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    zl, zc, zn = (torch.randn(B, V, generator=g).mul_(3).to(device=device, dtype=dtype) for _ in range(3))
+    out = torch.empty(B, V, dtype=torch.float32, device=device)
+    nbytes = B * V * (3 * zl.element_size() + 4)
+    copy = copy_timing(nbytes, device, runs=runs, cold=cold)
+    copy_gbs = nbytes / (copy.median_us * 1e-6) / 1e9
+    rows = []
+
+    def row(name, t: Timing, extra=None):
+        gbs = nbytes / (t.median_us * 1e-6) / 1e9
+        r = {"backend": name, "B": B, "V": V, "dtype": dtype_name, "cache": "cold" if cold else "warm",
+             "median_us": t.median_us, "p90_us": t.p90_us, "runs": t.runs, "GB/s": gbs,
+             "copy %": 100.0 * gbs / copy_gbs, "copy_GB/s": copy_gbs}
+        r.update(extra or {})
+        rows.append(r)
+        return r
+
+    ref_t = None
+    if ref:
+        ref_t = time_fn(lambda: ck.reference_steer(zl, zc, zn), device, runs=max(3, runs // 4), warmup=1, cold=cold)
+        row("reference (eager, T=20)", ref_t)
+        if compile_ref:
+            try:
+                compiled = torch.compile(ck.reference_steer, dynamic=False)
+                compiled(zl, zc, zn)
+                row("reference (torch.compile)", time_fn(lambda: compiled(zl, zc, zn), device, runs=max(3, runs // 4),
+                                                         warmup=1, cold=cold))
+            except Exception as exc:  # inductor needs a working C++ toolchain on CPU
+                print(f"  torch.compile(reference_steer) skipped: {type(exc).__name__}: {exc}"[:200])
+    for name in _backends(device):
+        fn = lambda name=name: ck.steer(zl, zc, zn, backend=name, out=out, validate=False)
+        t = time_fn(fn, device, runs=runs, cold=cold)
+        extra = {}
+        if graphs and device == "cuda":
+            extra["graph_us"] = time_cuda_graph(fn).median_us
+        label = "torch closed form" if name == "torch" else name
+        row(label, t, extra)
+    for r in rows:
+        r["speedup_vs_ref"] = (ref_t.median_us / r["median_us"]) if ref_t else ""
+    return rows
+
+
+def plots(report: Report, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if r["cache"] == "warm"]
+    if not rows:
+        return
+    V = max(r["V"] for r in rows)
+    for metric, fname, ylabel in (("median_us", "latency_vs_batch.png", "median latency (us)"),
+                                  ("copy %", "roofline_share.png", "share of same-run copy bandwidth (%)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for dtype in sorted({r["dtype"] for r in rows}):
+            for be in sorted({r["backend"] for r in rows}):
+                pts = sorted((r["B"], r[metric]) for r in rows if r["backend"] == be and r["dtype"] == dtype and r["V"] == V)
+                if len(pts) >= 1:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{be} {dtype}")
+        ax.set_xscale("log", base=2)
+        if metric == "median_us":
+            ax.set_yscale("log")
+        ax.set_xlabel("batch B")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"steer, V={V}, {report.machine.get('gpu') or report.machine['cpu']}"[:80])
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+
+
+COLUMNS = ["backend", "B", "V", "dtype", "cache", "median_us", "p90_us", "GB/s", "copy %", "speedup_vs_ref"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="op")
+    ap.add_argument("--batches", type=int, nargs="*")
+    ap.add_argument("--vocabs", type=int, nargs="*")
+    ap.add_argument("--dtypes", nargs="*", choices=sorted(DTYPES))
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cold", action="store_true", help="also measure with the caches flushed before each call")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
+    ap.add_argument("--name", default=None, help="file stem of the report (default kernels_<preset>)")
+    args = ap.parse_args(argv)
+    p = dict(PRESETS[args.preset])
+    batches = args.batches or p["batches"]
+    vocabs = args.vocabs or p["vocabs"]
+    dtypes = args.dtypes or p["dtypes"]
+    info = machine_info(args.device)
+    cmd = "python bench/bench_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = Report(f"steer kernels ({args.preset}, git {git_rev()})", info, cmd.strip())
+    for V in vocabs:
+        for dtype in dtypes:
+            for B in batches:
+                for cold in ([False, True] if args.cold else [False]):
+                    ref = not args.no_reference and B <= p["ref_max_batch"]
+                    rows = bench_case(B, V, dtype, args.device, runs=args.runs, ref=ref,
+                                      compile_ref=p["compile_ref"] and ref, cold=cold, graphs=True)
+                    report.rows.extend(rows)
+                    for r in rows:
+                        print(f"{r['backend']:28s} B={B:<4d} V={V:<7d} {dtype:5s} {r['cache']:4s} "
+                              f"{r['median_us']:12.1f} us  {r['GB/s']:7.2f} GB/s  {r['copy %']:6.1f}% copy"
+                              + (f"  x{r['speedup_vs_ref']:.1f} vs ref" if r["speedup_vs_ref"] != "" else ""),
+                              flush=True)
+    cols = COLUMNS + (["graph_us"] if args.device == "cuda" else [])
+    out_dir = report.write(args.name or f"kernels_{args.preset}", cols, args.out, plots)
+    print(f"\nwrote {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
