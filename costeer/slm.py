@@ -1,0 +1,175 @@
+"""Batched KV-cached forward passes: the local small-model runner.
+
+``KVBatch`` keeps R left-padded rows in ONE KV cache: the prefill runs all prompts in one forward
+(attention mask zero on the padding, position ids counted from each row's first real token), and
+every decode step feeds one token per row in one forward. It returns the final logits and the
+final (post-norm) hidden states, the input of the later fused projection op ``steer_from_hidden``.
+
+``LocalRunner`` is the small model's side of CoSteer: for B requests it holds the with-context and
+the without-context prompt of each request as 2B rows of one batch (optionally plus B rows of the
+public prompt when the "LLM" is the very same in-process model: co-batching, one forward for all
+three passes), so one decode step of the small model is one forward.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # float32 [R, V]
+    hidden: Optional[torch.Tensor]  # [R, H] final hidden states (post final norm), or None
+
+
+def _cache_kwarg(fn) -> str:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - older transformers
+        return DynamicCache()
+
+
+class KVBatch:
+    """R token rows of different lengths, left-padded, sharing one KV cache."""
+
+    def __init__(self, model, rows: Sequence[Sequence[int]], pad_token_id: int, max_len: Optional[int] = None):
+        if not rows:
+            raise ValueError("rows must hold at least one prompt")
+        for i, r in enumerate(rows):
+            if len(r) == 0:
+                raise ValueError(f"rows[{i}] is empty: every prompt needs at least one token")
+        self.model = model
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        lengths = [len(r) for r in rows]
+        L = max(lengths)
+        R = len(rows)
+        ids = torch.full((R, L), int(pad_token_id), dtype=torch.long)
+        mask = torch.zeros((R, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, L - len(r):] = 1
+        self._rows = R
+        self._ids = ids.to(self.device)
+        self._mask = mask.to(self.device)
+        self._pos = (mask.cumsum(1) - 1).clamp(min=0).to(self.device)
+        self.lengths = torch.tensor(lengths, dtype=torch.long)  # real tokens per row so far
+        self.cache = _new_cache(model)
+        out_emb = model.get_output_embeddings()
+        base = getattr(model, "model", None)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        # Split "base model -> final hidden -> lm_head" when the model is that simple (Llama, Qwen,
+        # Mistral, ...); otherwise call the full model and report no hidden states.
+        self._split = base is not None and out_emb is not None and not softcap and callable(base)
+        self._base = base
+        self._head = out_emb
+        self._kw = _cache_kwarg((base if self._split else model).forward)
+        self._prefilled = False
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    def _forward(self, ids, mask, pos) -> StepOutput:
+        kw = {self._kw: self.cache, "use_cache": True, "attention_mask": mask, "position_ids": pos}
+        with torch.inference_mode():
+            if self._split:
+                h = self._base(input_ids=ids, **kw).last_hidden_state[:, -1]
+                logits = self._head(h)
+            else:
+                out = self.model(input_ids=ids, logits_to_keep=1, **kw)
+                logits, h = out.logits[:, -1], None
+        return StepOutput(logits=logits.float(), hidden=h)
+
+    def prefill(self) -> StepOutput:
+        if self._prefilled:
+            raise RuntimeError("KVBatch.prefill called twice")
+        self._prefilled = True
+        out = self._forward(self._ids, self._mask, self._pos)
+        self._next_pos = self._pos[:, -1] + 1
+        self._ids = None
+        return out
+
+    def step(self, tokens) -> StepOutput:
+        """Append one token per row (int list or LongTensor [R]) and return the next logits."""
+        if not self._prefilled:
+            raise RuntimeError("KVBatch.step called before prefill")
+        t = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
+        if t.numel() != self.rows:
+            raise ValueError(f"tokens has {t.numel()} entries, expected one per row ({self.rows})")
+        if self.max_len is not None and int(self.lengths.max()) + 1 > self.max_len:
+            raise ValueError(f"sequence would exceed the model's window of {self.max_len} tokens")
+        self._mask = torch.cat([self._mask, torch.ones((self.rows, 1), dtype=self._mask.dtype, device=self.device)], 1)
+        pos = self._next_pos[:, None]
+        out = self._forward(t[:, None], self._mask, pos)
+        self._next_pos = self._next_pos + 1
+        self.lengths += 1
+        return out
+
+
+@dataclass
+class LocalOutput:
+    """One step of the local passes for B requests, grouped by role ([B, V] / [B, H] each)."""
+
+    logits: Dict[str, torch.Tensor]
+    hidden: Dict[str, Optional[torch.Tensor]]
+
+    @property
+    def ctx_logits(self) -> torch.Tensor:
+        return self.logits["ctx"]
+
+    @property
+    def noctx_logits(self) -> torch.Tensor:
+        return self.logits["noctx"]
+
+
+class LocalRunner:
+    """Several groups of B prompts each (e.g. "ctx", "noctx"; optionally "llm") in ONE KV batch.
+
+    ``step(tokens)`` takes one token per request and feeds it to every row of that request.
+    """
+
+    def __init__(self, model, groups: Dict[str, List[List[int]]], pad_token_id: int, max_len: Optional[int] = None):
+        if not groups:
+            raise ValueError("groups must name at least one group of prompts")
+        sizes = {name: len(p) for name, p in groups.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"every group needs one prompt per request, got sizes {sizes}")
+        self.batch = next(iter(sizes.values()))
+        self.names = list(groups)
+        rows: List[List[int]] = []
+        for name in self.names:
+            rows.extend(groups[name])
+        self.kv = KVBatch(model, rows, pad_token_id, max_len=max_len)
+        self.last: Optional[LocalOutput] = None
+
+    def _split(self, out: StepOutput) -> LocalOutput:
+        B = self.batch
+        logits, hidden = {}, {}
+        for g, name in enumerate(self.names):
+            logits[name] = out.logits[g * B:(g + 1) * B]
+            hidden[name] = None if out.hidden is None else out.hidden[g * B:(g + 1) * B]
+        self.last = LocalOutput(logits, hidden)
+        return self.last
+
+    def prefill(self) -> LocalOutput:
+        return self._split(self.kv.prefill())
+
+    def step(self, tokens: Sequence[int]) -> LocalOutput:
+        t = torch.as_tensor(list(tokens), dtype=torch.long)
+        if t.numel() != self.batch:
+            raise ValueError(f"tokens has {t.numel()} entries, expected one per request ({self.batch})")
+        return self._split(self.kv.step(t.repeat(len(self.names))))
