@@ -1,0 +1,130 @@
+"""The C++/CUDA backends ("cpu", "cuda"): torch.ops.costeer_ext.steer from csrc/.
+
+Loaded from the extension ``costeer_kernels._C`` that ``setup.py`` builds in place, or, when it is
+missing or older than the sources, compiled just in time from csrc/ with
+``torch.utils.cpp_extension.load`` (ninja; cached under the torch extensions directory, or
+``$COSTEER_BUILD_DIR``). ``COSTEER_NO_JIT=1`` disables the JIT build. Nothing here raises: a
+failure marks the backends unavailable with the reason (see ``build_status()``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from . import dispatch
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+CPU_SOURCES = ("steer_cpu.cpp", "bindings.cpp")
+HEADERS = ("steer_math.h", "steer_cuda.h")
+# Same flags as setup.py: no -march=native, the hot loops carry their own AVX2/AVX-512 clones.
+# -fopenmp: at::parallel_for is an inline `omp parallel` (serial without it); it links torch's own
+# libgomp.so.1, already loaded by libtorch_cpu.
+CXX_FLAGS = ["-O3", "-fopenmp"]
+LD_FLAGS = ["-fopenmp"]
+JIT_NAME = "costeer_ext_cpu"
+
+_lock = threading.Lock()
+_state = {"loaded": False, "source": None, "reason": None, "path": None}
+
+
+def _prebuilt_path():
+    spec = importlib.util.find_spec("costeer_kernels._C")
+    return None if spec is None or not spec.origin else Path(spec.origin)
+
+
+def _sources_newer_than(path: Path) -> bool:
+    if not CSRC.is_dir():
+        return False
+    built = path.stat().st_mtime
+    return any((CSRC / f).exists() and (CSRC / f).stat().st_mtime > built for f in CPU_SOURCES + HEADERS + ("steer_cuda.cu",))
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    build_dir = os.environ.get("COSTEER_BUILD_DIR")
+    kwargs = {}
+    if build_dir:
+        os.makedirs(build_dir, exist_ok=True)
+        kwargs["build_directory"] = build_dir
+    return load(
+        name=JIT_NAME,
+        sources=[str(CSRC / f) for f in CPU_SOURCES],
+        extra_cflags=CXX_FLAGS,
+        extra_ldflags=LD_FLAGS,
+        extra_include_paths=[str(CSRC)],
+        is_python_module=False,
+        verbose=os.environ.get("COSTEER_BUILD_VERBOSE") == "1",
+        **kwargs,
+    )
+
+
+def load_extension() -> bool:
+    """Load the ops once (prebuilt, else JIT); True when torch.ops.costeer_ext.steer exists."""
+    with _lock:
+        if _state["loaded"] or _state["reason"] is not None:
+            return _state["loaded"]
+        notes = []
+        try:
+            path = _prebuilt_path()
+            if path is not None and _sources_newer_than(path):
+                notes.append(f"prebuilt {path.name} is older than csrc/, rebuilt just in time")
+                path = None
+            if path is not None:
+                torch.ops.load_library(str(path))
+                _state.update(source="prebuilt", path=str(path))
+            elif os.environ.get("COSTEER_NO_JIT") == "1":
+                raise RuntimeError("no prebuilt costeer_kernels._C and COSTEER_NO_JIT=1")
+            elif not CSRC.is_dir():
+                raise RuntimeError(f"no prebuilt costeer_kernels._C and no sources at {CSRC}")
+            else:
+                _jit_build()
+                _state.update(source="jit")
+            torch.ops.costeer_ext.steer  # noqa: B018 - raises if the library did not register
+            _state["loaded"] = True
+            if notes:
+                _state["source"] += f" ({'; '.join(notes)})"
+        except Exception as exc:  # noqa: BLE001 - any build/load failure only disables the backend
+            _state["reason"] = f"C++ extension could not be built or loaded: {type(exc).__name__}: {exc}"
+        return _state["loaded"]
+
+
+def has_cuda_kernel() -> bool:
+    return load_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("costeer_ext::steer", "CUDA")
+
+
+def build_status() -> dict:
+    """{"loaded": bool, "source": "prebuilt" | "jit" | None, "reason": why not, "cuda": bool}."""
+    load_extension()
+    return dict(_state, cuda=bool(_state["loaded"] and has_cuda_kernel()))
+
+
+def _call(zl, zc, zn, hp, out, mode, num_splits=0):
+    return torch.ops.costeer_ext.steer(zl, zc, zn, hp, out, mode, num_splits)
+
+
+def steer_cpp(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits: int = 0) -> torch.Tensor:
+    """The backend function of "cpu" and "cuda" (dispatch.py's contract); num_splits: blocks
+    (CUDA) or tasks (CPU) per row, 0 = automatic."""
+    return _call(zl, zc, zn, hp, out, mode, num_splits)
+
+
+def register_backends() -> None:
+    if "cpu" in dispatch._BACKENDS and _state["loaded"]:
+        return
+    if not load_extension():
+        dispatch.mark_unavailable("cpu", _state["reason"])
+        dispatch.mark_unavailable("cuda", _state["reason"])
+        return
+    dispatch.register_backend("cpu", steer_cpp)
+    if has_cuda_kernel():
+        dispatch.register_backend("cuda", steer_cpp)
+    elif not torch.cuda.is_available():
+        dispatch.mark_unavailable("cuda", "no CUDA device (torch.cuda.is_available() is False)")
+    else:
+        dispatch.mark_unavailable("cuda", f"the costeer_ext library ({_state['source']}) was built without CUDA")

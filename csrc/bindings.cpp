@@ -1,0 +1,120 @@
+// torch.ops.costeer_ext.steer: the C++ kernels behind the Python op costeer::steer.
+// The CPU build registers the CPU kernel; a build with COSTEER_WITH_CUDA also the CUDA launcher.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#ifdef COSTEER_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <mutex>
+#include <unordered_map>
+
+#include "steer_cuda.h"
+#endif
+
+namespace costeer {
+
+at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
+                     const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,
+                     at::Tensor& out, c10::string_view mode, int64_t num_splits);
+
+#ifdef COSTEER_WITH_CUDA
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DT_F32;
+    case at::kHalf: return cuda::DT_F16;
+    case at::kBFloat16: return cuda::DT_BF16;
+    default: TORCH_CHECK(false, "costeer_ext::steer: unsupported dtype ", t.scalar_type());
+  }
+  return 0;
+}
+
+// Per-device counters, zeroed once: the kernel leaves them zero, so no memset per call and the
+// same buffer is reused by CUDA-graph replays.
+at::Tensor counter_buffer(const at::Device& device, int64_t n) {
+  static std::mutex mu;
+  static std::unordered_map<int, at::Tensor> buffers;
+  std::lock_guard<std::mutex> lock(mu);
+  at::Tensor& buf = buffers[device.index()];
+  if (!buf.defined() || buf.numel() < n) {
+    buf = at::zeros({std::max<int64_t>(n, 1024)}, at::TensorOptions().device(device).dtype(at::kInt));
+  }
+  return buf;
+}
+
+at::Tensor steer_cuda(const at::Tensor& llm, const at::Tensor& ctx,
+                      const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,
+                      at::Tensor& out, c10::string_view mode, int64_t num_splits) {
+  TORCH_CHECK(llm.dim() == 2 && ctx.sizes() == llm.sizes() && out.sizes() == llm.sizes(),
+              "costeer_ext::steer: expected [B, V] inputs and out of one shape");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "costeer_ext::steer: out must be float32");
+  const bool iter = mode == "iterative";
+  TORCH_CHECK(iter || mode == "closed_form", "costeer_ext::steer: unknown mode ", mode);
+  const c10::cuda::CUDAGuard guard(llm.device());
+  const int64_t B = llm.size(0), V = llm.size(1);
+  auto hp = hparams.to(llm.device(), at::kDouble).contiguous();
+  TORCH_CHECK(hp.dim() == 2 && hp.size(1) == 5 && (hp.size(0) == 1 || hp.size(0) == B),
+              "costeer_ext::steer: hparams must be float64 [1 or B, 5]");
+  const bool has_noctx = noctx.has_value() && noctx->defined();
+  auto status = at::empty({B}, llm.options().dtype(at::kInt));
+  if (B == 0) return status;
+
+  cuda::SteerLaunch a{};
+  a.zl = llm.data_ptr();
+  a.zc = ctx.data_ptr();
+  a.zn = has_noctx ? noctx->data_ptr() : nullptr;
+  a.zl_stride = llm.stride(0);
+  a.zc_stride = ctx.stride(0);
+  a.zn_stride = has_noctx ? noctx->stride(0) : 0;
+  a.zl_dtype = dtype_code(llm);
+  a.zc_dtype = dtype_code(ctx);
+  a.zn_dtype = has_noctx ? dtype_code(*noctx) : a.zc_dtype;
+  a.hp = hp.data_ptr<double>();
+  a.hp_stride = hp.size(0) == 1 ? 0 : 5;
+  a.out = out.data_ptr<float>();
+  a.out_stride = out.stride(0);
+  a.status = status.data_ptr<int32_t>();
+  a.B = B;
+  a.V = V;
+  a.iterative = iter ? 1 : 0;
+  at::Tensor u, part, flags, counters;
+  if (iter) {
+    u = at::empty({B, V}, out.options());
+    a.u = u.data_ptr<float>();
+    a.splits = 1;
+  } else {
+    a.splits = num_splits > 0 ? static_cast<int>(std::min<int64_t>(num_splits, 1024))
+                              : cuda::steer_cuda_splits(B, V, llm.device().index());
+    if (a.splits > 1) {
+      part = at::empty({B * a.splits * 2}, out.options());
+      flags = at::empty({B * a.splits}, status.options());
+      counters = counter_buffer(llm.device(), B);
+      a.part = part.data_ptr<float>();
+      a.part_flags = flags.data_ptr<int32_t>();
+      a.counters = reinterpret_cast<unsigned*>(counters.data_ptr<int32_t>());
+    }
+  }
+  const cudaError_t err = cuda::steer_cuda_launch(a, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "costeer_ext::steer: CUDA launch failed: ", cudaGetErrorString(err));
+  return status;
+}
+
+}  // namespace
+#endif
+
+}  // namespace costeer
+
+TORCH_LIBRARY(costeer_ext, m) {
+  m.def(
+      "steer(Tensor llm, Tensor ctx, Tensor? noctx, Tensor hparams, Tensor(a!) out, "
+      "str mode='closed_form', int num_splits=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) { m.impl("steer", &costeer::steer_cpu); }
+
+#ifdef COSTEER_WITH_CUDA
+TORCH_LIBRARY_IMPL(costeer_ext, CUDA, m) { m.impl("steer", &costeer::steer_cuda); }
+#endif

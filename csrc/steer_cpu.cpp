@@ -1,0 +1,371 @@
+// CPU kernel of costeer_ext::steer (closed form and iterative).
+//
+// Rows are streamed in chunks of CHUNK elements that stay in L1: half/bfloat16 chunks are widened
+// to float32 into stack buffers (fp32 inputs are used in place), so the math below exists once, as
+// float-only loops that gcc vectorizes at -O3 (`omp simd` reductions, no -ffast-math needed).
+// Closed form, per chunk: x = z_L + c_T (z_c - z_n) is written to `out` with the chunk max and the
+// status bits, then sum exp(x - max) re-reads the chunk from L1 and is merged into the running
+// (max, sum-exp). A second sweep subtracts the log-sum-exp in place: each input is read once.
+// Small batches split each row into segments (one task each); the segments' partial statistics
+// are merged by every segment task of the second sweep, in segment order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "steer_math.h"
+
+namespace costeer {
+namespace cpu {
+
+// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (ifunc):
+// a prebuilt extension cannot use -march=native.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(COSTEER_NO_CLONES)
+#define STEER_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
+#else
+#define STEER_HOT __attribute__((noinline))
+#endif
+
+constexpr int64_t CHUNK = 2048;
+enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+STEER_HOT void widen_f16(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
+}
+
+STEER_HOT void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]);
+}
+
+// Exact status bits of a chunk whose quick test fired (x already in out).
+STEER_HOT int exact_flags(const float* __restrict zl, const float* __restrict zc,
+                          const float* __restrict zn, const float* __restrict out, int64_t n) {
+  int f = 0;
+  if (zn != nullptr) {
+#pragma omp simd reduction(| : f)
+    for (int64_t i = 0; i < n; ++i) f |= element_flags(zl[i], zc[i], zn[i], true, out[i]);
+  } else {
+#pragma omp simd reduction(| : f)
+    for (int64_t i = 0; i < n; ++i) f |= element_flags(zl[i], zc[i], 0.0f, false, out[i]);
+  }
+  return f;
+}
+
+// x into out; returns the chunk max, ORs the status bits into *flags and sets *sum to
+// sum exp(x - offset). The offset is the running max of the previous chunks: the exponentials then
+// overlap the loads instead of costing a second loop (see closed_form_segment for when it is redone).
+STEER_HOT float steer_chunk(const float* __restrict zl, const float* __restrict zc,
+                            const float* __restrict zn, float* __restrict out, int64_t n, float c,
+                            float offset, float* sum, int* flags) {
+  float m = -STEER_INF, s = 0.0f;
+  int bad = 0;
+  if (zn != nullptr) {
+#pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) {
+      const float l = zl[i], a = zc[i], b = zn[i];
+      const float x = steered(l, masked_delta(a, b), c);
+      out[i] = x;
+      bad |= suspicious((l + a) + (b + x));
+      m = max_keep(m, x);
+      s += steer_exp(x - offset);
+    }
+  } else {
+#pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : s)
+    for (int64_t i = 0; i < n; ++i) {
+      const float l = zl[i], a = zc[i];
+      const float x = steered(l, a, c);
+      out[i] = x;
+      bad |= suspicious((l + a) + x);
+      m = max_keep(m, x);
+      s += steer_exp(x - offset);
+    }
+  }
+  if (bad) *flags |= exact_flags(zl, zc, zn, out, n);
+  *sum = s;
+  return m;
+}
+
+STEER_HOT float chunk_max(const float* __restrict x, int64_t n) {
+  float m = -STEER_INF;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = max_keep(m, x[i]);
+  return m;
+}
+
+STEER_HOT float exp_sum(const float* __restrict x, int64_t n, float m) {
+  const float ms = safe_max(m);
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += steer_exp(x[i] - ms);
+  return s;
+}
+
+STEER_HOT void subtract(float* __restrict x, int64_t n, float v) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] - v;
+}
+
+STEER_HOT void store_shifted(const float* __restrict x, float* __restrict out, int64_t n, float v) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] - v;
+}
+
+// One iterative step over a chunk: reads p (unnormalized, lse_p) from out, updates u, writes the
+// pre-softmax values back to out; returns their max.
+STEER_HOT float iterate_chunk(const float* __restrict zl, const float* __restrict d,
+                              float* __restrict out, float* __restrict u, int64_t n, float lse_b,
+                              float lse_p, float alpha, float beta, float tlam, float inv_eta,
+                              float denom) {
+  float m = -STEER_INF;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    const float b = zl[i] - lse_b;
+    const float p = out[i] - lse_p;
+    float ui = u[i];
+    const float pre = iterate_element(b, d[i], p, ui, alpha, beta, tlam, inv_eta, denom);
+    u[i] = ui;
+    out[i] = pre;
+    m = max_keep(m, pre);
+  }
+  return m;
+}
+
+STEER_HOT void delta_chunk(const float* __restrict zc, const float* __restrict zn,
+                           float* __restrict d, int64_t n, float shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = shifted_delta(zc[i], zn[i], shift);
+}
+
+struct Operand {
+  const char* base;
+  int64_t row_stride;  // elements
+  int dtype;
+  int64_t esize;
+};
+
+static Operand operand(const at::Tensor& t) {
+  Operand o;
+  o.base = static_cast<const char*>(t.data_ptr());
+  o.row_stride = t.size(0) > 1 ? t.stride(0) : 0;
+  switch (t.scalar_type()) {
+    case at::kFloat: o.dtype = F32; o.esize = 4; break;
+    case at::kHalf: o.dtype = F16; o.esize = 2; break;
+    case at::kBFloat16: o.dtype = BF16; o.esize = 2; break;
+    default: TORCH_CHECK(false, "costeer_ext::steer: unsupported dtype ", t.scalar_type());
+  }
+  return o;
+}
+
+// Elements [off, off + n) of row r as float32: in place for fp32, widened into buf otherwise.
+static inline const float* load_f32(const Operand& o, int64_t r, int64_t off, int64_t n, float* buf) {
+  const char* p = o.base + (r * o.row_stride + off) * o.esize;
+  if (o.dtype == F32) return reinterpret_cast<const float*>(p);
+  if (o.dtype == F16) widen_f16(reinterpret_cast<const uint16_t*>(p), buf, n);
+  else widen_bf16(reinterpret_cast<const uint16_t*>(p), buf, n);
+  return buf;
+}
+
+struct Args {
+  Operand zl, zc, zn;
+  bool has_noctx;
+  const double* hp;
+  int64_t hp_stride;
+  float* out;
+  int64_t out_stride;
+  int32_t* status;
+  int64_t B, V;
+};
+
+struct Part {
+  float m, s;
+  int flags;
+};
+
+// Closed-form first sweep over [start, end) of row r.
+static Part closed_form_segment(const Args& a, int64_t r, int64_t start, int64_t end, float c) {
+  alignas(64) float buf[3][CHUNK];
+  Part p{-STEER_INF, 0.0f, 0};
+  float* out = a.out + r * a.out_stride;
+  for (int64_t off = start; off < end; off += CHUNK) {
+    const int64_t n = std::min(CHUNK, end - off);
+    const float* l = load_f32(a.zl, r, off, n, buf[0]);
+    const float* cc = load_f32(a.zc, r, off, n, buf[1]);
+    const float* nn = a.has_noctx ? load_f32(a.zn, r, off, n, buf[2]) : nullptr;
+    const float offset = p.m;
+    float sc;
+    const float mc = steer_chunk(l, cc, nn, out + off, n, c, offset, &sc, &p.flags);
+    if (offset == -STEER_INF || !(mc <= offset + 64.0f)) {
+      // First live chunk, or exp(x - offset) may have overflowed (or lost the chunk's largest
+      // terms' precision): redo the chunk's sum around its own max, from L1.
+      online_merge(p.m, p.s, mc, exp_sum(out + off, n, mc));
+    } else {
+      p.s += sc;
+      online_merge(p.m, p.s, mc, 0.0f);
+    }
+  }
+  return p;
+}
+
+static void closed_form(const Args& a, int64_t splits) {
+  const int64_t B = a.B, V = a.V;
+  const int64_t nthreads = at::get_num_threads();
+  if (splits <= 0) {
+    // Split rows only when there are fewer rows than threads, and never below 8 chunks a segment.
+    splits = B >= nthreads ? 1 : (nthreads + B - 1) / B;
+    splits = std::max<int64_t>(1, std::min<int64_t>(splits, V / (8 * CHUNK)));
+  }
+  const int64_t nchunks = (V + CHUNK - 1) / CHUNK;
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, nchunks));
+  if (splits == 1) {
+    at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const RowParams hp = row_params(a.hp + r * a.hp_stride);
+        const Part p = closed_form_segment(a, r, 0, V, (float)hp.c);
+        float lse;
+        a.status[r] = finish_row(p.m, p.s, p.flags, hp.ok, &lse);
+        subtract(a.out + r * a.out_stride, V, lse);
+      }
+    });
+    return;
+  }
+  // Segments are whole chunks, so chunk boundaries (and chunk maxima) do not depend on splits.
+  const int64_t seg = (nchunks + splits - 1) / splits * CHUNK;
+  std::vector<Part> parts(B * splits);
+  at::parallel_for(0, B * splits, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / splits, k = i % splits;
+      const int64_t start = std::min(V, k * seg), end = std::min(V, start + seg);
+      const RowParams hp = row_params(a.hp + r * a.hp_stride);
+      parts[i] = start < end ? closed_form_segment(a, r, start, end, (float)hp.c)
+                             : Part{-STEER_INF, 0.0f, 0};
+    }
+  });
+  at::parallel_for(0, B * splits, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / splits, k = i % splits;
+      const int64_t start = std::min(V, k * seg), end = std::min(V, start + seg);
+      const RowParams hp = row_params(a.hp + r * a.hp_stride);
+      Part p = parts[r * splits];
+      for (int64_t j = 1; j < splits; ++j) {
+        const Part& q = parts[r * splits + j];
+        online_merge(p.m, p.s, q.m, q.s);
+        p.flags |= q.flags;
+      }
+      float lse;
+      const int st = finish_row(p.m, p.s, p.flags, hp.ok, &lse);
+      if (k == 0) a.status[r] = st;
+      if (start < end) subtract(a.out + r * a.out_stride + start, end - start, lse);
+    }
+  });
+}
+
+// The literal T-step loop for one row (T + 3 sweeps); u is scratch of V floats.
+static void iterative_row(const Args& a, int64_t r, float* u) {
+  alignas(64) float buf[3][CHUNK];
+  alignas(64) float d[CHUNK];
+  const int64_t V = a.V;
+  const RowParams hp = row_params(a.hp + r * a.hp_stride);
+  float* out = a.out + r * a.out_stride;
+  // Sweep 0: the closed form's statistics (status bits identical to closed_form) and the
+  // log-sum-exp of each input row.
+  Part x{-STEER_INF, 0.0f, 0};
+  float mb = -STEER_INF, sb = 0.0f, mc_ = -STEER_INF, sc_ = 0.0f, mn_ = -STEER_INF, sn_ = 0.0f;
+  for (int64_t off = 0; off < V; off += CHUNK) {
+    const int64_t n = std::min(CHUNK, V - off);
+    const float* l = load_f32(a.zl, r, off, n, buf[0]);
+    const float* cc = load_f32(a.zc, r, off, n, buf[1]);
+    const float* nn = a.has_noctx ? load_f32(a.zn, r, off, n, buf[2]) : nullptr;
+    float unused;
+    const float mc = steer_chunk(l, cc, nn, out + off, n, (float)hp.c, 0.0f, &unused, &x.flags);
+    online_merge(x.m, x.s, mc, exp_sum(out + off, n, mc));
+    const float ml = chunk_max(l, n);
+    online_merge(mb, sb, ml, exp_sum(l, n, ml));
+    if (a.has_noctx) {
+      const float m1 = chunk_max(cc, n), m2 = chunk_max(nn, n);
+      online_merge(mc_, sc_, m1, exp_sum(cc, n, m1));
+      online_merge(mn_, sn_, m2, exp_sum(nn, n, m2));
+    }
+  }
+  const float lse_b = mb + steer_log(sb);
+  const float shift = delta_shift(mc_ + steer_log(sc_), mn_ + steer_log(sn_));
+  // p_0 = b, stored with normalizer lse_p = 0; U_0 = 0.
+  for (int64_t off = 0; off < V; off += CHUNK) {
+    const int64_t n = std::min(CHUNK, V - off);
+    store_shifted(load_f32(a.zl, r, off, n, buf[0]), out + off, n, lse_b);
+  }
+  std::fill(u, u + V, 0.0f);
+  float lse_p = 0.0f;
+  for (long long t = 1; t <= hp.T; ++t) {
+    const float tf = (float)t;
+    const float tlam = tf * hp.lam;
+    const float denom = tlam + hp.inv_eta;
+    float m = -STEER_INF, s = 0.0f;
+    for (int64_t off = 0; off < V; off += CHUNK) {
+      const int64_t n = std::min(CHUNK, V - off);
+      const float* l = load_f32(a.zl, r, off, n, buf[0]);
+      const float* cc = load_f32(a.zc, r, off, n, buf[1]);
+      const float* dd = cc;
+      if (a.has_noctx) {
+        delta_chunk(cc, load_f32(a.zn, r, off, n, buf[2]), d, n, shift);
+        dd = d;
+      }
+      const float mc = iterate_chunk(l, dd, out + off, u + off, n, lse_b, lse_p, hp.alpha, hp.beta,
+                                     tlam, hp.inv_eta, denom);
+      online_merge(m, s, mc, exp_sum(out + off, n, mc));
+    }
+    lse_p = m + steer_log(s);
+  }
+  float lse_x;
+  const int st = finish_row(x.m, x.s, x.flags, hp.ok, &lse_x);
+  a.status[r] = st;
+  subtract(out, V, st != 0 ? __builtin_nanf("") : lse_p);
+}
+
+static void iterative(const Args& a) {
+  at::parallel_for(0, a.B, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> u(a.V);
+    for (int64_t r = r0; r < r1; ++r) iterative_row(a, r, u.data());
+  });
+}
+
+}  // namespace cpu
+
+at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
+                     const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,
+                     at::Tensor& out, c10::string_view mode, int64_t num_splits) {
+  TORCH_CHECK(llm.dim() == 2 && ctx.sizes() == llm.sizes() && out.sizes() == llm.sizes(),
+              "costeer_ext::steer: expected [B, V] inputs and out of one shape");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "costeer_ext::steer: out must be float32");
+  const bool iter = mode == "iterative";
+  TORCH_CHECK(iter || mode == "closed_form", "costeer_ext::steer: unknown mode ", mode);
+  const int64_t B = llm.size(0), V = llm.size(1);
+  auto hp = hparams.to(at::kDouble).contiguous();
+  TORCH_CHECK(hp.dim() == 2 && hp.size(1) == 5 && (hp.size(0) == 1 || hp.size(0) == B),
+              "costeer_ext::steer: hparams must be float64 [1 or B, 5]");
+  auto status = at::empty({B}, llm.options().dtype(at::kInt));
+  if (B == 0) return status;
+  const bool has_noctx = noctx.has_value() && noctx->defined();
+  for (const at::Tensor* t : {&llm, &ctx, has_noctx ? &*noctx : &llm, static_cast<const at::Tensor*>(&out)}) {
+    TORCH_CHECK(V <= 1 || t->stride(1) == 1, "costeer_ext::steer: tensors need unit stride along V");
+  }
+  cpu::Args a;
+  a.zl = cpu::operand(llm);
+  a.zc = cpu::operand(ctx);
+  a.has_noctx = has_noctx;
+  a.zn = has_noctx ? cpu::operand(*noctx) : a.zc;
+  a.hp = hp.data_ptr<double>();
+  a.hp_stride = hp.size(0) == 1 ? 0 : 5;
+  a.out = out.data_ptr<float>();
+  a.out_stride = B > 1 ? out.stride(0) : 0;
+  a.status = status.data_ptr<int32_t>();
+  a.B = B;
+  a.V = V;
+  if (iter) cpu::iterative(a);
+  else cpu::closed_form(a, num_splits);
+  return status;
+}
+
+}  // namespace costeer
