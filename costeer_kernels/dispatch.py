@@ -13,6 +13,11 @@ import torch
 BackendFn = Callable[..., torch.Tensor]
 _BACKENDS: Dict[str, BackendFn] = {}
 _UNAVAILABLE: Dict[str, str] = {}
+# Backends that also gather the small-model rows through a vocabulary map (steer(vocab_map=...)):
+# ``fn(zl, zc, zn_or_None, hp, slm_index, drop, out, mode) -> int32 status [B]`` where
+# ``slm_index`` is int32 [V_llm] (-1 or out of range: no small-model counterpart) and ``drop``
+# says whether such LLM tokens are excluded (-inf) or keep their LLM logit.
+_VOCAB_MAP_BACKENDS: Dict[str, BackendFn] = {}
 
 # backend=None picks the first available name in this order. CUDA: Triton until the CUDA C++
 # kernel is measured to beat it (bench/RESULTS.md). CPU: the C++ kernel when it is built; the
@@ -23,6 +28,19 @@ DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 def register_backend(name: str, fn: BackendFn) -> None:
     _BACKENDS[name] = fn
     _UNAVAILABLE.pop(name, None)
+
+
+def register_vocab_map_backend(name: str, fn: BackendFn) -> None:
+    """Declare that backend ``name`` supports ``vocab_map`` (see ``_VOCAB_MAP_BACKENDS``)."""
+    _VOCAB_MAP_BACKENDS[name] = fn
+
+
+def supports_vocab_map(name: str) -> bool:
+    return name in _VOCAB_MAP_BACKENDS
+
+
+def get_vocab_map_backend(name: str) -> BackendFn:
+    return _VOCAB_MAP_BACKENDS[name]
 
 
 def mark_unavailable(name: str, reason: str) -> None:
@@ -50,6 +68,7 @@ def _load_optional() -> None:
             from .triton import steer as _tsteer
 
             register_backend("triton", _tsteer.steer_triton)
+            register_vocab_map_backend("triton", _tsteer.steer_triton_mapped)
         except Exception as exc:  # pragma: no cover - depends on the install
             mark_unavailable("triton", f"triton could not be imported: {exc}")
     try:
@@ -60,11 +79,16 @@ def _load_optional() -> None:
         pass
 
 
-def resolve_backend(backend, device: torch.device) -> str:
+def resolve_backend(backend, device: torch.device, *, vocab_map: bool = False) -> str:
+    """The backend to run: ``backend`` checked, or the default for ``device`` when None/"auto".
+
+    ``vocab_map=True``: only backends that gather through a vocabulary map qualify; the default
+    skips the others, and naming one raises ValueError.
+    """
     _load_optional()
     if backend is None or backend == "auto":
         for name in DEFAULT_ORDER.get(device.type, ("torch",)):
-            if name in _BACKENDS and _supports(name, device):
+            if name in _BACKENDS and _supports(name, device) and (not vocab_map or name in _VOCAB_MAP_BACKENDS):
                 return name
         return "torch"
     if not isinstance(backend, str):
@@ -82,6 +106,11 @@ def resolve_backend(backend, device: torch.device) -> str:
                 "importing triton to run the kernel in Triton's CPU interpreter (slow; for testing)"
             )
         raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors")
+    if vocab_map and backend not in _VOCAB_MAP_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} does not support vocab_map; use one of {sorted(_VOCAB_MAP_BACKENDS)} "
+            "or backend=None (picks a supporting backend)"
+        )
     return backend
 
 
@@ -109,4 +138,11 @@ def _torch_backend(zl, zc, zn, hp, out, mode):
     return steer_torch(zl, zc, zn, hp, out, mode)
 
 
+def _torch_mapped_backend(zl, zc, zn, hp, slm_index, drop, out, mode):
+    from .torch_backend import steer_torch_mapped
+
+    return steer_torch_mapped(zl, zc, zn, hp, slm_index, drop, out, mode)
+
+
 register_backend("torch", _torch_backend)
+register_vocab_map_backend("torch", _torch_mapped_backend)

@@ -87,3 +87,45 @@ def _iterate(zl: torch.Tensor, d: torch.Tensor, hp_rows: torch.Tensor) -> torch.
         U = torch.where(active, U_new, U)
         p = torch.where(active, p_new, p)
     return p
+
+
+def gather_mapped(zc, zn, slm_index):
+    """The small-model rows read through a vocabulary map: (zc_g, zn_g, valid), each [B, V_llm].
+
+    ``valid`` [V_llm] marks LLM tokens with a small-model counterpart (0 <= index < V_slm); the
+    others read 0 (no delta, and nothing for the status bits to see).
+    """
+    idx = slm_index.to(device=zc.device)
+    valid = (idx >= 0) & (idx < zc.shape[1])
+    safe = torch.where(valid, idx, torch.zeros_like(idx)).long()
+    zc_g = torch.where(valid, zc.index_select(1, safe), torch.zeros((), dtype=zc.dtype, device=zc.device))
+    zn_g = None
+    if zn is not None:
+        zn_g = torch.where(valid, zn.index_select(1, safe), torch.zeros((), dtype=zn.dtype, device=zn.device))
+    return zc_g, zn_g, valid
+
+
+def steer_torch_mapped(zl, zc, zn, hp, slm_index, drop: bool, out, mode: str) -> torch.Tensor:
+    """``steer_torch`` with the small-model rows gathered through ``slm_index`` (int [V_llm]).
+
+    LLM tokens without a counterpart keep their LLM logit (no delta), or with ``drop`` are
+    excluded (-inf). The portable fallback: it materializes the gathered rows.
+    """
+    B = zl.shape[0]
+    hp_rows = hp.expand(B, 5)
+    zc_g, zn_g, valid = gather_mapped(zc, zn, slm_index)
+    zlf = zl.float()
+    if drop:
+        zlf = torch.where(valid, zlf, torch.full((), _NEG_INF, dtype=zlf.dtype, device=zlf.device))
+    d = zc_g.float() if zn_g is None else _masked_delta(zc_g.float(), zn_g.float())
+    if hp.shape[0] == 1 and hp.device.type == "cpu":
+        c = torch.full((B, 1), _scalar_coefficient(tuple(hp[0].tolist())), dtype=torch.float32)
+    else:
+        c = torch.nan_to_num(coefficient_rows(hp_rows).to(torch.float32)[:, None], nan=0.0)
+    x = zlf + _scaled(c, d)
+    status = row_status(zl, zc_g, zn_g, x, hp_rows)
+    if mode == "iterative":
+        x = _iterate(zlf, d, hp_rows)
+    res = x - torch.logsumexp(x, dim=1, keepdim=True)
+    torch.where((status != 0)[:, None], torch.full_like(res, float("nan")), res, out=out)
+    return status

@@ -85,6 +85,57 @@ def _delta_block(ctx_ptr, noctx_ptr, offs, mask, HAS_NOCTX: tl.constexpr):
 
 
 @triton.jit
+def _map_block(map_ptr, offs, mask, V_slm):
+    """Small-model index of each LLM token of the block and whether it has one (vocab_map)."""
+    idx = tl.load(map_ptr + offs, mask=mask, other=-1)
+    has = mask & (idx >= 0) & (idx < V_slm)
+    return tl.where(has, idx, 0), has
+
+
+@triton.jit
+def _llm_block(llm_ptr, map_ptr, offs, mask, V_slm, VOCAB_MAP: tl.constexpr, DROP: tl.constexpr):
+    """z_L of one block in fp32; with VOCAB_MAP and DROP, tokens without a counterpart are -inf."""
+    zl = tl.load(llm_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    if VOCAB_MAP:
+        if DROP:
+            _, has = _map_block(map_ptr, offs, mask, V_slm)
+            zl = tl.where(has, zl, float("-inf"))
+    return zl
+
+
+@triton.jit
+def _steered_block_mapped(llm_ptr, ctx_ptr, noctx_ptr, map_ptr, offs, mask, c, V_slm,
+                          HAS_NOCTX: tl.constexpr, DROP: tl.constexpr):
+    """``_steered_block`` with the small-model rows gathered through the vocabulary map."""
+    idx, has = _map_block(map_ptr, offs, mask, V_slm)
+    zl = tl.load(llm_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    zc = tl.load(ctx_ptr + idx, mask=has, other=0.0).to(tl.float32)
+    flags = tl.max((zl != zl).to(tl.int32), 0) * 1 | tl.max((zl == float("inf")).to(tl.int32), 0) * 8
+    flags = flags | tl.max((zc != zc).to(tl.int32), 0) * 2 | tl.max((zc == float("inf")).to(tl.int32), 0) * 16
+    if HAS_NOCTX:
+        zn = tl.load(noctx_ptr + idx, mask=has, other=0.0).to(tl.float32)
+        flags = flags | tl.max((zn != zn).to(tl.int32), 0) * 4 | tl.max((zn == float("inf")).to(tl.int32), 0) * 32
+        delta = tl.where(zc == zn, 0.0, zc - zn)
+    else:
+        delta = zc
+    if DROP:
+        zl = tl.where(has, zl, float("-inf"))
+    x = tl.where(c == 0.0, zl, zl + c * delta)
+    return x, flags
+
+
+@triton.jit
+def _delta_block_mapped(ctx_ptr, noctx_ptr, map_ptr, offs, mask, V_slm, HAS_NOCTX: tl.constexpr):
+    idx, has = _map_block(map_ptr, offs, mask, V_slm)
+    zc = tl.load(ctx_ptr + idx, mask=has, other=0.0).to(tl.float32)
+    if HAS_NOCTX:
+        zn = tl.load(noctx_ptr + idx, mask=has, other=0.0).to(tl.float32)
+        return tl.where(zc == zn, 0.0, zc - zn)
+    else:
+        return zc
+
+
+@triton.jit
 def _online_update(m, s, x):
     """Merge a block into the running (max, sum-exp); -inf-safe (an all -inf prefix has s = 0)."""
     m_new = tl.maximum(m, tl.max(x, 0))
@@ -137,8 +188,9 @@ def _normalize(out_ptr, start, end, V, lse, BLOCK: tl.constexpr):
 @triton.jit
 def steer_closed_form_kernel(
     llm_ptr, ctx_ptr, noctx_ptr, hp_ptr, out_ptr, part_ptr, flag_ptr, lock_ptr, status_ptr,
-    V, llm_stride, ctx_stride, noctx_stride, out_stride, hp_stride,
+    V, llm_stride, ctx_stride, noctx_stride, out_stride, hp_stride, map_ptr, V_slm,
     BLOCK: tl.constexpr, HAS_NOCTX: tl.constexpr, MERGE: tl.constexpr, MAX_SPLIT: tl.constexpr,
+    VOCAB_MAP: tl.constexpr = False, DROP_UNMAPPED: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     sid = tl.program_id(1)
@@ -163,7 +215,11 @@ def steer_closed_form_kernel(
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < V
-        x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, c, HAS_NOCTX)
+        if VOCAB_MAP:
+            x, f = _steered_block_mapped(llm_row, ctx_row, noctx_row, map_ptr, offs, mask, c, V_slm,
+                                         HAS_NOCTX, DROP_UNMAPPED)
+        else:
+            x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, c, HAS_NOCTX)
         flags = flags | f
         m, s = _online_update(m, s, x)
         tl.store(out_row + offs, x, mask=mask)
@@ -208,8 +264,9 @@ def steer_closed_form_kernel(
 @triton.jit
 def steer_iterative_kernel(
     llm_ptr, ctx_ptr, noctx_ptr, hp_ptr, out_ptr, u_ptr, status_ptr,
-    V, llm_stride, ctx_stride, noctx_stride, out_stride, hp_stride,
+    V, llm_stride, ctx_stride, noctx_stride, out_stride, hp_stride, map_ptr, V_slm,
     BLOCK: tl.constexpr, HAS_NOCTX: tl.constexpr,
+    VOCAB_MAP: tl.constexpr = False, DROP_UNMAPPED: tl.constexpr = False,
 ):
     """The published loop, one program per row: p lives in ``out``, U in the scratch ``u``.
 
@@ -241,17 +298,21 @@ def steer_iterative_kernel(
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < V
-        x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, tl.where(n > 0, c1, 0.0), HAS_NOCTX)
+        if VOCAB_MAP:
+            x, f = _steered_block_mapped(llm_row, ctx_row, noctx_row, map_ptr, offs, mask, tl.where(n > 0, c1, 0.0),
+                                         V_slm, HAS_NOCTX, DROP_UNMAPPED)
+        else:
+            x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, tl.where(n > 0, c1, 0.0), HAS_NOCTX)
         flags = flags | f
         m, s = _online_update(m, s, x)
-        zl = tl.load(llm_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        zl = _llm_block(llm_row, map_ptr, offs, mask, V_slm, VOCAB_MAP, DROP_UNMAPPED)
         mb, sb = _online_update(mb, sb, zl)
     lse_b = mb + tl.log(sb)
     # p_0 = b; lse_p holds the normalizer of the values stored in out (0 for p_0 written as b).
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < V
-        zl = tl.load(llm_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        zl = _llm_block(llm_row, map_ptr, offs, mask, V_slm, VOCAB_MAP, DROP_UNMAPPED)
         tl.store(out_row + offs, zl - lse_b, mask=mask)
         tl.store(u_row + offs, tl.zeros((BLOCK,), tl.float32), mask=mask)
     lse_p = tl.zeros((), tl.float32)
@@ -263,9 +324,12 @@ def steer_iterative_kernel(
         for off in range(0, V, BLOCK):
             offs = off + tl.arange(0, BLOCK)
             mask = offs < V
-            zl = tl.load(llm_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            zl = _llm_block(llm_row, map_ptr, offs, mask, V_slm, VOCAB_MAP, DROP_UNMAPPED)
             b = zl - lse_b
-            d = _delta_block(ctx_row, noctx_row, offs, mask, HAS_NOCTX)
+            if VOCAB_MAP:
+                d = _delta_block_mapped(ctx_row, noctx_row, map_ptr, offs, mask, V_slm, HAS_NOCTX)
+            else:
+                d = _delta_block(ctx_row, noctx_row, offs, mask, HAS_NOCTX)
             p = tl.load(out_row + offs, mask=mask, other=float("-inf")) - lse_p
             pb = tl.where(p == b, 0.0, p - b)
             u = tl.load(u_row + offs, mask=mask, other=0.0)
@@ -327,10 +391,20 @@ def _check_device(t: torch.Tensor):
         )
 
 
-def steer_triton(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits=None, merge=None) -> torch.Tensor:
+def steer_triton(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits=None, merge=None,
+                 slm_index=None, drop_unmapped: bool = False) -> torch.Tensor:
     """Launch the fused op: inputs [B, V] with unit column stride, ``out`` float32 [B, V],
-    ``hp`` float64 [1 or B, 5]. Returns int32 status [B] (see ``status.py``); no host sync."""
+    ``hp`` float64 [1 or B, 5]. Returns int32 status [B] (see ``status.py``); no host sync.
+
+    ``slm_index`` (int32 [V], contiguous): the small-model rows are [B, V_slm] and LLM token v
+    reads them at ``slm_index[v]`` (-1 / out of range: none; kept, or -inf with ``drop_unmapped``).
+    """
     _check_device(zl)
+    mapped = slm_index is not None
+    map_kw = dict(
+        map_ptr=slm_index if mapped else hp, V_slm=zc.shape[1] if mapped else 0,
+        VOCAB_MAP=mapped, DROP_UNMAPPED=bool(drop_unmapped) and mapped,
+    )
     B, V = zl.shape
     status = torch.empty(B, dtype=torch.int32, device=zl.device)
     has_noctx = zn is not None
@@ -341,7 +415,7 @@ def steer_triton(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits=N
         u = torch.empty(B, V, dtype=torch.float32, device=zl.device)
         block = 4096 if zl.device.type == "cpu" else 1024
         steer_iterative_kernel[(B,)](
-            zl, zc, zn_arg, hp, out, u, status, V, *common, BLOCK=block, HAS_NOCTX=has_noctx, num_warps=4
+            zl, zc, zn_arg, hp, out, u, status, V, *common, BLOCK=block, HAS_NOCTX=has_noctx, num_warps=4, **map_kw
         )
         return status
     S, merge_id, block, num_warps = _plan(B, V, zl.device, num_splits, merge)
@@ -350,6 +424,11 @@ def steer_triton(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits=N
     lock = _lock_buffer(zl.device, 2 * B)
     steer_closed_form_kernel[(B, S)](
         zl, zc, zn_arg, hp, out, part, flags, lock, status, V, *common,
-        BLOCK=block, HAS_NOCTX=has_noctx, MERGE=merge_id, MAX_SPLIT=MAX_SPLIT, num_warps=num_warps,
+        BLOCK=block, HAS_NOCTX=has_noctx, MERGE=merge_id, MAX_SPLIT=MAX_SPLIT, num_warps=num_warps, **map_kw,
     )
     return status
+
+
+def steer_triton_mapped(zl, zc, zn, hp, slm_index, drop, out, mode: str = "closed_form") -> torch.Tensor:
+    """The vocab_map backend function (dispatch.register_vocab_map_backend's contract)."""
+    return steer_triton(zl, zc, zn, hp, out, mode, slm_index=slm_index, drop_unmapped=drop)

@@ -1,0 +1,195 @@
+"""``steer_from_hidden``: CoSteer from the small model's hidden states, the vocabulary projection
+fused with the steering.
+
+The small model's logit rows are z_c = W h_c + b and z_n = W h_n + b; only their difference
+enters the steered distribution (``docs/closed_form.md``), so
+
+    steer_from_hidden(z_L, h_c, h_n, W) == steer(z_L, W h_c, W h_n) == log_softmax(z_L + c_T W (h_c - h_n))
+
+and W, the largest read of the step, is read once for both passes; the bias cancels.
+
+- backend "triton" (the default on CUDA): one launch computes the delta tile by tile, steers and
+  normalizes (``triton/projection.py``).
+- any other backend (the default on CPU): dh = h_c - h_n, one product dh @ W.T (the delta, in
+  W's dtype with fp32 accumulation), then the steer op on the delta (``slm_noctx_logits=None``).
+  ``mode="iterative"`` always takes this path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import dispatch
+from . import ops
+from .config import SteerConfig
+from .status import raise_for_status
+
+FLOAT_DTYPES = ops.FLOAT_DTYPES
+
+# The steer op names the small-model rows; here they are one computed delta.
+_RENAMED = (
+    ("slm_ctx_logits contains NaN",
+     "the small-model delta W (h_c - h_n) contains NaN (NaN or inf in slm_hidden_ctx, slm_hidden_noctx or lm_head_weight)"),
+    ("slm_ctx_logits contains +inf (only -inf is allowed)",
+     "the small-model delta W (h_c - h_n) is +inf (inf in the hidden states or lm_head_weight, or overflow)"),
+    ("banned by slm_ctx_logits", "banned by a -inf small-model delta"),
+)
+
+
+def _rename(msg: str) -> str:
+    for old, new in _RENAMED:
+        msg = msg.replace(old, new)
+    return msg
+
+
+def _raise(status: torch.Tensor) -> None:
+    try:
+        raise_for_status(status)
+    except ValueError as exc:
+        raise ValueError(_rename(str(exc))) from None
+
+
+def _hidden(name: str, t, rank: int, W: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() != rank:
+        raise ValueError(
+            f"{name} must be {'[B, H]' if rank == 2 else '[H]'} like llm_logits ({rank}-D), got shape {tuple(t.shape)}"
+        )
+    t2 = t.unsqueeze(0) if rank == 1 else t
+    if t2.shape[1] != W.shape[1]:
+        raise ValueError(f"{name} has hidden size H={t2.shape[1]} but lm_head_weight is [V, H] with H={W.shape[1]}")
+    if t.dtype != W.dtype:
+        raise TypeError(f"{name} is {t.dtype} but lm_head_weight is {W.dtype}; the hidden states must have W's dtype")
+    if t.device != W.device:
+        raise ValueError(f"{name} is on {t.device} but lm_head_weight is on {W.device}; put all inputs on one device")
+    if t2.shape[1] > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def delta_from_hidden(hc: torch.Tensor, hn: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """W (h_c - h_n) as one product, [B, V_w] in W's dtype (fp32 accumulation in the GEMM)."""
+    if W.dtype == torch.float32:
+        dh = hc - hn if hc.dtype == torch.float32 else hc.float() - hn.float()
+    else:
+        dh = (hc.float() - hn.float()).to(W.dtype)
+    return torch.matmul(dh, W.t())
+
+
+def steer_from_hidden(
+    llm_logits: torch.Tensor,
+    slm_hidden_ctx: torch.Tensor,
+    slm_hidden_noctx: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    cfg: Optional[SteerConfig] = None,
+    *,
+    vocab_map=None,
+    unmapped: str = "keep",
+    vocab_size: Optional[int] = None,
+    mode: str = "closed_form",
+    backend: Optional[str] = None,
+    out: Optional[torch.Tensor] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """CoSteer from the small model's final hidden states: ``steer(llm, W h_c, W h_n)`` without
+    materializing either small-model logit row, reading W once.
+
+    Args:
+        llm_logits: cloud LLM logits z_L, [B, V] or [V]; float32, float16 or bfloat16.
+        slm_hidden_ctx: the small model's last hidden state with the private context, [B, H]
+            (or [H] with 1-D ``llm_logits``), in ``lm_head_weight``'s dtype.
+        slm_hidden_noctx: the same without the context, same shape.
+        lm_head_weight: the small model's vocabulary projection W, [V_slm, H] (as stored by
+            ``nn.Linear``); fp32, fp16 or bf16. Its bias, if any, cancels and is not needed.
+        cfg, mode, out, validate: as in :func:`costeer_kernels.steer`.
+        vocab_map, unmapped: different vocabularies, as in :func:`costeer_kernels.steer`; the map
+            indexes W's rows.
+        vocab_size: padded widths, as in :func:`costeer_kernels.steer` (W's rows past it unused).
+        backend: ``"triton"`` (fused, one launch; the default on CUDA) or any steer backend
+            (one matmul for the delta, then that backend's steer op; the default on CPU).
+
+    Returns:
+        float32 log-probs of ``llm_logits``' shape (``out`` when given).
+    """
+    if unmapped not in ops.UNMAPPED:
+        raise ValueError(f"unmapped must be one of {ops.UNMAPPED}, got {unmapped!r}")
+    cfg = ops.check_mode_cfg(mode, cfg)
+    zl = ops._as_rows("llm_logits", llm_logits, None)
+    rank = llm_logits.dim()
+    W = lm_head_weight
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"lm_head_weight must be a torch.Tensor, got {type(W).__name__}")
+    if W.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lm_head_weight must be float32, float16 or bfloat16, got {W.dtype}")
+    if W.dim() != 2:
+        raise ValueError(f"lm_head_weight must be [V, H], got shape {tuple(W.shape)}")
+    if W.device != zl.device:
+        raise ValueError(f"lm_head_weight is on {W.device} but llm_logits is on {zl.device}; put all inputs on one device")
+    if W.shape[0] == 0 or W.shape[1] == 0:
+        raise ValueError(f"lm_head_weight has an empty dimension, shape {tuple(W.shape)}")
+    hc = _hidden("slm_hidden_ctx", slm_hidden_ctx, rank, W)
+    hn = _hidden("slm_hidden_noctx", slm_hidden_noctx, rank, W)
+    B, V = zl.shape
+    for name, t in (("slm_hidden_ctx", hc), ("slm_hidden_noctx", hn)):
+        if t.shape[0] != B:
+            raise ValueError(f"{name} has {t.shape[0]} rows but llm_logits has {B}; they must match")
+    if V == 0:
+        raise ValueError("llm_logits has an empty vocabulary dimension (V = 0)")
+    V_w = W.shape[0]
+    if vocab_map is not None:
+        n = ops.check_vocab_size(vocab_size, {"llm_logits": V})
+    else:
+        n = ops.check_vocab_size(vocab_size, {"llm_logits": V, "lm_head_weight rows": V_w})
+        if n is None and V_w != V:
+            raise ValueError(
+                f"lm_head_weight has {V_w} rows but llm_logits has width {V}; they must match "
+                "(pass vocab_size for padded rows, or vocab_map for different vocabularies)"
+            )
+    N = V if n is None else n
+    idx = None
+    if vocab_map is not None:
+        idx = ops.map_index(vocab_map, N, V_w, zl.device, validate, exact=n is None)
+
+    name = _resolve(backend, zl.device, idx is not None, mode)
+    if name != "triton" or mode != "closed_form":
+        delta = delta_from_hidden(hc, hn, W)
+        if vocab_map is None:
+            delta = delta[:, :N] if n is not None else delta
+        zl_in = llm_logits
+        d_in = delta.squeeze(0) if rank == 1 else delta
+        try:
+            return ops.steer(
+                zl_in, d_in, None, cfg, mode=mode, backend=name, out=out, validate=validate,
+                vocab_map=idx, unmapped=unmapped, vocab_size=n if (n is not None and N < V) else None,
+            )
+        except ValueError as exc:
+            raise ValueError(_rename(str(exc))) from None
+
+    from .triton.projection import steer_projection_triton
+
+    hp = cfg.packed(B if cfg.per_row else None, zl.device)
+    out2 = ops.prepare_out(out, llm_logits, zl)
+    if out2 is None:
+        out2 = torch.empty(B, V, dtype=torch.float32, device=zl.device)
+    Wk = W if W.stride(1) == 1 else W.contiguous()
+    status = steer_projection_triton(zl[:, :N], hc, hn, Wk, hp, out2[:, :N], slm_index=idx,
+                                     drop_unmapped=unmapped == "drop")
+    ops.fill_tail(out2, N, status)
+    if validate:
+        _raise(status)
+    if out is not None:
+        return out
+    return out2.squeeze(0) if rank == 1 else out2
+
+
+def _resolve(backend, device: torch.device, mapped: bool, mode: str) -> str:
+    """The fused Triton kernel by default on CUDA; otherwise the steer op's own choice."""
+    if backend is None or backend == "auto":
+        if device.type == "cuda" and "triton" in dispatch.available_backends() and mode == "closed_form":
+            return "triton"
+        return dispatch.resolve_backend(None, device, vocab_map=mapped)
+    return dispatch.resolve_backend(backend, device, vocab_map=mapped)
