@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 #ifdef COSTEER_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <mutex>
@@ -97,7 +97,7 @@ at::Tensor steer_cuda(const at::Tensor& llm, const at::Tensor& ctx,
       a.counters = reinterpret_cast<unsigned*>(counters.data_ptr<int32_t>());
     }
   }
-  const cudaError_t err = cuda::steer_cuda_launch(a, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::steer_cuda_launch(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "costeer_ext::steer: CUDA launch failed: ", cudaGetErrorString(err));
   return status;
 }
