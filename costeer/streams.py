@@ -223,8 +223,9 @@ class WebSocketLLMStream(LLMStream):
         self.url, self.format, self.dtype, self.k, self.policy = url, response_format, dtype, k, topk_policy
         self.timeout = timeout
         try:
+            # Entered as a context manager (websockets >= 17.1 deprecates direct use); left in close().
             self._ws = connect(url, compression=None, max_size=max_frame_bytes, open_timeout=timeout,
-                               close_timeout=2)
+                               close_timeout=2).__enter__()
         except Exception as exc:
             raise StreamError(
                 f"cannot reach the LLM server at {url}: {exc}. Start one with "
