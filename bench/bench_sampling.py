@@ -19,21 +19,32 @@ from costeer_kernels import steer  # noqa: E402
 from costeer_kernels.sampling import steer_sample  # noqa: E402
 
 
-def timeit(fn, runs: int, warmup: int = 5):
+def timeit_interleaved(fns, runs: int, warmup: int = 5):
+    """Per case (median, p10, p90) seconds; the cases run round-robin within each run, so a busy
+    neighbour on a shared machine slows all of them alike. Each timed call follows two untimed
+    calls of the same case, so no case pays for the caches another case left behind."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns:
+            fn()
+    ts = [[] for _ in fns]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return statistics.median(ts), ts[len(ts) // 10], ts[(9 * len(ts)) // 10]
+        for j, fn in enumerate(fns):
+            fn()
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            ts[j].append(time.perf_counter() - t0)
+    out = []
+    for t in ts:
+        t.sort()
+        out.append((statistics.median(t), t[len(t) // 10], t[(9 * len(t)) // 10]))
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--greedy-only", action="store_true", help="skip the sampling rows (faster)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--batch", type=int, default=1)
@@ -52,20 +63,23 @@ def main():
     cases = [
         ("steer + torch.argmax (baseline)", lambda: steer(zl, zc, zn).argmax(-1)),
         ("steer(validate=False) + argmax", lambda: steer(zl, zc, zn, validate=False).argmax(-1)),
+        ("steer(backend='torch') + argmax", lambda: steer(zl, zc, zn, backend="torch").argmax(-1)),
         ("steer_sample greedy", lambda: steer_sample(zl, zc, zn, backend="torch")),
         ("steer_sample greedy, validate=False", lambda: steer_sample(zl, zc, zn, backend="torch", validate=False)),
         ("steer_sample greedy + llm max prob", lambda: steer_sample(zl, zc, zn, backend="torch", return_llm_max_prob=True)),
         ("steer_sample temperature=0.8", lambda: steer_sample(zl, zc, zn, backend="torch", temperature=0.8, seed=1)),
         ("steer_sample t=0.8 top_k=50 top_p=0.9", lambda: steer_sample(zl, zc, zn, backend="torch", temperature=0.8, top_k=50, top_p=0.9, seed=1)),
     ]
-    print(f"# CPU, B={args.batch}, V={args.vocab}, {args.dtype}, torch {torch.__version__}, "
+    if args.greedy_only:
+        cases = cases[:6]
+    from costeer_kernels import available_backends
+
+    print(f"# steer backends: {available_backends()}; CPU, B={args.batch}, V={args.vocab}, {args.dtype}, torch {torch.__version__}, "
           f"threads={torch.get_num_threads()}, cores={os.cpu_count()}, runs={args.runs} (median, p10, p90)")
-    base = None
+    stats = timeit_interleaved([fn for _, fn in cases], args.runs)
+    base = stats[0][0]
     print(f"{'case':42s} {'median us':>10s} {'p10 us':>9s} {'p90 us':>9s} {'speedup':>8s}")
-    for name, fn in cases:
-        med, p10, p90 = timeit(fn, args.runs)
-        if base is None:
-            base = med
+    for (name, _), (med, p10, p90) in zip(cases, stats):
         print(f"{name:42s} {med * 1e6:10.1f} {p10 * 1e6:9.1f} {p90 * 1e6:9.1f} {base / med:7.2f}x")
 
 

@@ -38,6 +38,16 @@ captured in a CUDA graph.
 
 Returned log-prob: the steered log-prob of the chosen token under p = softmax(x), i.e. before
 temperature and filters (what ``steer`` would return at that token).
+
+Backends (a small registry, ``register_sampler(name, fn)``; a C++ sampler plugs in as "cpu" /
+"cuda" and becomes the default of its device):
+- "triton" (``triton/sample.py``): one launch, grid (B, S), the S programs of a row merged in the
+  launch by the last one to finish; no host sync, CUDA-graph safe with ``validate=False`` and
+  device-tensor seed/offset. The default on CUDA.
+- "torch": vectorized PyTorch, the CPU default for now. On the CPU it reads a few scalars back
+  (free there); on CUDA it is correct but syncs (per-row ``cfg`` coefficients), so it is not the
+  graph-safe path. Draws the same tokens as "triton" (same RNG, same thresholds) up to float
+  rounding of the logs.
 """
 from __future__ import annotations
 
@@ -47,7 +57,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
-from .config import coefficient_rows, hparams_valid, steer_coefficient
+from .config import coefficient_rows, steer_coefficient
 from .status import EMPTY_ROW, raise_for_status
 
 __all__ = ["steer_sample", "register_sampler", "available_samplers", "SampleParams"]
@@ -293,18 +303,22 @@ def _scalar_coefficient(hp: torch.Tensor):
     return c
 
 
-def _steered_rows(zl, zc, zn, hp):
-    """(x float32 [B, V], status int32 [B] or None when every row is valid) with steer's semantics."""
+def _steered_rows(zl, zc, zn, hp, exact: bool = False):
+    """(x float32 [B, V], status int32 [B] or a probe).
+
+    Exact path: ``status`` is steer's status bits. CPU fast path (one packed hparams row on the
+    CPU, not ``exact``): x by plain arithmetic and ``status`` is a 0-d probe tensor, the sum of
+    the small-model rows (NaN or +inf when an entry is, or on overflow). The caller adds the
+    log-sum-exp of x (NaN / +inf when x has such an entry, -inf when a row is empty) and takes
+    the exact path again when the total is not finite; host reads cost nothing on a CPU.
+    """
     from .reference import _masked_delta, _scaled
     from .torch_backend import row_status
 
     B = zl.shape[0]
     hp_rows = hp.expand(B, 5)
     zlf = zl.float()
-    if zl.device.type == "cpu" and hp.shape[0] == 1:
-        # CPU fast path: plain arithmetic, then NaN/+inf probes (a sum is NaN or +inf when an
-        # entry is, or when it overflows); only suspicious calls take the exact path below.
-        # Host reads cost nothing on a CPU.
+    if not exact and zl.device.type == "cpu" and hp.shape[0] == 1:
         c = _scalar_coefficient(hp)
         if c is not None:
             zcf = zc.float()
@@ -319,12 +333,21 @@ def _steered_rows(zl, zc, zn, hp):
                 torch.add(zlf, x, alpha=c, out=x)
             if c == 0.0:
                 x.copy_(zlf)
-            if float(probe + x.sum()) < float("inf"):
-                return x, None
+            return x, probe
     c = torch.nan_to_num(coefficient_rows(hp_rows), nan=0.0).to(torch.float32)[:, None]
     d = zc.float() if zn is None else _masked_delta(zc.float(), zn.float())
     x = zlf + _scaled(c, d)
     return x, row_status(zl, zc, zn, x, hp_rows)
+
+
+_ZERO_STATUS: dict = {}
+
+
+def _zero_status(B: int) -> torch.Tensor:
+    t = _ZERO_STATUS.get(B)
+    if t is None:
+        t = _ZERO_STATUS[B] = torch.zeros(B, dtype=torch.int32)
+    return t
 
 
 def _bisect(key, val_fn, lo, hi, target, active, fixed_steps: bool):
@@ -353,25 +376,25 @@ def sample_torch(zl, zc, zn, hp, params: SampleParams, want_maxp: bool, num_samp
     on_cpu = dev.type == "cpu"
     x, status = _steered_rows(zl, zc, zn, hp)
     m, greedy = torch.max(x, dim=1)  # first index of the max
-    if status is None:  # CPU, every input finite or -inf: only an all -inf row can be invalid
-        if bool(torch.isneginf(m).any()):
-            status = torch.where(torch.isneginf(m), EMPTY_ROW, 0).to(torch.int32)
-            m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        else:
-            m_safe = m
-    else:
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        status = status | torch.where((status == 0) & torch.isneginf(m), EMPTY_ROW, 0).to(torch.int32)
     lse = torch.logsumexp(x, 1)
-    if m_safe is not m:
-        lse = torch.where(torch.isfinite(m), lse, torch.full_like(lse, float("nan")))
-    if params.host_temperature == 0.0 and status is None:
-        # Greedy, every row valid: nothing else to do.
-        lp = x.gather(1, greedy[:, None]) - lse[:, None]
-        tok = greedy[:, None].expand(B, n)
-        return tok, lp.expand(B, n), _llm_max_prob(zl, None) if want_maxp else None, torch.zeros(B, dtype=torch.int32)
-    if status is None:
-        status = torch.zeros(B, dtype=torch.int32, device=dev)
+    if status.dim() == 0:  # CPU fast path: check the probe
+        if float(status + lse.sum()) < float("inf") and bool((lse > float("-inf")).all()):
+            if params.host_temperature == 0.0:
+                # Greedy, every row valid: nothing else to do.
+                lp = x.gather(1, greedy[:, None]) - lse[:, None]
+                tok = greedy[:, None]
+                if n > 1:
+                    tok, lp = tok.expand(B, n).clone(), lp.expand(B, n).clone()
+                maxp = _llm_max_prob(zl, None) if want_maxp else None
+                return tok, lp, maxp, _zero_status(B)
+            status = torch.zeros(B, dtype=torch.int32, device=dev)
+        else:
+            x, status = _steered_rows(zl, zc, zn, hp, exact=True)
+            m, greedy = torch.max(x, dim=1)
+            lse = torch.logsumexp(x, 1)
+    empty = torch.isneginf(m)
+    status = status | torch.where((status == 0) & empty, EMPTY_ROW, 0).to(torch.int32)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
     tau = params.temperature.expand(B)
     tau = torch.where(tau > 0, tau, torch.zeros_like(tau))  # NaN -> greedy
@@ -510,7 +533,7 @@ def steer_sample(
     n = 1 if num_samples is None else num_samples
     params = make_params(B, zl.device, temperature, top_k, top_p, min_p, seed, offset, validate)
     tok, lp, maxp, status = _run(name, zl, zc, zn, hp, params, bool(return_llm_max_prob), n)
-    if validate:
+    if validate and (status.device.type != "cpu" or bool(status.any())):
         raise_for_status(status)
     if num_samples is None:
         tok, lp = tok[:, 0], lp[:, 0]

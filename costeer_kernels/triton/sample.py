@@ -342,3 +342,33 @@ def sample_triton(zl, zc, zn, hp, params, want_maxp: bool, num_samples: int = 1,
         MAX_SPLIT=MAX_SPLIT, WANT_MAXP=bool(want_maxp), NP=NPIV, num_warps=4,
     )
     return tok, lp, (maxp if want_maxp else None), status
+
+
+def aot_compile(dtype: str = "fp32", merge: int = 1, draws_tile: int = 1, cc: int = 90) -> dict:
+    """Compile ``steer_sample_kernel`` for a CUDA target without a GPU (TRITON_INTERPRET unset);
+    returns the cubin's resource usage (registers, stack, shared, local = spilled bytes)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .aot import _res_usage
+
+    types = {"llm_ptr": f"*{dtype}", "ctx_ptr": f"*{dtype}", "noctx_ptr": f"*{dtype}", "hp_ptr": "*fp64",
+             "tau_ptr": "*fp32", "topk_ptr": "*i32", "topp_ptr": "*fp32", "minp_ptr": "*fp32", "seed_ptr": "*i64",
+             "off_ptr": "*i64", "tok_ptr": "*i64", "lp_ptr": "*fp32", "maxp_ptr": "*fp32", "status_ptr": "*i32",
+             "part_ptr": "*fp32", "partl_ptr": "*fp32", "flag_ptr": "*i32", "bk_ptr": "*fp32", "bi_ptr": "*i32",
+             "lock_ptr": "*i32"}
+    kernel = steer_sample_kernel
+    sig = {p.name: ("constexpr" if p.is_constexpr else types.get(p.name, "i32")) for p in kernel.params}
+    constexprs = {"BLOCK": 1024 if draws_tile == 1 else 64, "SBLOCK": 256, "DT": draws_tile, "HAS_NOCTX": True,
+                  "MERGE": merge, "MAX_SPLIT": MAX_SPLIT, "WANT_MAXP": True, "NP": NPIV}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", cc, 32), options={"num_warps": 4})
+    return _res_usage(compiled.asm["cubin"])
+
+
+if __name__ == "__main__":  # python -m costeer_kernels.triton.sample: AOT report
+    import json
+
+    for dt in ("fp32", "bf16"):
+        for mg in (0, 1):
+            print(dt, f"merge={mg}", json.dumps(aot_compile(dt, mg)))

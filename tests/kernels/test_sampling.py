@@ -99,11 +99,11 @@ def _check_counts(tokens: torch.Tensor, p: torch.Tensor, allowed: torch.Tensor):
 
 CASES = [
     # (V, tau, top_k, top_p keep j (0 = off), min_p keep j (0 = off))
-    pytest.param(32, 1.0, 0, 0, 0, id="temperature"),
-    pytest.param(40, 0.6, 8, 0, 0, id="top_k"),
-    pytest.param(32, 1.3, 0, 5, 0, id="top_p"),
-    pytest.param(24, 1.0, 0, 0, 4, id="min_p"),
-    pytest.param(48, 0.8, 10, 6, 0, id="top_k+top_p"),
+    pytest.param(24, 1.0, 0, 0, 0, id="temperature"),
+    pytest.param(24, 0.6, 8, 0, 0, id="top_k"),
+    pytest.param(20, 1.3, 0, 5, 0, id="top_p"),
+    pytest.param(16, 1.0, 0, 0, 4, id="min_p"),
+    pytest.param(24, 0.8, 10, 6, 0, id="top_k+top_p"),
     pytest.param(7, 1.0, 5, 0, 3, id="top_k+min_p"),
 ]
 
@@ -131,11 +131,11 @@ def test_distribution(backend, V, tau, k, pj, mj):
 
 def test_identical_rows_torch():
     """B = 1e5 identical rows in one call: the row index keys the RNG stream."""
-    V = 40
+    V = 16
     zl, zc, zn, ref = _case_inputs(V, seed=2)
     rows = [t.expand(N_DRAWS, V) for t in (zl, zc, zn)]
-    p, allowed = _target(ref, 0.9, top_k=20)
-    tok, _ = steer_sample(*rows, temperature=0.9, top_k=20, seed=7, backend="torch")
+    p, allowed = _target(ref, 0.9, top_k=10)
+    tok, _ = steer_sample(*rows, temperature=0.9, top_k=10, seed=7, backend="torch")
     assert tok.shape == (N_DRAWS,)
     _check_counts(tok, p, allowed)
 
@@ -154,11 +154,11 @@ def test_identical_rows_triton_match_torch():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_precision_inputs(backend, dtype):
-    V = 24
+    V = 16
     zl, zc, zn = make_logits(1, V, dtype=dtype, seed=4, scale=1.5, device=DEVICE)
     ref = reference_steer(zl, zc, zn, dtype=torch.float64)[0].cpu()
-    p, allowed = _target(ref, 1.0, top_k=10)
-    tok, _ = steer_sample(zl, zc, zn, temperature=1.0, top_k=10, seed=5, num_samples=N_DRAWS, backend=backend)
+    p, allowed = _target(ref, 1.0, top_k=7)
+    tok, _ = steer_sample(zl, zc, zn, temperature=1.0, top_k=7, seed=5, num_samples=N_DRAWS, backend=backend)
     _check_counts(tok, p, allowed)
     g, lp = steer_sample(zl, zc, zn, backend=backend)
     assert g.item() == steer(zl, zc, zn).argmax(-1).item()
@@ -166,13 +166,13 @@ def test_low_precision_inputs(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_tokens_never_drawn(backend):
-    V = 40
+    V = 24
     zl, zc, zn = make_logits(1, V, seed=6, scale=1.0, device=DEVICE, mask_frac=0.3)
     zc = zc.clone()
     zc[0, 5] = float("-inf")  # banned by the small model with context alone
     ref = reference_steer(zl, zc, zn, dtype=torch.float64)[0].cpu()
     banned = ~torch.isfinite(ref)
-    assert banned.sum() > 5
+    assert banned.sum() > 3
     p, allowed = _target(ref, 2.0)
     tok, _ = steer_sample(zl, zc, zn, temperature=2.0, seed=9, num_samples=N_DRAWS, backend=backend)
     assert not banned[tok[0].cpu()].any()
@@ -260,8 +260,9 @@ def test_triton_splits_merge_in_launch():
         assert torch.allclose(one[1], four[1], atol=1e-6) and torch.allclose(one[2], four[2], rtol=1e-6)
 
 
-def test_gumbel_noise_matches_triton_philox():
-    """The torch Philox is bit-identical to tl.philox (checked through the sampled keys' order)."""
+def test_gumbel_noise_is_standard_gumbel():
+    """The torch Philox noise: finite, Gumbel mean and variance (bit agreement with tl.philox is
+    checked through identical draws in test_backends_draw_the_same_tokens)."""
     g = gumbel_noise(1000, torch.tensor([0, 1]), torch.tensor([2**40 + 3]), torch.tensor([7]))
     assert torch.isfinite(g).all()
     assert abs(g.mean().item() - 0.5772) < 0.1 and abs(g.var().item() - 1.6449) < 0.3
@@ -313,3 +314,21 @@ def test_vector_inputs_and_default_backend():
     tok, lp = steer_sample(zl[0], zc[0], zn[0])
     assert tok.dim() == 0 and lp.dim() == 0
     assert tok.item() == steer(zl, zc, zn).argmax(-1).item()
+
+
+def test_kernel_compiles_for_sm90_without_spills():
+    """Ahead-of-time compile of the Triton kernel for sm_90 (no GPU needed), in a subprocess
+    because this process runs Triton's interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json; from costeer_kernels.triton.sample import aot_compile; print(json.dumps(aot_compile('bf16', 1)))"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    if r.returncode != 0 and ("cuobjdump" in r.stderr or "ptxas" in r.stderr or "No such file" in r.stderr):
+        pytest.skip(f"no CUDA toolchain in this Triton install: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    usage = json.loads(r.stdout.strip().splitlines()[-1])
+    assert usage["local"] == 0, usage
