@@ -18,6 +18,7 @@ namespace costeer {
 at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
                      const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,
                      at::Tensor& out, c10::string_view mode, int64_t num_splits);
+int64_t cpu_avx512(int64_t enable);
 
 #ifdef COSTEER_WITH_CUDA
 namespace {
@@ -111,6 +112,8 @@ TORCH_LIBRARY(costeer_ext, m) {
   m.def(
       "steer(Tensor llm, Tensor ctx, Tensor? noctx, Tensor hparams, Tensor(a!) out, "
       "str mode='closed_form', int num_splits=0) -> Tensor");
+  // Query/toggle the CPU kernel's AVX-512 path (tests cover the portable path with it off).
+  m.def("cpu_avx512(int enable=-1) -> int", &costeer::cpu_avx512);
 }
 
 TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) { m.impl("steer", &costeer::steer_cpu); }

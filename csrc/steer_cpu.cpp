@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -139,8 +140,12 @@ float steer_chunk_avx512(const float* __restrict zl, const float* __restrict zc,
   return _mm512_reduce_max_ps(vm);
 }
 
-static const bool kAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") &&
-                            __builtin_cpu_supports("popcnt");
+// __builtin_cpu_init: this initializer may run before libgcc's own CPU detection constructor.
+static const bool kAvx512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+}();
+static std::atomic<bool> use_avx512{kAvx512};
 #else
 #define STEER_HAVE_AVX512_PATH 0
 #endif
@@ -254,7 +259,7 @@ static Part closed_form_segment(const Args& a, int64_t r, int64_t start, int64_t
     const float offset = p.m;
     float sc;
 #if STEER_HAVE_AVX512_PATH
-    const float mc = kAvx512 && offset != -STEER_INF
+    const float mc = use_avx512.load(std::memory_order_relaxed) && offset != -STEER_INF
                          ? steer_chunk_avx512(l, cc, nn, out + off, n, c, offset, &sc, &p.flags)
                          : steer_chunk(l, cc, nn, out + off, n, c, offset, &sc, &p.flags);
 #else
@@ -395,6 +400,19 @@ static void iterative(const Args& a) {
 }
 
 }  // namespace cpu
+
+// Tests switch the AVX-512 path off to cover the portable one: enable < 0 queries, 0 disables,
+// 1 enables (when the CPU has it). Returns whether the path was in use before the call.
+int64_t cpu_avx512(int64_t enable) {
+#if STEER_HAVE_AVX512_PATH
+  const bool before = cpu::use_avx512.load();
+  if (enable >= 0) cpu::use_avx512.store(enable > 0 && cpu::kAvx512);
+  return before ? 1 : 0;
+#else
+  (void)enable;
+  return 0;
+#endif
+}
 
 at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
                      const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,

@@ -44,6 +44,16 @@ def test_extension_loads_and_registers(ext):
     assert steer(z, z, z).shape == (1, 3)  # backend=None on CPU picks "cpu"
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def isa(ext, request):
+    """Runs a test with the CPU kernel's AVX-512 path (where the CPU has it) and without."""
+    if request.param == "avx512" and not torch.ops.costeer_ext.cpu_avx512(-1):
+        pytest.skip("no AVX-512 path on this CPU/build")
+    before = torch.ops.costeer_ext.cpu_avx512(1 if request.param == "avx512" else 0)
+    yield request.param
+    torch.ops.costeer_ext.cpu_avx512(before)
+
+
 @pytest.mark.parametrize("mode", ["closed_form", "iterative"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 2047), (2, 2049), (5, 4099), (1, 33333)], ids=str)
@@ -51,6 +61,15 @@ def test_cpu_matches_reference(ext, shape, dtype, mode):
     zl, zc, zn = make_logits(*shape, dtype=dtype, seed=shape[1])
     cfg = SteerConfig(T=7) if mode == "iterative" else None
     check_accuracy(steer(zl, zc, zn, cfg, backend="cpu", mode=mode), zl, zc, zn, cfg, mode)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 30.0])
+@pytest.mark.parametrize("shape", [(3, 5000), (1, 152064)], ids=str)
+def test_cpu_paths_match_reference(isa, shape, scale):
+    """Closed form through both first-sweep paths (compacted AVX-512 and portable), with masks."""
+    zl, zc, zn = make_logits(*shape, scale=scale, mask_frac=0.05, seed=int(scale))
+    zl[0, -1] = 60.0 * scale  # a late, much larger max: the running offset moves by > 64
+    check_accuracy(steer(zl, zc, zn, backend="cpu"), zl, zc, zn)
 
 
 @pytest.mark.parametrize("shape,dtype,mode", [
@@ -121,7 +140,7 @@ def _corrupt_rows():
 
 @pytest.mark.parametrize("mode", ["closed_form", "iterative"])
 @pytest.mark.parametrize("splits", [0, 1, 3])
-def test_status_bits_match_torch_backend(ext, mode, splits):
+def test_status_bits_match_torch_backend(isa, mode, splits):
     zl, zc, zn, hp = _corrupt_rows()
     if splits != 0 and mode == "iterative":
         pytest.skip("the iterative form has no row split")
@@ -154,7 +173,7 @@ def test_overflow_is_reported(ext):
 
 
 @pytest.mark.parametrize("V", [1, 2048, 4097, 151936])
-def test_split_rows_equal_whole_rows(ext, V):
+def test_split_rows_equal_whole_rows(isa, V):
     """B=1 split across tasks (num_splits > 1) against the same row processed whole in a batch."""
     zl, zc, zn = make_logits(6, V, seed=V, mask_frac=0.05)
     hp = SteerConfig().packed(None, "cpu")
