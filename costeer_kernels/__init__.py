@@ -4,12 +4,15 @@ Public API:
     SteerConfig, steer_coefficient   the update's settings and its closed-form coefficient c_T
     reference_steer                  the literal T-step loop (ground truth of every test)
     steer                            the fused op (torch.ops.costeer.steer / steer_out)
+    steer_sample                     next token ids + steered log-probs, no [B, V] output
+                                     (greedy, Gumbel-max, top-k/top-p/min-p)
     available_backends               which backends run in this process
 """
 from .config import SteerConfig, steer_coefficient
 from .dispatch import available_backends
 from .ops import steer
 from .reference import closed_form_steer, reference_steer
+from .sampling import register_sampler, steer_sample
 
 __all__ = [
     "SteerConfig",
@@ -18,5 +21,7 @@ __all__ = [
     "closed_form_steer",
     "steer",
     "available_backends",
+    "steer_sample",
+    "register_sampler",
 ]
 __version__ = "0.1.0"
