@@ -71,6 +71,7 @@ def _hidden(name: str, t, rank: int, W: torch.Tensor) -> torch.Tensor:
     return t2
 
 
+@torch.no_grad()  # the steered distribution is not differentiable; W may be a Parameter
 def delta_from_hidden(hc: torch.Tensor, hn: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """W (h_c - h_n) as one product, [B, V_w] in W's dtype (fp32 accumulation in the GEMM)."""
     if W.dtype == torch.float32:
