@@ -12,7 +12,7 @@ from typing import List, Optional
 # CLI defaults for one model in both roles (the embedded SmolLM2-135M-Instruct pair), chosen from
 # the measured sweep in docs/defaults_sweep.md. The op's own defaults stay the paper's (T=20,
 # alpha=2, beta=1, lambda=2, eta=10, c_T = 1.78), which garbles text with the same model twice.
-CLI_DEFAULTS = dict(T=2, alpha=2.0, beta=1.0, lam=2.0, eta=10.0)
+CLI_DEFAULTS = dict(T=3, alpha=2.0, beta=1.0, lam=2.0, eta=10.0)
 
 MODE_TITLES = {"llm": "LLM only (public prompt)", "slm": "small model + context", "costeer": "CoSteer"}
 

@@ -5,7 +5,7 @@ import torch
 
 from costeer import Generator, Request
 from costeer.cli import CLI_DEFAULTS
-from costeer.reference_loop import reference_generate
+from costeer.reference_loop import reference_generate as _reference_generate
 from costeer_kernels import SteerConfig
 
 CASES = [
@@ -13,7 +13,16 @@ CASES = [
     ("What should I cook tonight?", "I am vegan and allergic to peanuts."),
     ("Recommend a book for me.", "My favourite genre is science fiction; I enjoyed Dune."),
 ]
-N = 12
+N = 10
+_REFS = {}
+
+
+def reference_generate(llm, slm, prompt, context, cfg=None, max_new_tokens=N, mode="costeer"):
+    """The plain reference loop, memoized: several tests compare against the same runs."""
+    key = (prompt, context, None if cfg is None else cfg.values(), max_new_tokens, mode)
+    if key not in _REFS:
+        _REFS[key] = _reference_generate(llm, slm, prompt, context, cfg=cfg, max_new_tokens=max_new_tokens, mode=mode)
+    return _REFS[key]
 
 
 @pytest.fixture(scope="module")
