@@ -163,11 +163,20 @@ def steer_from_hidden(
         delta = delta_from_hidden(hc, hn, W)
         hp = cfg.packed(B if cfg.per_row else None, zl.device)
         out2 = ops.prepare_out(out, llm_logits, zl)
-        if out2 is None:
-            res, status = torch.ops.costeer.steer(zl, delta, None, hp, mode, name)
-        else:
-            status = torch.ops.costeer.steer_out(zl, delta, None, hp, out2, mode, name)
+        status = None
+        if name == "cpu" and not torch.compiler.is_compiling():
+            # The steer is < 1/H of the GEMV's work: one task per row (num_splits=1), so B = 1
+            # runs inline, without a second thread-pool barrier after the GEMV's.
+            if out2 is None:
+                out2 = torch.empty(B, V, dtype=torch.float32, device=zl.device)
+            status = _cpu_steer_rows(zl, delta, hp, out2, mode)
             res = out2
+        if status is None:
+            if out2 is None:
+                res, status = torch.ops.costeer.steer(zl, delta, None, hp, mode, name)
+            else:
+                status = torch.ops.costeer.steer_out(zl, delta, None, hp, out2, mode, name)
+                res = out2
         if validate:
             _raise(status)
         if out is not None:
@@ -202,6 +211,18 @@ def steer_from_hidden(
     if out is not None:
         return out
     return out2.squeeze(0) if rank == 1 else out2
+
+
+def _cpu_steer_rows(zl, delta, hp, out2, mode):
+    """The C++ CPU steer kernel with one task per row; None if that entry point is missing."""
+    try:
+        from ._extension import steer_cpp
+    except ImportError:
+        return None
+    try:
+        return steer_cpp(zl, delta, None, hp, out2, mode, num_splits=1)
+    except TypeError:  # a different signature: use the registered op instead
+        return None
 
 
 def _resolve(backend, device: torch.device, mapped: bool, mode: str) -> str:
