@@ -113,8 +113,10 @@ def main(argv=None) -> int:
         "batched matmul + steer": batched_steer,
     }, args.runs)
 
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()}; steer backend '{backend}'")
+          f"torch threads {torch.get_num_threads()}; steer backend '{backend}'; load average {load} "
+          "(other processes on the cores distort CPU timings)")
     print(f"shape: B={B} V={V} H={H} {args.dtype}; W = {W.numel() * W.element_size() / 1e6:.1f} MB; "
           f"median of {args.runs} round-robin runs; max |fused - steer(W h_c, W h_n)| = {err:.2e}")
     print()

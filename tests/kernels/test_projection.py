@@ -200,3 +200,19 @@ def test_smollm2_head(smollm2, backend):
         for dtype in (torch.bfloat16, torch.float16):
             Wd, hcd, hnd = W.to(dtype), hc.to(dtype), hn.to(dtype)
             _check(steer_from_hidden(zl, hcd, hnd, Wd, backend=backend), zl, hcd, hnd, Wd)
+
+
+def test_compile_fullgraph():
+    """torch.compile traces steer_from_hidden and steer(vocab_map=, vocab_size=) without breaks."""
+    zl, hc, hn, W = _inputs(2, 100, 16, torch.float32)
+    idx = torch.arange(100, device=DEVICE) - 1
+
+    def step(zl, hc, hn):
+        a = steer_from_hidden(zl, hc, hn, W, backend="torch", validate=False)
+        b = steer(zl, a, a.flip(-1), backend="torch", validate=False, vocab_map=idx, unmapped="drop", vocab_size=90)
+        return a, b
+
+    a, b = torch.compile(step, fullgraph=True, backend="aot_eager")(zl, hc, hn)
+    a_ref, b_ref = step(zl, hc, hn)
+    assert torch.allclose(a, a_ref, atol=1e-6) and torch.allclose(b, b_ref, atol=1e-6, equal_nan=True)
+    assert torch.isneginf(b[:, 0]).all() and torch.isneginf(b[:, 90:]).all()
