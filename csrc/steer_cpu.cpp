@@ -291,7 +291,7 @@ static void closed_form(const Args& a, int64_t splits) {
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const RowParams hp = row_params(a.hp + r * a.hp_stride);
-        const Part p = closed_form_segment(a, r, 0, V, (float)hp.c);
+        const Part p = closed_form_segment(a, r, 0, V, hp.cf);
         float lse;
         a.status[r] = finish_row(p.m, p.s, p.flags, hp.ok, &lse);
         subtract(a.out + r * a.out_stride, V, lse);
@@ -307,7 +307,7 @@ static void closed_form(const Args& a, int64_t splits) {
       const int64_t r = i / splits, k = i % splits;
       const int64_t start = std::min(V, k * seg), end = std::min(V, start + seg);
       const RowParams hp = row_params(a.hp + r * a.hp_stride);
-      parts[i] = start < end ? closed_form_segment(a, r, start, end, (float)hp.c)
+      parts[i] = start < end ? closed_form_segment(a, r, start, end, hp.cf)
                              : Part{-STEER_INF, 0.0f, 0};
     }
   });
@@ -347,7 +347,7 @@ static void iterative_row(const Args& a, int64_t r, float* u) {
     const float* cc = load_f32(a.zc, r, off, n, buf[1]);
     const float* nn = a.has_noctx ? load_f32(a.zn, r, off, n, buf[2]) : nullptr;
     float unused;
-    const float mc = steer_chunk(l, cc, nn, out + off, n, (float)hp.c, 0.0f, &unused, &x.flags);
+    const float mc = steer_chunk(l, cc, nn, out + off, n, hp.cf, 0.0f, &unused, &x.flags);
     online_merge(x.m, x.s, mc, exp_sum(out + off, n, mc));
     const float ml = chunk_max(l, n);
     online_merge(mb, sb, ml, exp_sum(l, n, ml));

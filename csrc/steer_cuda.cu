@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(THREADS) steer_closed_form_kernel(const SteerL
   const long long r = blockIdx.x / a.splits;
   const int k = blockIdx.x % a.splits;
   const RowParams hp = row_params(a.hp + r * a.hp_stride);
-  const float c = (float)hp.c;
+  const float c = hp.cf;
   const Rows p = row_pointers(a, r);
   const bool has_noctx = p.zn != nullptr;
   const long long V = a.V;
@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(THREADS) steer_iterative_kernel(const SteerLau
     const float l = load_one(p.zl, a.zl_dtype, i);
     const float zc = load_one(p.zc, a.zc_dtype, i);
     const float zn = has_noctx ? load_one(p.zn, a.zn_dtype, i) : 0.0f;
-    const float x = steer_one(l, zc, zn, has_noctx, (float)hp.c, sx.f);
+    const float x = steer_one(l, zc, zn, has_noctx, hp.cf, sx.f);
     online_merge(sx.m, sx.s, x, 1.0f);
     online_merge(sb.m, sb.s, l, 1.0f);
     online_merge(sc.m, sc.s, zc, 1.0f);

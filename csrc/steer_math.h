@@ -153,6 +153,7 @@ STEER_HD bool finite64(double x) { return (x - x) == 0.0; }
 
 struct RowParams {
   double c;      // c_T of the closed form (0 for an invalid row)
+  float cf;      // c_T in float32 for the kernels' x = z_L + c_T d
   long long T;   // steps of the iterative form (0 for an invalid row)
   float alpha, beta, lam, inv_eta;  // float32 copies for the iterative update
   bool ok;
@@ -176,6 +177,10 @@ STEER_HD RowParams row_params(const double* hp) {
     c_prev = c;
   }
   r.c = c_prev;
+  // A nonzero c_T that rounds to 0 in float32 still steers +-inf deltas (bans, lone noctx -inf):
+  // keep it nonzero. Any finite delta then adds ~1e-38 * delta, i.e. nothing.
+  r.cf = (float)c_prev;
+  if (r.cf == 0.0f && c_prev != 0.0) r.cf = c_prev > 0.0 ? 1.17549435e-38f : -1.17549435e-38f;
   r.alpha = (float)alpha;
   r.beta = (float)beta;
   r.lam = (float)lam_ok;
