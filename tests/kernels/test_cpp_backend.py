@@ -172,6 +172,19 @@ def test_overflow_is_reported(ext):
     assert status.tolist() == [st.NOCTX_MASK]
 
 
+def test_coefficient_below_float32_still_steers_infinities(ext):
+    """c_T = 8.6e-90 rounds to 0 in float32, but a lone noctx -inf must still be reported and a
+    small-model ban must still ban; finite deltas change nothing."""
+    cfg = SteerConfig(T=1, alpha=0.0, beta=1.7e-89, lam=1.0, eta=1.0)
+    zl, zc, zn = make_logits(2, 50, seed=8)
+    zn[0, 3] = float("-inf")
+    zc[1, 4] = float("-inf")
+    out, status = cpp(zl, zc, zn, cfg.packed(None, "cpu"))
+    assert status.tolist() == [st.NOCTX_MASK, 0]
+    assert torch.isneginf(out[1, 4]) and torch.isfinite(out[1, [3, 5]]).all()
+    torch.testing.assert_close(out[1, 5:], torch.log_softmax(torch.cat([zl[1, :4], zl[1, 5:]]), 0)[4:])
+
+
 @pytest.mark.parametrize("V", [1, 2048, 4097, 151936])
 def test_split_rows_equal_whole_rows(isa, V):
     """B=1 split across tasks (num_splits > 1) against the same row processed whole in a batch."""
