@@ -47,7 +47,8 @@ def start_server(threads):
     raise RuntimeError("costeer serve did not start")
 
 
-def measure(fn, repeats):
+def measure(fn, repeats, label=""):
+    print(f"  measuring {label} ...", file=sys.stderr, flush=True)
     best = None
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -84,7 +85,6 @@ def main():
 
     def ref_fn():
         n = 0
-        t0 = time.perf_counter()
         for p, c in CASES:
             n += len(reference_generate(smol, smol, p, c, cfg=cfg, max_new_tokens=N))
         return n, float("nan")
@@ -92,10 +92,10 @@ def main():
     inproc = Generator(llm=smol, slm=smol, cfg=cfg)
     separate = Generator(llm=smol, slm=smol, cfg=cfg, cobatch=False)
     gen_fn(inproc)()  # warm-up
-    rows.append(("LLM only (in process)",) + measure(gen_fn(inproc, "llm"), args.repeats))
-    rows.append(("reference loop (3 passes, eager T-step update)",) + measure(ref_fn, args.repeats))
-    rows.append(("CoSteer in process (co-batched, 1 forward/step)",) + measure(gen_fn(inproc), args.repeats))
-    rows.append(("CoSteer in process (separate LLM forward)",) + measure(gen_fn(separate), args.repeats))
+    rows.append(("LLM only (in process)",) + measure(gen_fn(inproc, "llm"), args.repeats, "LLM only"))
+    rows.append(("reference loop (3 passes, eager T-step update)",) + measure(ref_fn, args.repeats, "reference loop"))
+    rows.append(("CoSteer in process (co-batched, 1 forward/step)",) + measure(gen_fn(inproc), args.repeats, "CoSteer co-batched"))
+    rows.append(("CoSteer in process (separate LLM forward)",) + measure(gen_fn(separate), args.repeats, "CoSteer separate"))
     proc = None
     if not args.no_server:
         proc, url = start_server(args.threads)
@@ -103,7 +103,7 @@ def main():
             for label, kw in (("full fp16", {}), ("top-20", {"response_format": "topk", "topk": 20})):
                 remote = Generator(llm=None, slm=smol, llm_url=url, cfg=cfg, **kw)
                 gen_fn(remote)()
-                rows.append((f"CoSteer via costeer serve, loopback ({label})",) + measure(gen_fn(remote), args.repeats))
+                rows.append((f"CoSteer via costeer serve, loopback ({label})",) + measure(gen_fn(remote), args.repeats, label))
         finally:
             proc.terminate()
             proc.wait(timeout=20)

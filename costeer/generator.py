@@ -241,10 +241,12 @@ class Generator:
             if llm_url.startswith(("ws://", "wss://")):
                 kw = dict(response_format=response_format, dtype=transport_dtype, k=topk, topk_policy=topk_policy, timeout=timeout)
                 probe = WebSocketLLMStream(llm_url, **kw)  # fails fast (clear error) if unreachable
-                self._probe = [probe]
+                self._ws = probe  # ONE persistent connection, reused by every generation
 
                 def factory():
-                    return self._probe.pop() if self._probe else WebSocketLLMStream(llm_url, **kw)
+                    if self._ws is None or not self._ws.reusable:
+                        self._ws = WebSocketLLMStream(llm_url, **kw)
+                    return self._ws
 
                 self._stream_factory = factory
                 self.llm_name = probe.name
@@ -491,6 +493,8 @@ class Generator:
         except GeneratorExit:
             raise
         except Exception as exc:
+            if stream is not None and not self._reuse_stream:
+                stream.close()  # its state is unknown after a failure: reconnect next time
             failed = []
             for i in range(B):
                 if not done[i]:
@@ -510,7 +514,7 @@ class Generator:
                 yield TextChunk(i, "", True, results[i])
         finally:
             if stream is not None and not self._reuse_stream:
-                stream.close()
+                stream.finish()  # ends the session; a WebSocket connection stays open for the next call
 
     @staticmethod
     def _choose(logp: torch.Tensor, reqs: List[Request], gens, done, pad) -> List[int]:
@@ -532,4 +536,14 @@ class Generator:
         return out
 
     def close(self):
-        pass
+        """Close a persistent connection to a remote LLM (if any)."""
+        ws = getattr(self, "_ws", None)
+        if ws is not None:
+            ws.close()
+            self._ws = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

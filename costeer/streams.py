@@ -89,6 +89,14 @@ class LLMStream:
     def recv(self) -> LLMStep:
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """End the current batch; a stream that can be reused stays open (default: close)."""
+        self.close()
+
+    @property
+    def reusable(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
@@ -298,6 +306,23 @@ class WebSocketLLMStream(LLMStream):
         t1 = time.perf_counter()
         return LLMStep(logits=logits, compute_s=float(header.get("compute_ms", 0.0)) / 1e3, wait_s=t1 - t0,
                        roundtrip_s=t1 - (self._sent_at or t0))
+
+    @property
+    def reusable(self) -> bool:
+        return self._ws is not None
+
+    def finish(self):
+        """Close the session on the server, keep the connection for the next batch."""
+        if self._ws is None or self._sid is None:
+            return
+        sid, self._sid = self._sid, None
+        try:
+            self._send_frame({"op": "close", "sid": sid})
+            header, _ = self._recv_frame()
+            if header.get("op") != "closed":
+                raise StreamError(f"unexpected answer to close: {header}")
+        except Exception:
+            self.close()
 
     def close(self):
         ws, self._ws = getattr(self, "_ws", None), None

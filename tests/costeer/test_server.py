@@ -62,9 +62,11 @@ def test_served_generation_equals_in_process(server, smol):
     remote = Generator(llm=None, slm=smol, llm_url=server.url, cfg=cfg, transport_dtype="float32")
     prompts = [("What should I cook tonight?", "I am vegan and allergic to peanuts."),
                ("Recommend a book for me.", "My favourite genre is science fiction; I enjoyed Dune.")]
+    connection = remote._ws
     for p, c in prompts:
         a = local.generate(p, context=c, max_new_tokens=10)
         b = remote.generate(p, context=c, max_new_tokens=10)
+        assert remote._ws is connection and connection.reusable  # one persistent connection
         assert a.token_ids == b.token_ids
         s = b.timing_summary()
         assert s["transport_ms"] >= 0 and s["local_ms"] > 0
