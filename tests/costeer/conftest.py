@@ -27,7 +27,7 @@ class _Server:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def server(tmp_path_factory, smol):  # smol: skips when the embedded model is not installed
     """`python -m costeer serve` on 127.0.0.1 (free port), recording every received frame."""
     record = str(tmp_path_factory.mktemp("serve") / "received.jsonl")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
