@@ -146,3 +146,19 @@ def test_example_decode_step_runs():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
+
+
+def test_processor_restarts_on_the_same_inputs_and_strips_padding(smol, reference):
+    prompt, context = CASES[2]
+    ids, mask = _batch(smol, [prompt])
+    proc = CoSteerLogitsProcessor(smol, context, prompt=prompt, cfg=CFG)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=smol.pad_token_id,
+              logits_processor=LogitsProcessorList([proc]))
+    a = smol.model.generate(ids, **kw)
+    b = smol.model.generate(ids, **kw)  # same processor, same inputs: starts over
+    assert torch.equal(a, b) and _new_tokens(smol, a, ids.shape[1])[0] == reference[1][2][:6]
+    # prompt=None: the rows themselves (left padding stripped by the mask) are the no-context prompts
+    ids2, mask2 = _batch(smol, [CASES[0][0], prompt])
+    p = CoSteerLogitsProcessor(smol, ["", context], cfg=CFG, attention_mask=mask2)
+    p(ids2, torch.zeros(2, smol.vocab_size))
+    assert p.runner.kv.lengths.tolist()[2:] == mask2.sum(1).tolist()
