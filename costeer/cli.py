@@ -151,7 +151,9 @@ def _generate(args) -> int:
         texts[mode] = res.text
         t = res.timing_summary()
         parts = [f"local {t['local_ms']:.1f}", f"steer {t['steer_ms']:.2f}"] if mode != "llm" else []
-        if mode != "slm":
+        if mode == "costeer" and gen.llm is not None and gen.llm.model is gen.slm.model:
+            parts[0] = f"local incl. co-batched LLM rows {t['local_ms']:.1f}"
+        elif mode != "slm":
             parts.insert(0, f"LLM wait {t['llm_ms']:.1f}")
             if args.llm_url:
                 parts.insert(1, f"transport {t['transport_ms']:.1f}")

@@ -122,7 +122,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
             hint = f" For the embedded default model run: {INSTALL_HINT}" if gguf_file is None else ""
             raise ModelNotFoundError(
                 f"model {spec!r} could not be loaded from local files (nothing is downloaded at run "
-                f"time; give a local path or an id already in the Hugging Face cache): {exc}.{hint}"
+                f"time; give a local path or an id already in the Hugging Face cache): {str(exc).rstrip('.')}.{hint}"
             ) from None
         model = model.to(device).eval()
         loaded = _describe(spec, model, tokenizer)
