@@ -9,6 +9,7 @@ from . import dispatch
 from .config import SteerConfig
 from .status import raise_for_status
 
+_DEFAULT_CFG = SteerConfig()
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MODES = ("closed_form", "iterative")
 UNMAPPED = ("keep", "drop")
@@ -115,7 +116,7 @@ def prepare(llm_logits, slm_ctx_logits, slm_noctx_logits, cfg, out, mode, backen
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if cfg is None:
-        cfg = SteerConfig()
+        cfg = _DEFAULT_CFG  # built once: validating a config costs more than the B=1 kernel
     elif not isinstance(cfg, SteerConfig):
         raise TypeError(f"cfg must be a SteerConfig or None, got {type(cfg).__name__}")
     zl = _as_rows("llm_logits", llm_logits, None)

@@ -37,9 +37,9 @@ def describe(status_row: int) -> str:
 
 def raise_for_status(status: torch.Tensor) -> None:
     """One host sync: raise ValueError naming the first invalid row and what is wrong with it."""
-    bad = torch.nonzero(status).flatten().tolist()
-    if not bad:
+    if not bool(status.any()):
         return
+    bad = torch.nonzero(status).flatten().tolist()
     row = bad[0]
     value = int(status[row].item())
     more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
