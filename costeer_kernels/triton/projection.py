@@ -32,6 +32,7 @@ from .steer import (
     MERGE_NONE,
     _check_device,
     _finish_row,
+    _lock_buffer,
     _map_block,
     _merge_partials,
     _normalize,
@@ -173,18 +174,6 @@ def steer_projection_kernel(
                     _normalize(out_ptr + row.to(tl.int64) * out_stride, 0, V, V, lse_r, NORM_BLOCK)
 
 
-_LOCKS: dict = {}
-
-
-def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
-    # Zeroed once and left zeroed by every launch (the last program resets its counter).
-    buf = _LOCKS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _LOCKS[device] = buf
-    return buf
-
-
 def plan(B: int, V: int, H: int, w_dtype: torch.dtype, device: torch.device, num_splits=None, block_b=None):
     """(BLOCK_B, BLOCK_V, BLOCK_H, USE_DOT, S, MERGE, num_warps) of a launch."""
     if block_b is None:
@@ -224,7 +213,7 @@ def steer_projection_triton(zl, hc, hn, w, hp, out, *, slm_index=None, drop_unma
     n_rb = triton.cdiv(B, bb)
     part = torch.empty(2 * B * S if S > 1 else 2, dtype=torch.float32, device=zl.device)
     flags = torch.empty(B * S if S > 1 else 1, dtype=torch.int32, device=zl.device)
-    lock = _lock_buffer(zl.device, n_rb)
+    lock = _lock_buffer(zl.device, n_rb, "projection")
     mapped = slm_index is not None
     hp_stride = 0 if hp.shape[0] == 1 else hp.stride(0)
     steer_projection_kernel[(n_rb, S)](

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .steer import INTERPRET, MAX_SPLIT, _finish_row, _merge_partials, _online_update, _row_coefficient, _steered_block
+from .steer import INTERPRET, MAX_SPLIT, _finish_row, _lock_buffer, _merge_partials, _online_update, _row_coefficient, _steered_block
 
 NPIV = 16  # pivots per search pass
 
@@ -268,18 +268,6 @@ def _store_draws(llm_row, ctx_row, noctx_row, tok_ptr, lp_ptr, base, dmask, idx,
     tl.store(lp_ptr + base + dr, tl.where(ok, xt - lse, float("nan")), mask=dmask)
 
 
-_LOCKS: dict = {}
-
-
-def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
-    # Zeroed once and left zeroed by every launch (the finishing program resets its counter).
-    buf = _LOCKS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _LOCKS[device] = buf
-    return buf
-
-
 def _plan(B: int, V: int, D: int, device: torch.device, num_splits):
     """(S, BLOCK, SBLOCK, DT): splits per row, block of pass 1, block of the search passes, draw tile."""
     cpu = device.type == "cpu"
@@ -325,7 +313,7 @@ def sample_triton(zl, zc, zn, hp, params, want_maxp: bool, num_samples: int = 1,
     flags = torch.empty(n, dtype=torch.int32, device=dev)
     bk = torch.empty(n * dt, dtype=torch.float32, device=dev)
     bi = torch.empty(n * dt, dtype=torch.int32, device=dev)
-    lock = _lock_buffer(dev, B)
+    lock = _lock_buffer(dev, B, "sample")
     has_noctx = zn is not None
     zn_arg = zn if has_noctx else zc
     hp_stride = 0 if hp.shape[0] == 1 else hp.stride(0)

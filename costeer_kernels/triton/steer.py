@@ -349,13 +349,14 @@ def steer_iterative_kernel(
 _LOCKS: dict = {}
 
 
-def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
-    # Zeroed once, left zeroed by every launch (the kernels reset what they use): no memset per
-    # call, and the same buffer is reused by CUDA-graph replays.
-    buf = _LOCKS.get(device)
+def _lock_buffer(device: torch.device, n: int, owner: str = "steer") -> torch.Tensor:
+    """Per-(kernel family, device) counters. Zeroed once, left zeroed by every launch (the kernels
+    reset what they use): no memset per call, and CUDA-graph replays reuse the same buffer."""
+    key = device if owner == "steer" else (owner, device)
+    buf = _LOCKS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _LOCKS[device] = buf
+        _LOCKS[key] = buf
     return buf
 
 
