@@ -19,8 +19,8 @@ from . import dispatch
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = ("steer_cpu.cpp", "bindings.cpp")
-HEADERS = ("steer_math.h", "steer_cuda.h")
+CPU_SOURCES = ("steer_cpu.cpp", "sample_cpu.cpp", "bindings.cpp")
+HEADERS = ("steer_math.h", "steer_cpu.h", "steer_cuda.h")
 # Same flags as setup.py: no -march=native, the hot loops carry their own AVX2/AVX-512 clones.
 # -fopenmp: at::parallel_for is an inline `omp parallel` (serial without it); it links torch's own
 # libgomp.so.1, already loaded by libtorch_cpu.
@@ -114,6 +114,21 @@ def steer_cpp(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits: int
     return _call(zl, zc, zn, hp, out, mode, num_splits)
 
 
+def sample_cpp(zl, zc, zn, hp, params, want_maxp: bool, num_samples: int = 1):
+    """The "cpu" sampler of ``steer_sample`` (sampling.py's backend contract): one pass for greedy
+    rows, the [B, V] log-probs never written."""
+    tok, lp, maxp, status = torch.ops.costeer_ext.sample(
+        zl, zc, zn, hp, params.temperature, params.top_k, params.top_p, params.min_p,
+        params.seed, params.offset, bool(params.row_keyed), bool(want_maxp), int(num_samples))
+    return tok, lp, (maxp if want_maxp else None), status
+
+
+def steer_hidden_cpp(zl, hdiff, weight, hp, out, num_splits: int = 0) -> torch.Tensor:
+    """The CPU projection fused into the steer kernel: W @ hdiff computed chunk by chunk (no
+    small-model logits in memory); ``hdiff`` float32 [B, H]; returns the status [B]."""
+    return torch.ops.costeer_ext.steer_hidden(zl, hdiff, weight, hp, out, num_splits)
+
+
 def register_backends() -> None:
     if "cpu" in dispatch._BACKENDS and _state["loaded"]:
         return
@@ -122,6 +137,9 @@ def register_backends() -> None:
         dispatch.mark_unavailable("cuda", _state["reason"])
         return
     dispatch.register_backend("cpu", steer_cpp)
+    from .sampling import register_sampler
+
+    register_sampler("cpu", sample_cpp)
     if has_cuda_kernel():
         dispatch.register_backend("cuda", steer_cpp)
     elif not torch.cuda.is_available():

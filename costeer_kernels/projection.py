@@ -10,9 +10,12 @@ and W, the largest read of the step, is read once for both passes; the bias canc
 
 - backend "triton" (the default on CUDA): one launch computes the delta tile by tile, steers and
   normalizes (``triton/projection.py``).
-- any other backend (the default on CPU): dh = h_c - h_n, one product dh @ W.T (the delta, in
-  W's dtype with fp32 accumulation), then the steer op on the delta (``slm_noctx_logits=None``).
-  ``mode="iterative"`` always takes this path.
+- "cpu" (the C++ extension, the default on CPU), closed form, B = 1: one sweep computes the delta
+  W (h_c - h_n) chunk by chunk in L1 (dot products, fp32 accumulation) and steers it at once; the
+  small model's logits never exist in memory (``csrc/steer_cpu.cpp``, ``steer_hidden``).
+- otherwise: dh = h_c - h_n, one product dh @ W.T (the delta, in W's dtype with fp32
+  accumulation; a GEMM reads W once for all rows), then the steer op on the delta
+  (``slm_noctx_logits=None``). ``mode="iterative"`` always takes this path.
 """
 from __future__ import annotations
 
@@ -160,6 +163,10 @@ def steer_from_hidden(
     name = _resolve(backend, zl.device, idx is not None, mode)
     if (name != "triton" or mode != "closed_form") and idx is None and n is None:
         # The common case, without re-checking what is checked above: one GEMV/GEMM, one steer op.
+        if name == "cpu" and mode == "closed_form" and B <= FUSED_CPU_MAX_ROWS and not torch.compiler.is_compiling():
+            res = _cpu_fused(zl, hc, hn, W, cfg, out, llm_logits, validate)
+            if res is not None:
+                return res.squeeze(0) if (rank == 1 and out is None) else res
         delta = delta_from_hidden(hc, hn, W)
         hp = cfg.packed(B if cfg.per_row else None, zl.device)
         out2 = ops.prepare_out(out, llm_logits, zl)
@@ -211,6 +218,36 @@ def steer_from_hidden(
     if out is not None:
         return out
     return out2.squeeze(0) if rank == 1 else out2
+
+
+# Rows up to which the CPU takes the fused kernel: each row streams W once, so from 2 rows on a
+# GEMM (which reads W once for all rows) followed by the steer is faster.
+FUSED_CPU_MAX_ROWS = 1
+
+
+def _cpu_fused(zl, hc, hn, W, cfg, out, llm_logits, validate):
+    """The C++ kernel computing W (h_c - h_n) chunk by chunk inside the steer sweep (the small
+    model's logits never exist); None if the extension lacks it."""
+    try:
+        from ._extension import steer_hidden_cpp
+    except ImportError:
+        return None
+    B, V = zl.shape
+    hp = cfg.packed(B if cfg.per_row else None, zl.device)
+    out2 = ops.prepare_out(out, llm_logits, zl)
+    if out2 is None:
+        out2 = torch.empty(B, V, dtype=torch.float32, device=zl.device)
+    dh = hc.float() - hn.float()
+    Wk = W if W.stride(1) == 1 else W.contiguous()
+    try:
+        status = steer_hidden_cpp(zl, dh, Wk, hp, out2)
+    except (AttributeError, RuntimeError) as exc:  # an older build without the op
+        if "steer_hidden" not in str(exc):
+            raise
+        return None
+    if validate:
+        _raise(status)
+    return out if out is not None else out2
 
 
 def _cpu_steer_rows(zl, delta, hp, out2, mode):

@@ -44,7 +44,11 @@ Backends (a small registry, ``register_sampler(name, fn)``; a C++ sampler plugs 
 - "triton" (``triton/sample.py``): one launch, grid (B, S), the S programs of a row merged in the
   launch by the last one to finish; no host sync, CUDA-graph safe with ``validate=False`` and
   device-tensor seed/offset. The default on CUDA.
-- "torch": vectorized PyTorch, the CPU default for now. On the CPU it reads a few scalars back
+- "cpu" (``csrc/sample_cpu.cpp``, when the C++ extension is built): the CPU default. One sweep
+  computes x chunk by chunk in L1 with the row's online statistics and first argmax (greedy rows
+  end there); sampling rows keep x, bisect the thresholds over it and draw by Gumbel-max, computing
+  noise only for tokens that can still beat the best key found (x_v + 17 tau >= best).
+- "torch": vectorized PyTorch, the CPU fallback. On the CPU it reads a few scalars back
   (free there); on CUDA it is correct but syncs (per-row ``cfg`` coefficients), so it is not the
   graph-safe path. Draws the same tokens as "triton" (same RNG, same thresholds) up to float
   rounding of the logs.
@@ -113,6 +117,9 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 
 def _resolve(backend, device: torch.device) -> str:
+    from . import dispatch
+
+    dispatch._load_optional()  # registers the C++ samplers that can run here
     if backend is None or backend == "auto":
         for name in DEFAULT_ORDER.get(device.type, ("torch",)):
             runs = device.type == "cuda" if name == "triton" else name in ("torch", device.type)
@@ -506,7 +513,7 @@ def steer_sample(
         num_samples: ``None`` (one token per row, outputs [B]) or n >= 1 independent draws per row
             (outputs [B, n]); draws share one pass of statistics and threshold search.
         backend: ``"torch"``, ``"triton"`` or a registered C++ name (``"cpu"``/``"cuda"``), or
-            ``None`` for the device's default (CUDA: Triton; CPU: torch until a C++ sampler exists).
+            ``None`` for the device's default (CUDA: Triton; CPU: the C++ kernel, else torch).
         return_llm_max_prob: also return max_v softmax(llm_logits)_v per row (float32 [B]), from the
             online-softmax statistics of z_L (confidence gating, ``costeer.gating``).
         validate: raise ValueError for invalid rows (as ``steer``) and invalid sampling

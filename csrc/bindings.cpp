@@ -19,6 +19,13 @@ at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
                      const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,
                      at::Tensor& out, c10::string_view mode, int64_t num_splits);
 int64_t cpu_avx512(int64_t enable);
+at::Tensor steer_hidden_cpu(const at::Tensor& llm, const at::Tensor& hdiff, const at::Tensor& weight,
+                            const at::Tensor& hparams, at::Tensor& out, int64_t num_splits);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
+    const at::Tensor& llm, const at::Tensor& ctx, const c10::optional<at::Tensor>& noctx,
+    const at::Tensor& hparams, const at::Tensor& temperature, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
+    bool row_keyed, bool want_maxp, int64_t num_samples);
 
 #ifdef COSTEER_WITH_CUDA
 namespace {
@@ -112,11 +119,22 @@ TORCH_LIBRARY(costeer_ext, m) {
   m.def(
       "steer(Tensor llm, Tensor ctx, Tensor? noctx, Tensor hparams, Tensor(a!) out, "
       "str mode='closed_form', int num_splits=0) -> Tensor");
+  // The projection fused in: z_c = W hdiff chunk by chunk (hdiff = h_c - h_n, float32 [B, H]).
+  m.def("steer_hidden(Tensor llm, Tensor hdiff, Tensor weight, Tensor hparams, Tensor(a!) out, int num_splits=0) -> Tensor");
+  // Steer + pick the next token (greedy / Gumbel-max with top-k, top-p, min-p); nothing [B, V] written.
+  m.def(
+      "sample(Tensor llm, Tensor ctx, Tensor? noctx, Tensor hparams, Tensor temperature, Tensor top_k, "
+      "Tensor top_p, Tensor min_p, Tensor seed, Tensor offset, bool row_keyed, bool want_maxp, "
+      "int num_samples) -> (Tensor, Tensor, Tensor, Tensor)");
   // Query/toggle the CPU kernel's AVX-512 path (tests cover the portable path with it off).
   m.def("cpu_avx512(int enable=-1) -> int", &costeer::cpu_avx512);
 }
 
-TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) { m.impl("steer", &costeer::steer_cpu); }
+TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) {
+  m.impl("steer", &costeer::steer_cpu);
+  m.impl("steer_hidden", &costeer::steer_hidden_cpu);
+  m.impl("sample", &costeer::sample_cpu);
+}
 
 #ifdef COSTEER_WITH_CUDA
 TORCH_LIBRARY_IMPL(costeer_ext, CUDA, m) { m.impl("steer", &costeer::steer_cuda); }

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "steer_math.h"
+#include "steer_cpu.h"
 
 namespace costeer {
 namespace cpu {
@@ -31,8 +32,6 @@ namespace cpu {
 #define STEER_HOT __attribute__((noinline))
 #endif
 
-constexpr int64_t CHUNK = 2048;
-enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 STEER_HOT void widen_f16(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
 #pragma omp simd
@@ -201,74 +200,107 @@ STEER_HOT void delta_chunk(const float* __restrict zc, const float* __restrict z
   for (int64_t i = 0; i < n; ++i) d[i] = shifted_delta(zc[i], zn[i], shift);
 }
 
-struct Operand {
-  const char* base;
-  int64_t row_stride;  // elements
-  int dtype;
-  int64_t esize;
-};
-
-static Operand operand(const at::Tensor& t) {
-  Operand o;
-  o.base = static_cast<const char*>(t.data_ptr());
-  o.row_stride = t.size(0) > 1 ? t.stride(0) : 0;
-  switch (t.scalar_type()) {
-    case at::kFloat: o.dtype = F32; o.esize = 4; break;
-    case at::kHalf: o.dtype = F16; o.esize = 2; break;
-    case at::kBFloat16: o.dtype = BF16; o.esize = 2; break;
-    default: TORCH_CHECK(false, "costeer_ext::steer: unsupported dtype ", t.scalar_type());
+// H-long dot products of n weight rows with h (float32 accumulation): the projection's z_c chunk.
+STEER_HOT void gemv_rows_f32(const float* __restrict w, int64_t ws, const float* __restrict h,
+                             int64_t H, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+  // Four rows at a time: each load of h serves four rows, four independent FMA chains.
+  for (; i + 4 <= n; i += 4) {
+    const float* w0 = w + i * ws;
+    const float* w1 = w0 + ws;
+    const float* w2 = w1 + ws;
+    const float* w3 = w2 + ws;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t k = 0; k < H; ++k) {
+      const float hk = h[k];
+      s0 += w0[k] * hk;
+      s1 += w1[k] * hk;
+      s2 += w2[k] * hk;
+      s3 += w3[k] * hk;
+    }
+    dst[i] = s0;
+    dst[i + 1] = s1;
+    dst[i + 2] = s2;
+    dst[i + 3] = s3;
   }
-  return o;
+  for (; i < n; ++i) {
+    const float* w0 = w + i * ws;
+    float s0 = 0.0f;
+#pragma omp simd reduction(+ : s0)
+    for (int64_t k = 0; k < H; ++k) s0 += w0[k] * h[k];
+    dst[i] = s0;
+  }
 }
 
-// Elements [off, off + n) of row r as float32: in place for fp32, widened into buf otherwise.
-static inline const float* load_f32(const Operand& o, int64_t r, int64_t off, int64_t n, float* buf) {
-  const char* p = o.base + (r * o.row_stride + off) * o.esize;
-  if (o.dtype == F32) return reinterpret_cast<const float*>(p);
-  if (o.dtype == F16) widen_f16(reinterpret_cast<const uint16_t*>(p), buf, n);
-  else widen_bf16(reinterpret_cast<const uint16_t*>(p), buf, n);
-  return buf;
+template <typename Widen>
+STEER_HD void gemv_rows_half(const uint16_t* __restrict w, int64_t ws, const float* __restrict h,
+                             int64_t H, float* __restrict dst, int64_t n, Widen widen) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* wi = w + i * ws;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < H; ++k) acc += widen(wi[k]) * h[k];
+    dst[i] = acc;
+  }
 }
 
-struct Args {
-  Operand zl, zc, zn;
-  bool has_noctx;
-  const double* hp;
-  int64_t hp_stride;
-  float* out;
-  int64_t out_stride;
-  int32_t* status;
-  int64_t B, V;
-};
+STEER_HOT void gemv_rows_f16(const uint16_t* w, int64_t ws, const float* h, int64_t H, float* dst, int64_t n) {
+  gemv_rows_half(w, ws, h, H, dst, n, [](uint16_t v) { return half_bits_to_float(v); });
+}
 
-struct Part {
-  float m, s;
-  int flags;
-};
+STEER_HOT void gemv_rows_bf16(const uint16_t* w, int64_t ws, const float* h, int64_t H, float* dst, int64_t n) {
+  gemv_rows_half(w, ws, h, H, dst, n, [](uint16_t v) { return bf16_bits_to_float(v); });
+}
 
-// Closed-form first sweep over [start, end) of row r.
-static Part closed_form_segment(const Args& a, int64_t r, int64_t start, int64_t end, float c) {
+static const float* projected_chunk(const Projection& p, int64_t r, int64_t off, int64_t n, float* dst) {
+  const float* h = p.h + r * p.h_stride;
+  const char* w = p.w.base + off * p.w.row_stride * p.w.esize;
+  if (p.w.dtype == F32) gemv_rows_f32(reinterpret_cast<const float*>(w), p.w.row_stride, h, p.H, dst, n);
+  else if (p.w.dtype == F16) gemv_rows_f16(reinterpret_cast<const uint16_t*>(w), p.w.row_stride, h, p.H, dst, n);
+  else gemv_rows_bf16(reinterpret_cast<const uint16_t*>(w), p.w.row_stride, h, p.H, dst, n);
+  return dst;
+}
+
+static int64_t first_index_of(const float* x, int64_t n, float v) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] == v) return i;
+  return -1;
+}
+
+Part closed_form_segment(const Args& a, int64_t r, int64_t start, int64_t end, float c, bool track_argmax,
+                         Part* llm) {
   alignas(64) float buf[3][CHUNK];
-  Part p{-STEER_INF, 0.0f, 0};
-  float* out = a.out + r * a.out_stride;
+  alignas(64) float xbuf[CHUNK];
+  Part p;
+  float* out = a.out != nullptr ? a.out + r * a.out_stride : nullptr;
   for (int64_t off = start; off < end; off += CHUNK) {
     const int64_t n = std::min(CHUNK, end - off);
     const float* l = load_f32(a.zl, r, off, n, buf[0]);
-    const float* cc = load_f32(a.zc, r, off, n, buf[1]);
+    const float* cc = a.proj != nullptr ? projected_chunk(*a.proj, r, off, n, buf[1])
+                                        : load_f32(a.zc, r, off, n, buf[1]);
     const float* nn = a.has_noctx ? load_f32(a.zn, r, off, n, buf[2]) : nullptr;
+    float* x = out != nullptr ? out + off : xbuf;
     const float offset = p.m;
     float sc;
 #if STEER_HAVE_AVX512_PATH
     const float mc = use_avx512.load(std::memory_order_relaxed) && offset != -STEER_INF
-                         ? steer_chunk_avx512(l, cc, nn, out + off, n, c, offset, &sc, &p.flags)
-                         : steer_chunk(l, cc, nn, out + off, n, c, offset, &sc, &p.flags);
+                         ? steer_chunk_avx512(l, cc, nn, x, n, c, offset, &sc, &p.flags)
+                         : steer_chunk(l, cc, nn, x, n, c, offset, &sc, &p.flags);
 #else
-    const float mc = steer_chunk(l, cc, nn, out + off, n, c, offset, &sc, &p.flags);
+    const float mc = steer_chunk(l, cc, nn, x, n, c, offset, &sc, &p.flags);
 #endif
+    // Chunks come in index order: only a strictly larger max moves the first argmax.
+    if (track_argmax && mc > p.m) p.argmax = off + first_index_of(x, n, mc);
+    if (llm != nullptr) {
+      // z_L's own softmax statistics (confidence gating), from the chunk already in cache.
+      const float ml = chunk_max(l, n);
+      online_merge(llm->m, llm->s, ml, exp_sum(l, n, ml));
+    }
     if (offset == -STEER_INF || !(mc <= offset + 64.0f)) {
       // First live chunk, or exp(x - offset) may have overflowed (or lost the chunk's largest
       // terms' precision): redo the chunk's sum around its own max, from L1.
-      online_merge(p.m, p.s, mc, exp_sum(out + off, n, mc));
+      online_merge(p.m, p.s, mc, exp_sum(x, n, mc));
     } else {
       p.s += sc;
       online_merge(p.m, p.s, mc, 0.0f);
@@ -277,14 +309,15 @@ static Part closed_form_segment(const Args& a, int64_t r, int64_t start, int64_t
   return p;
 }
 
+int64_t auto_splits(int64_t B, int64_t V) {
+  const int64_t nthreads = at::get_num_threads();
+  int64_t splits = B >= nthreads ? 1 : (nthreads + B - 1) / B;
+  return std::max<int64_t>(1, std::min<int64_t>(splits, V / (8 * CHUNK)));
+}
+
 static void closed_form(const Args& a, int64_t splits) {
   const int64_t B = a.B, V = a.V;
-  const int64_t nthreads = at::get_num_threads();
-  if (splits <= 0) {
-    // Split rows only when there are fewer rows than threads, and never below 8 chunks a segment.
-    splits = B >= nthreads ? 1 : (nthreads + B - 1) / B;
-    splits = std::max<int64_t>(1, std::min<int64_t>(splits, V / (8 * CHUNK)));
-  }
+  if (splits <= 0) splits = auto_splits(B, V);
   const int64_t nchunks = (V + CHUNK - 1) / CHUNK;
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, nchunks));
   if (splits == 1) {
@@ -307,8 +340,7 @@ static void closed_form(const Args& a, int64_t splits) {
       const int64_t r = i / splits, k = i % splits;
       const int64_t start = std::min(V, k * seg), end = std::min(V, start + seg);
       const RowParams hp = row_params(a.hp + r * a.hp_stride);
-      parts[i] = start < end ? closed_form_segment(a, r, start, end, hp.cf)
-                             : Part{-STEER_INF, 0.0f, 0};
+      parts[i] = start < end ? closed_form_segment(a, r, start, end, hp.cf) : Part{};
     }
   });
   at::parallel_for(0, B * splits, 1, [&](int64_t i0, int64_t i1) {
@@ -317,11 +349,7 @@ static void closed_form(const Args& a, int64_t splits) {
       const int64_t start = std::min(V, k * seg), end = std::min(V, start + seg);
       const RowParams hp = row_params(a.hp + r * a.hp_stride);
       Part p = parts[r * splits];
-      for (int64_t j = 1; j < splits; ++j) {
-        const Part& q = parts[r * splits + j];
-        online_merge(p.m, p.s, q.m, q.s);
-        p.flags |= q.flags;
-      }
+      for (int64_t j = 1; j < splits; ++j) merge_part(p, parts[r * splits + j]);
       float lse;
       const int st = finish_row(p.m, p.s, p.flags, hp.ok, &lse);
       if (k == 0) a.status[r] = st;
@@ -339,7 +367,7 @@ static void iterative_row(const Args& a, int64_t r, float* u) {
   float* out = a.out + r * a.out_stride;
   // Sweep 0: the closed form's statistics (status bits identical to closed_form) and the
   // log-sum-exp of each input row.
-  Part x{-STEER_INF, 0.0f, 0};
+  Part x;
   float mb = -STEER_INF, sb = 0.0f, mc_ = -STEER_INF, sc_ = 0.0f, mn_ = -STEER_INF, sn_ = 0.0f;
   for (int64_t off = 0; off < V; off += CHUNK) {
     const int64_t n = std::min(CHUNK, V - off);
@@ -446,6 +474,44 @@ at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
   a.V = V;
   if (iter) cpu::iterative(a);
   else cpu::closed_form(a, num_splits);
+  return status;
+}
+
+// The projection fused into the closed form: z_c = W h per chunk (h = h_c - h_n, float32 [B, H]),
+// no z_n. W is read once per call for all rows of a chunk task; the logits never exist.
+at::Tensor steer_hidden_cpu(const at::Tensor& llm, const at::Tensor& hdiff, const at::Tensor& weight,
+                            const at::Tensor& hparams, at::Tensor& out, int64_t num_splits) {
+  TORCH_CHECK(llm.dim() == 2 && out.sizes() == llm.sizes(), "costeer_ext::steer_hidden: expected [B, V] llm and out");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "costeer_ext::steer_hidden: out must be float32");
+  TORCH_CHECK(hdiff.dim() == 2 && hdiff.size(0) == llm.size(0) && hdiff.scalar_type() == at::kFloat,
+              "costeer_ext::steer_hidden: hdiff must be float32 [B, H]");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) >= llm.size(1) && weight.size(1) == hdiff.size(1),
+              "costeer_ext::steer_hidden: weight must be [>= V, H]");
+  const int64_t B = llm.size(0), V = llm.size(1), H = hdiff.size(1);
+  auto hp = hparams.to(at::kDouble).contiguous();
+  TORCH_CHECK(hp.dim() == 2 && hp.size(1) == 5 && (hp.size(0) == 1 || hp.size(0) == B),
+              "costeer_ext::steer_hidden: hparams must be float64 [1 or B, 5]");
+  auto status = at::empty({B}, llm.options().dtype(at::kInt));
+  if (B == 0) return status;
+  TORCH_CHECK((V <= 1 || (llm.stride(1) == 1 && out.stride(1) == 1)) && (H <= 1 || (weight.stride(1) == 1 && hdiff.stride(1) == 1)),
+              "costeer_ext::steer_hidden: tensors need unit stride along their last dimension");
+  cpu::Projection proj;
+  proj.w = cpu::operand(weight, "costeer_ext::steer_hidden");
+  proj.w.row_stride = weight.stride(0);
+  proj.h = hdiff.data_ptr<float>();
+  proj.h_stride = hdiff.stride(0);
+  proj.H = H;
+  cpu::Args a;
+  a.zl = cpu::operand(llm, "costeer_ext::steer_hidden");
+  a.proj = &proj;
+  a.hp = hp.data_ptr<double>();
+  a.hp_stride = hp.size(0) == 1 ? 0 : 5;
+  a.out = out.data_ptr<float>();
+  a.out_stride = B > 1 ? out.stride(0) : 0;
+  a.status = status.data_ptr<int32_t>();
+  a.B = B;
+  a.V = V;
+  cpu::closed_form(a, num_splits);
   return status;
 }
 

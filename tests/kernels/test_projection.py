@@ -45,6 +45,33 @@ def _check(out, zl, hc, hn, W, cfg=None):
     return e_out, e_base
 
 
+@pytest.mark.skipif(DEVICE != "cpu" or "cpu" not in ck.available_backends(), reason="needs the C++ CPU extension")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V,H", [(7, 1), (4099, 3), (151936, 64), (2 * 2048 + 5, 577)])
+def test_cpu_fused_projection_kernel(V, H, dtype):
+    """The C++ kernel that computes W (h_c - h_n) inside the steer sweep (B = 1: the public op's
+    CPU path), on odd shapes, the largest vocabulary (row split across threads), a W whose rows
+    are strided (a column slice of a wider matrix), -inf in z_L and NaN in h."""
+    from costeer_kernels._extension import steer_hidden_cpp
+
+    zl, hc, hn, W = _inputs(1, V, H, dtype, seed=V + H)
+    zl[0, ::5] = float("-inf")
+    out = steer_from_hidden(zl, hc, hn, W)
+    _check(out, zl, hc, hn, W)
+    # the kernel itself, W rows strided
+    wide = torch.zeros(V, H + 3, dtype=dtype)
+    wide[:, :H] = W
+    buf = torch.empty(1, V)
+    hp = SteerConfig().packed(None, zl.device)
+    status = steer_hidden_cpp(zl, hc.float() - hn.float(), wide[:, :H], hp, buf)
+    assert status.tolist() == [0]
+    torch.testing.assert_close(buf, out, atol=1e-5, rtol=0)
+    bad = hc.clone()
+    bad[0, H // 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        steer_from_hidden(zl, bad, hn, W)
+
+
 @pytest.mark.parametrize("B", [1, 3, 17])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", FAST)

@@ -19,7 +19,16 @@ from costeer_kernels.sampling import gumbel_noise, steer_sample
 from .helpers import make_logits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["torch", "triton"]
+
+def _cpp_sampler() -> bool:
+    from costeer_kernels import available_backends
+    from costeer_kernels.sampling import available_samplers
+
+    return DEVICE == "cpu" and "cpu" in available_backends() and "cpu" in available_samplers()
+
+
+# The C++ CPU sampler (csrc/sample_cpu.cpp) when the extension is built (CI builds it).
+BACKENDS = ["torch", "triton"] + (["cpu"] if _cpp_sampler() else [])
 N_DRAWS = 100_000
 
 
@@ -245,6 +254,25 @@ def test_backends_draw_the_same_tokens():
     assert torch.allclose(la[a == b], lb[a == b], atol=1e-5)
 
 
+@pytest.mark.skipif(not _cpp_sampler(), reason="the C++ extension is not built (CPU sampler missing)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,V", [(1, 151936), (3, 4099), (2, 7), (1, 1)])
+def test_cpu_sampler_draws_what_torch_draws(B, V, dtype):
+    """Same RNG, same thresholds: the C++ sampler picks the torch path's tokens (greedy with the
+    row split across threads at V=151936, temperature, every filter, per-row parameters)."""
+    zl, zc, zn = (t.to(dtype) for t in make_logits(B, V, seed=21, device=DEVICE))
+    cases = [dict(), dict(temperature=0.8, seed=3, offset=5), dict(temperature=1.0, top_k=50, top_p=0.9, seed=1),
+             dict(temperature=0.7, min_p=0.05, seed=2, num_samples=3),
+             dict(temperature=torch.linspace(0, 1.5, B), top_k=torch.arange(B, dtype=torch.int64) * 3,
+                  top_p=0.8, seed=torch.arange(B) + 11, offset=2**33 + 1)]
+    for kw in cases:
+        a = steer_sample(zl, zc, zn, backend="torch", return_llm_max_prob=True, **kw)
+        b = steer_sample(zl, zc, zn, backend="cpu", return_llm_max_prob=True, **kw)
+        assert torch.equal(a[0], b[0]), kw
+        torch.testing.assert_close(a[1], b[1], atol=2e-5, rtol=0)
+        torch.testing.assert_close(a[2], b[2], atol=0, rtol=1e-5)
+
+
 def test_triton_splits_merge_in_launch():
     from costeer_kernels.ops import prepare
     from costeer_kernels.sampling import make_params
@@ -314,6 +342,9 @@ def test_vector_inputs_and_default_backend():
     tok, lp = steer_sample(zl[0], zc[0], zn[0])
     assert tok.dim() == 0 and lp.dim() == 0
     assert tok.item() == steer(zl, zc, zn).argmax(-1).item()
+    from costeer_kernels.sampling import _resolve
+
+    assert _resolve(None, zl.device) == ("cpu" if _cpp_sampler() else "triton" if DEVICE == "cuda" else "torch")
 
 
 def test_kernel_compiles_for_sm90_without_spills():
