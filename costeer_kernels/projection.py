@@ -100,7 +100,8 @@ def steer_from_hidden(
     backend: Optional[str] = None,
     out: Optional[torch.Tensor] = None,
     validate: bool = True,
-) -> torch.Tensor:
+    sample=None,
+):
     """CoSteer from the small model's final hidden states: ``steer(llm, W h_c, W h_n)`` without
     materializing either small-model logit row, reading W once.
 
@@ -117,9 +118,16 @@ def steer_from_hidden(
         vocab_size: padded widths, as in :func:`costeer_kernels.steer` (W's rows past it unused).
         backend: ``"triton"`` (fused, one launch; the default on CUDA) or any steer backend
             (one matmul for the delta, then that backend's steer op; the default on CPU).
+        sample: ``None`` (return the log-probs), or pick the next token instead, as
+            :func:`costeer_kernels.steer_sample` does, without writing the [B, V] log-probs:
+            ``True`` (greedy) or a dict of ``steer_sample``'s options (``temperature``, ``top_k``,
+            ``top_p``, ``min_p``, ``seed``, ``offset``, ``num_samples``, ``return_llm_max_prob``).
+            CPU, B = 1, closed form: one C++ sweep computes the delta, steers and samples; otherwise
+            one matmul for the delta, then ``steer_sample`` on it (vocabulary maps gathered first).
 
     Returns:
-        float32 log-probs of ``llm_logits``' shape (``out`` when given).
+        float32 log-probs of ``llm_logits``' shape (``out`` when given); with ``sample``, what
+        ``steer_sample`` returns (token ids, their steered log-probs[, the LLM's max prob]).
     """
     if unmapped not in ops.UNMAPPED:
         raise ValueError(f"unmapped must be one of {ops.UNMAPPED}, got {unmapped!r}")
@@ -161,6 +169,9 @@ def steer_from_hidden(
         idx = ops.map_index(vocab_map, N, V_w, zl.device, validate, exact=n is None)
 
     name = _resolve(backend, zl.device, idx is not None, mode)
+    if sample is not None and sample is not False:
+        return _sample_from_hidden(llm_logits, zl, hc, hn, W, cfg, sample, name, mode, out, validate,
+                                   idx, n, unmapped, rank)
     if (name != "triton" or mode != "closed_form") and idx is None and n is None:
         # The common case, without re-checking what is checked above: one GEMV/GEMM, one steer op.
         if name == "cpu" and mode == "closed_form" and B <= FUSED_CPU_MAX_ROWS and not torch.compiler.is_compiling():
@@ -218,6 +229,75 @@ def steer_from_hidden(
     if out is not None:
         return out
     return out2.squeeze(0) if rank == 1 else out2
+
+
+_SAMPLE_KEYS = ("temperature", "top_k", "top_p", "min_p", "seed", "offset", "num_samples", "return_llm_max_prob")
+
+
+def _sample_from_hidden(llm_logits, zl, hc, hn, W, cfg, sample, name, mode, out, validate, idx, n, unmapped, rank):
+    from . import sampling
+
+    if sample is True:
+        sample = {}
+    if not isinstance(sample, dict):
+        raise TypeError(f"sample must be None, True or a dict of steer_sample options, got {type(sample).__name__}")
+    unknown = sorted(set(sample) - set(_SAMPLE_KEYS))
+    if unknown:
+        raise ValueError(f"sample has unknown options {unknown}; expected some of {list(_SAMPLE_KEYS)}")
+    if mode != "closed_form":
+        raise ValueError("sample= needs mode='closed_form' (the iterative mode is a reference path)")
+    if out is not None:
+        raise ValueError("out= and sample= exclude each other: sampling writes no [B, V] log-probs")
+    opts = dict(sample)
+    want = bool(opts.pop("return_llm_max_prob", False))
+    num_samples = opts.pop("num_samples", None)
+    B, V = zl.shape
+    fused = None
+    if name == "cpu" and B <= FUSED_CPU_MAX_ROWS and idx is None and n is None and not torch.compiler.is_compiling():
+        fused = getattr(torch.ops.costeer_ext, "sample_hidden", None) if _has_cpp() else None
+    if fused is not None:
+        k = sampling.check_num_samples(num_samples)
+        params = sampling.make_params(B, zl.device, opts.get("temperature", 0.0), opts.get("top_k", 0),
+                                      opts.get("top_p", 1.0), opts.get("min_p", 0.0), opts.get("seed", 0),
+                                      opts.get("offset", 0), validate)
+        hp = cfg.packed(B if cfg.per_row else None, zl.device)
+        dh = hc.float() - hn.float()
+        Wk = W if W.stride(1) == 1 else W.contiguous()
+        tok, lp, maxp, status = fused(zl, dh, Wk, hp, params.temperature, params.top_k, params.top_p, params.min_p,
+                                      params.seed, params.offset, bool(params.row_keyed), want, k)
+        return sampling.finish(tok, lp, maxp if want else None, status, validate, num_samples, rank == 1, want, _raise)
+    # Unfused: the delta by one matmul, gathered through the map, then the sampling op.
+    delta = delta_from_hidden(hc, hn, W)
+    zl_s = zl
+    if idx is not None:
+        d = delta[:, idx.clamp(min=0).long()]
+        unmapped_ids = (idx < 0)[None, :]
+        d = torch.where(unmapped_ids, torch.zeros((), dtype=d.dtype, device=d.device), d)
+        if unmapped == "drop":
+            zl_s = zl[:, : idx.shape[0]].masked_fill(unmapped_ids, float("-inf"))
+        else:
+            zl_s = zl[:, : idx.shape[0]]
+    elif n is not None:
+        zl_s, d = zl[:, :n], delta[:, :n]
+    else:
+        d = delta
+    backend = name if name in sampling.available_samplers() else None
+    try:
+        res = sampling.steer_sample(zl_s, d, None, cfg, backend=backend, validate=validate, num_samples=num_samples,
+                                    return_llm_max_prob=want, **opts)
+    except ValueError as exc:
+        raise ValueError(_rename(str(exc))) from None
+    if rank == 1:
+        res = tuple(r[0] if r is not None else None for r in res)
+    return res
+
+
+def _has_cpp() -> bool:
+    try:
+        from ._extension import load_extension
+    except ImportError:
+        return False
+    return load_extension()
 
 
 # Rows up to which the CPU takes the fused kernel: each row streams W once, so from 2 rows on a

@@ -534,14 +534,23 @@ def steer_sample(
     zl, zc, zn, hp, _, squeeze, _ = prepare(llm_logits, slm_ctx_logits, slm_noctx_logits, cfg, None, "closed_form", None)
     B, V = zl.shape
     name = _resolve(backend, zl.device)
+    n = check_num_samples(num_samples)
+    params = make_params(B, zl.device, temperature, top_k, top_p, min_p, seed, offset, validate)
+    tok, lp, maxp, status = _run(name, zl, zc, zn, hp, params, bool(return_llm_max_prob), n)
+    return finish(tok, lp, maxp, status, validate, num_samples, squeeze, return_llm_max_prob, raise_for_status)
+
+
+def check_num_samples(num_samples) -> int:
     if num_samples is not None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be None or an int >= 1, got {num_samples!r}")
-    n = 1 if num_samples is None else num_samples
-    params = make_params(B, zl.device, temperature, top_k, top_p, min_p, seed, offset, validate)
-    tok, lp, maxp, status = _run(name, zl, zc, zn, hp, params, bool(return_llm_max_prob), n)
+    return 1 if num_samples is None else num_samples
+
+
+def finish(tok, lp, maxp, status, validate, num_samples, squeeze, return_llm_max_prob, raise_fn):
+    """The public return value of a sampler's outputs (shapes as documented in steer_sample)."""
     if validate and (status.device.type != "cpu" or bool(status.any())):
-        raise_for_status(status)
+        raise_fn(status)
     if num_samples is None:
         tok, lp = tok[:, 0], lp[:, 0]
     if squeeze:

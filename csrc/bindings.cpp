@@ -26,6 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& hparams, const at::Tensor& temperature, const at::Tensor& top_k,
     const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
     bool row_keyed, bool want_maxp, int64_t num_samples);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_hidden_cpu(
+    const at::Tensor& llm, const at::Tensor& hdiff, const at::Tensor& weight, const at::Tensor& hparams,
+    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+    const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset, bool row_keyed,
+    bool want_maxp, int64_t num_samples);
 
 #ifdef COSTEER_WITH_CUDA
 namespace {
@@ -126,6 +131,10 @@ TORCH_LIBRARY(costeer_ext, m) {
       "sample(Tensor llm, Tensor ctx, Tensor? noctx, Tensor hparams, Tensor temperature, Tensor top_k, "
       "Tensor top_p, Tensor min_p, Tensor seed, Tensor offset, bool row_keyed, bool want_maxp, "
       "int num_samples) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sample_hidden(Tensor llm, Tensor hdiff, Tensor weight, Tensor hparams, Tensor temperature, "
+      "Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, Tensor offset, bool row_keyed, "
+      "bool want_maxp, int num_samples) -> (Tensor, Tensor, Tensor, Tensor)");
   // Query/toggle the CPU kernel's AVX-512 path (tests cover the portable path with it off).
   m.def("cpu_avx512(int enable=-1) -> int", &costeer::cpu_avx512);
 }
@@ -134,6 +143,7 @@ TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) {
   m.impl("steer", &costeer::steer_cpu);
   m.impl("steer_hidden", &costeer::steer_hidden_cpu);
   m.impl("sample", &costeer::sample_cpu);
+  m.impl("sample_hidden", &costeer::sample_hidden_cpu);
 }
 
 #ifdef COSTEER_WITH_CUDA

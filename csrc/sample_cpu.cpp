@@ -229,17 +229,24 @@ static void sample_rows(const SampleArgs& a) {
 
 }  // namespace cpu
 
-// token int64 [B, n], logprob float32 [B, n], llm max prob float32 [B] (empty when not asked),
-// status int32 [B]. Parameters are [1] or [B] tensors (sampling.SampleParams).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
-    const at::Tensor& llm, const at::Tensor& ctx, const c10::optional<at::Tensor>& noctx,
-    const at::Tensor& hparams, const at::Tensor& temperature, const at::Tensor& top_k,
-    const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
-    bool row_keyed, bool want_maxp, int64_t num_samples) {
-  const char* op = "costeer_ext::sample";
-  TORCH_CHECK(llm.dim() == 2 && ctx.sizes() == llm.sizes(), op, ": expected [B, V] inputs of one shape");
-  const bool has_noctx = noctx.has_value() && noctx->defined();
-  TORCH_CHECK(!has_noctx || noctx->sizes() == llm.sizes(), op, ": noctx must match llm's shape");
+namespace {
+
+struct SampleInputs {
+  const at::Tensor* llm;
+  const at::Tensor* ctx;    // small-model logits, or nullptr with a projection
+  const at::Tensor* noctx;  // nullptr: none
+  const at::Tensor* hdiff;  // projection: h_c - h_n, float32 [B, H]
+  const at::Tensor* weight; // projection: W [>= V, H]
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_impl(
+    const SampleInputs& in, const at::Tensor& hparams, const at::Tensor& temperature,
+    const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
+    const at::Tensor& offset, bool row_keyed, bool want_maxp, int64_t num_samples, const char* op) {
+  const at::Tensor& llm = *in.llm;
+  TORCH_CHECK(llm.dim() == 2, op, ": expected [B, V] llm logits");
+  TORCH_CHECK(in.ctx == nullptr || in.ctx->sizes() == llm.sizes(), op, ": ctx must match llm's shape");
+  TORCH_CHECK(in.noctx == nullptr || in.noctx->sizes() == llm.sizes(), op, ": noctx must match llm's shape");
   TORCH_CHECK(num_samples >= 1, op, ": num_samples must be >= 1");
   const int64_t B = llm.size(0), V = llm.size(1);
   auto hp = hparams.to(at::kDouble).contiguous();
@@ -260,14 +267,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   auto maxp = at::empty({want_maxp ? B : 0}, llm.options().dtype(at::kFloat));
   auto status = at::empty({B}, llm.options().dtype(at::kInt));
   if (B == 0) return {token, logprob, maxp, status};
-  for (const at::Tensor* t : {&llm, &ctx, has_noctx ? &*noctx : &llm}) {
-    TORCH_CHECK(V <= 1 || t->stride(1) == 1, op, ": tensors need unit stride along V");
+  for (const at::Tensor* t : {in.llm, in.ctx, in.noctx}) {
+    TORCH_CHECK(t == nullptr || V <= 1 || t->stride(1) == 1, op, ": tensors need unit stride along V");
   }
+  cpu::Projection proj;
   cpu::SampleArgs a;
   a.steer.zl = cpu::operand(llm, op);
-  a.steer.zc = cpu::operand(ctx, op);
-  a.steer.has_noctx = has_noctx;
-  a.steer.zn = has_noctx ? cpu::operand(*noctx, op) : a.steer.zc;
+  if (in.weight != nullptr) {
+    const at::Tensor& w = *in.weight;
+    const at::Tensor& h = *in.hdiff;
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == B && h.scalar_type() == at::kFloat, op, ": hdiff must be float32 [B, H]");
+    TORCH_CHECK(w.dim() == 2 && w.size(0) >= V && w.size(1) == h.size(1), op, ": weight must be [>= V, H]");
+    TORCH_CHECK(h.size(1) <= 1 || (w.stride(1) == 1 && h.stride(1) == 1), op, ": weight and hdiff need unit stride along H");
+    proj.w = cpu::operand(w, op);
+    proj.w.row_stride = w.stride(0);
+    proj.h = h.data_ptr<float>();
+    proj.h_stride = h.stride(0);
+    proj.H = h.size(1);
+    a.steer.proj = &proj;
+  } else {
+    a.steer.zc = cpu::operand(*in.ctx, op);
+    a.steer.has_noctx = in.noctx != nullptr;
+    a.steer.zn = in.noctx != nullptr ? cpu::operand(*in.noctx, op) : a.steer.zc;
+  }
   a.steer.hp = hp.data_ptr<double>();
   a.steer.hp_stride = hp.size(0) == 1 ? 0 : 5;
   a.steer.status = status.data_ptr<int32_t>();
@@ -287,6 +309,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   a.maxp = want_maxp ? maxp.data_ptr<float>() : nullptr;
   cpu::sample_rows(a);
   return {token, logprob, maxp, status};
+}
+
+}  // namespace
+
+// token int64 [B, n], logprob float32 [B, n], llm max prob float32 [B] (empty when not asked),
+// status int32 [B]. Parameters are [1] or [B] tensors (sampling.SampleParams).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
+    const at::Tensor& llm, const at::Tensor& ctx, const c10::optional<at::Tensor>& noctx,
+    const at::Tensor& hparams, const at::Tensor& temperature, const at::Tensor& top_k,
+    const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset,
+    bool row_keyed, bool want_maxp, int64_t num_samples) {
+  const bool has_noctx = noctx.has_value() && noctx->defined();
+  const SampleInputs in{&llm, &ctx, has_noctx ? &*noctx : nullptr, nullptr, nullptr};
+  return sample_impl(in, hparams, temperature, top_k, top_p, min_p, seed, offset, row_keyed, want_maxp,
+                     num_samples, "costeer_ext::sample");
+}
+
+// The same from the small model's hidden states: z_c = W hdiff per chunk, no z_n.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_hidden_cpu(
+    const at::Tensor& llm, const at::Tensor& hdiff, const at::Tensor& weight, const at::Tensor& hparams,
+    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+    const at::Tensor& min_p, const at::Tensor& seed, const at::Tensor& offset, bool row_keyed,
+    bool want_maxp, int64_t num_samples) {
+  const SampleInputs in{&llm, nullptr, nullptr, &hdiff, &weight};
+  return sample_impl(in, hparams, temperature, top_k, top_p, min_p, seed, offset, row_keyed, want_maxp,
+                     num_samples, "costeer_ext::sample_hidden");
 }
 
 }  // namespace costeer

@@ -243,3 +243,56 @@ def test_compile_fullgraph():
     a_ref, b_ref = step(zl, hc, hn)
     assert torch.allclose(a, a_ref, atol=1e-6) and torch.allclose(b, b_ref, atol=1e-6, equal_nan=True)
     assert torch.isneginf(b[:, 0]).all() and torch.isneginf(b[:, 90:]).all()
+
+
+# Log-prob tolerance against the fp32-materialized logits: the unfused path (B > 1) rounds the
+# delta to W's dtype (as steer_from_hidden without sample= does).
+LP_ATOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sample_option_matches_steer_sample(B, dtype):
+    """steer_from_hidden(sample=...) picks what steer_sample picks on the materialized logits
+    (CPU, B = 1: the fused C++ sweep; otherwise matmul + steer_sample)."""
+    from costeer_kernels import steer_sample
+
+    zl, hc, hn, W = _inputs(B, 3001, 129, dtype, seed=40 + B)
+    zc, zn = (hc.float() @ W.float().T), (hn.float() @ W.float().T)
+    for opts in ({}, {"temperature": 0.9, "seed": 4, "offset": 2}, {"temperature": 1.2, "top_k": 20, "top_p": 0.8, "seed": 1},
+                 {"temperature": 0.7, "min_p": 0.1, "num_samples": 5, "return_llm_max_prob": True}):
+        got = steer_from_hidden(zl, hc, hn, W, sample=opts or True)
+        want = steer_sample(zl, zc, zn, backend="torch", **opts)
+        agree = (got[0] == want[0]).float().mean().item()
+        assert agree >= (1.0 if dtype == torch.float32 else 0.6), (opts, agree)
+        if not opts:  # greedy: exactly the argmax of the op's own log-probs
+            assert torch.equal(got[0], steer_from_hidden(zl, hc, hn, W).argmax(-1))
+        same = got[0] == want[0]
+        torch.testing.assert_close(got[1][same], want[1][same], atol=LP_ATOL[dtype], rtol=0)
+        if len(want) == 3:
+            torch.testing.assert_close(got[2], want[2], atol=0, rtol=1e-5)
+    tok, lp = steer_from_hidden(zl[0], hc[0], hn[0], W, sample=True)
+    assert tok.dim() == 0 and tok.item() == steer_from_hidden(zl[0], hc[0], hn[0], W).argmax().item()
+
+
+def test_sample_option_vocab_map_size_and_errors():
+    zl, hc, hn, W = _inputs(2, 300, 33, torch.float32, seed=50)
+    zl_pad = torch.cat([zl, torch.randn(2, 8)], 1)
+    tok, _ = steer_from_hidden(zl_pad, hc, hn, W, vocab_size=300, sample={"temperature": 5.0, "num_samples": 400, "seed": 3})
+    assert tok.max().item() < 300
+    idx = torch.arange(300).flip(0)
+    idx[::7] = -1
+    for unmapped in ("keep", "drop"):
+        tok, _ = steer_from_hidden(zl, hc, hn, W, vocab_map=idx, unmapped=unmapped, sample=True)
+        ref = steer_from_hidden(zl, hc, hn, W, vocab_map=idx, unmapped=unmapped)
+        assert torch.equal(tok, ref.argmax(-1))
+    with pytest.raises(ValueError, match="unknown options"):
+        steer_from_hidden(zl, hc, hn, W, sample={"temp": 1.0})
+    with pytest.raises(TypeError, match="sample must be"):
+        steer_from_hidden(zl, hc, hn, W, sample="greedy")
+    with pytest.raises(ValueError, match="out= and sample="):
+        steer_from_hidden(zl, hc, hn, W, sample=True, out=torch.empty(2, 300))
+    bad = hc.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="W \\(h_c - h_n\\)"):
+        steer_from_hidden(zl[1:], bad[1:], hn[1:], W, sample=True)
