@@ -49,6 +49,11 @@ def _build_generate_parser(sub):
     g.add_argument("--beta", type=float, default=CLI_DEFAULTS["beta"])
     g.add_argument("--lam", type=float, default=CLI_DEFAULTS["lam"])
     g.add_argument("--eta", type=float, default=CLI_DEFAULTS["eta"])
+    g.add_argument("--gate", action="store_true",
+                   help="confidence gating (AdaCoSteer): stop the small model once the LLM is confident")
+    g.add_argument("--gate-threshold", type=float, default=0.9, help="LLM max probability that counts as confident")
+    g.add_argument("--gate-patience", type=int, default=3, help="confident tokens in a row before the small model stops")
+    g.add_argument("--gate-reenable", action="store_true", help="a non-confident token switches steering back on")
     g.add_argument("--format", dest="response_format", choices=("full", "topk"), default="full",
                    help="costeer serve answers: full vocabulary or top-k")
     g.add_argument("--dtype", dest="transport_dtype", choices=("float16", "bfloat16", "float32"), default="float16",
@@ -110,13 +115,18 @@ def _generate(args) -> int:
     say = (lambda m: None) if args.quiet else _progress
     try:
         cfg = SteerConfig(T=args.T, alpha=args.alpha, beta=args.beta, lam=args.lam, eta=args.eta)
+        gate = None
+        if args.gate or args.gate_reenable:
+            from .gating import ConfidenceGate
+
+            gate = ConfidenceGate(threshold=args.gate_threshold, patience=args.gate_patience, reenable=args.gate_reenable)
         t0 = time.perf_counter()
         where = args.llm_url or f"{args.llm} (in process)"
         say(f"loading small model {args.slm}, LLM {where} ...")
         gen = Generator(llm=args.llm if args.llm_url is None or args.llm != "smollm2" else None, slm=args.slm,
                         llm_url=args.llm_url, remote_model=args.remote_model, cfg=cfg, device=args.device,
                         response_format=args.response_format, transport_dtype=args.transport_dtype, topk=args.topk,
-                        topk_policy=args.topk_policy, timeout=args.timeout)
+                        topk_policy=args.topk_policy, timeout=args.timeout, gate=gate)
         say(f"ready in {time.perf_counter() - t0:.1f} s; steering c_T = {cfg.coefficient:.3f} (T={cfg.T}); "
             f"context: {len(context)} characters, never sent to the LLM")
     except (ModelNotFoundError, ValueError, TypeError, StreamError) as exc:
@@ -157,6 +167,9 @@ def _generate(args) -> int:
             parts.insert(0, f"LLM wait {t['llm_ms']:.1f}")
             if args.llm_url:
                 parts.insert(1, f"transport {t['transport_ms']:.1f}")
+        if mode == "costeer" and gate is not None:
+            say(f"confidence gate ({gate.threshold}, patience {gate.patience}): {res.steered_tokens} of "
+                f"{len(res.token_ids) + (res.finish_reason == 'eos')} tokens steered")
         say(f"{MODE_TITLES[mode]}: {len(res.token_ids)} tokens in {res.elapsed_s:.2f} s "
             f"({res.tokens_per_s:.1f} tokens/s; prefill {t['prefill_ms']:.0f} ms; per step ms: {', '.join(parts)}; "
             f"finish: {res.finish_reason})")

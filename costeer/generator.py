@@ -27,6 +27,7 @@ import torch
 import costeer_kernels
 from costeer_kernels import SteerConfig
 
+from .gating import ConfidenceGate
 from .models import DEFAULT_MODEL, LoadedModel, load_model, load_tokenizer, same_vocabulary
 from .slm import LocalOutput, LocalRunner
 from .streams import InProcessLLMStream, LLMStream, OpenAICompletionsStream, WebSocketLLMStream
@@ -86,6 +87,7 @@ class Result:
     elapsed_s: float = 0.0
     prefill_s: float = 0.0
     timings: List[StepTiming] = field(default_factory=list)  # shared by the requests of a batch
+    steered_tokens: int = 0  # tokens chosen from the steered distribution (the rest: gated off)
 
     @property
     def tokens_per_s(self) -> float:
@@ -199,10 +201,13 @@ class Generator:
         context_template: how the private context enters the with-context pass's user message.
         cobatch: put the LLM rows into the small model's batch when both are the same in-process
             model (one forward per step for all three passes).
-        gate: optional hook ``gate(request_index, step, llm_logprobs_row) -> bool`` called each step
-            for every request whose steering is still active; returning False switches steering off
-            for that request for the rest of the generation (AdaCoSteer-style confidence gating).
-            Once no request of a batch steers, the small-model passes stop.
+        gate: confidence gating (the paper's AdaCoSteer). A :class:`costeer.gating.ConfidenceGate`
+            (threshold, patience, reenable): fed each step with every row's LLM max probability;
+            rows it switches off take the plain LLM distribution. Or a hook
+            ``gate(request_index, step, llm_logprobs_row) -> bool`` called each step for every
+            request whose steering is still active; returning False switches steering off for that
+            request for the rest of the generation. Once no request of a batch steers (and the gate
+            cannot re-enable), the small-model passes stop.
     """
 
     def __init__(self, llm: Union[str, LoadedModel, None] = DEFAULT_MODEL, slm: Union[str, LoadedModel] = DEFAULT_MODEL, *,
@@ -215,8 +220,8 @@ class Generator:
             raise TypeError(f"cfg must be a SteerConfig or None, got {type(cfg).__name__}")
         if not isinstance(context_template, str) or "{context}" not in context_template or "{prompt}" not in context_template:
             raise ValueError("context_template must be a string containing {context} and {prompt}")
-        if gate is not None and not callable(gate):
-            raise TypeError("gate must be callable or None")
+        if gate is not None and not callable(gate) and not isinstance(gate, ConfidenceGate):
+            raise TypeError(f"gate must be a ConfidenceGate, a callable or None, got {type(gate).__name__}")
         self.cfg = cfg if cfg is not None else SteerConfig()
         self.context_template = context_template
         self.system_prompt = system_prompt
@@ -370,6 +375,8 @@ class Generator:
             gens.append(g)
         done = [False] * B
         active = [mode == "costeer"] * B  # "steering active" per request (the gating hook's flag)
+        if isinstance(self.gate, ConfidenceGate):
+            self.gate.reset(batch=B)
         t_start = time.perf_counter()
         stream: Optional[LLMStream] = None
         local: Optional[LocalRunner] = None
@@ -426,7 +433,13 @@ class Generator:
                     lp_llm = None
                     if self.gate is not None or not all(active):
                         lp_llm = torch.log_softmax(zl.float(), -1)
-                    if self.gate is not None:
+                    if isinstance(self.gate, ConfidenceGate):
+                        # max softmax(z_L) per row; rows already finished keep their state.
+                        needs = self.gate.update(lp_llm.amax(-1).exp(), active=torch.tensor([not d for d in done]))
+                        for i, on in enumerate(needs.tolist()):
+                            if not done[i]:
+                                active[i] = on
+                    elif self.gate is not None:
                         for i in range(B):
                             if active[i] and not done[i] and not self.gate(i, step, lp_llm[i]):
                                 active[i] = False
@@ -448,6 +461,8 @@ class Generator:
                         continue
                     tid = tokens[i]
                     res = results[i]
+                    if mode == "costeer" and active[i]:
+                        res.steered_tokens += 1
                     if tid in eos:
                         res.finish_reason = "eos"
                         done[i] = True
@@ -477,7 +492,8 @@ class Generator:
                 if stream is not None:
                     stream.send(fed)
                 tl = time.perf_counter()
-                if local is not None and (mode != "costeer" or any(active) or cobatched):
+                reenable = isinstance(self.gate, ConfidenceGate) and self.gate.reenable
+                if local is not None and (mode != "costeer" or any(active) or cobatched or reenable):
                     local_out = local.step(fed)
                 elif local is not None:
                     local, local_out = None, None  # no request steers any more: stop the local passes

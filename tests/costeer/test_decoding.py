@@ -99,3 +99,29 @@ def test_gate_hook_switches_steering_off(gen, smol):
     llm = gen.generate(prompt, context=context, max_new_tokens=8, mode="llm")
     assert res.token_ids == llm.token_ids
     assert calls == [0]  # asked once, then steering is off for good
+
+
+def test_confidence_gate_in_the_loop(gen, smol):
+    """ConfidenceGate wired into Generator: never confident = CoSteer, always confident = the LLM
+    alone (the small model off from the first token), and the paper's rule (0.9 for 3 tokens)
+    steers a prefix identical to CoSteer's, then stops the small-model passes."""
+    from costeer.gating import ConfidenceGate
+
+    prompt, context = CASES[2]
+    full = gen.generate(prompt, context=context, max_new_tokens=N)
+    llm = gen.generate(prompt, context=context, max_new_tokens=N, mode="llm")
+    for cobatch in (True, False):
+        never = Generator(llm=smol, slm=smol, cfg=gen.cfg, cobatch=cobatch, gate=ConfidenceGate(threshold=1.0))
+        res = never.generate(prompt, context=context, max_new_tokens=N)
+        assert res.token_ids == full.token_ids and res.steered_tokens == len(res.token_ids) + (res.finish_reason == "eos")
+        always = Generator(llm=smol, slm=smol, cfg=gen.cfg, cobatch=cobatch, gate=ConfidenceGate(threshold=0.0, patience=1))
+        res = always.generate(prompt, context=context, max_new_tokens=N)
+        assert res.token_ids == llm.token_ids and res.steered_tokens == 0
+    paper = Generator(llm=smol, slm=smol, cfg=gen.cfg, cobatch=False, gate=ConfidenceGate(0.9, 3))
+    res = paper.generate(prompt, context=context, max_new_tokens=N)
+    k = res.steered_tokens
+    assert res.token_ids[:k] == full.token_ids[:k]
+    again = paper.generate(prompt, context=context, max_new_tokens=N)  # the gate resets per generation
+    assert again.token_ids == res.token_ids and again.steered_tokens == k
+    with pytest.raises(TypeError, match="gate must be"):
+        Generator(llm=smol, slm=smol, gate=3)
