@@ -1,26 +1,41 @@
-"""End-to-end decoding speed: LLM alone, the plain reference loop, CoSteer in process and through
-`costeer serve` on loopback. Same models, same prompts, same run.
+"""End-to-end decoding benchmark: LLM alone, the plain reference loop, CoSteer in process and through
+`costeer serve` on loopback (and speculative steering when ``costeer.speculative`` exists). Same
+models, same prompts, same run.
 
-    python bench/bench_e2e.py [--max-new-tokens 32] [--repeats 2] [--threads N] [--no-server]
+    python bench/bench_e2e.py                      # SmolLM2-135M-Instruct in both roles
+    python bench/bench_e2e.py --model tiny --max-new-tokens 8 --repeats 1   # seconds: CI's harness check
 
 tokens/s = generated tokens / wall time of the whole generation (prefill included), best of
---repeats; "ms/step" is the mean decode step (prefill excluded). The server runs in a subprocess on
-127.0.0.1 (started and stopped here) and competes for the same CPU cores as the client.
+--repeats interleaved rounds; the per-step breakdown (mean ms of a decode step: LLM wait, LLM
+compute, transport, local small-model passes, steering, token choice) comes from the generator's
+own timers. Peak memory: the client process's resident set sampled every 2 ms while a
+configuration runs (peak, and the rise over the RSS before it), and the server's own peak (VmHWM).
+The server runs in a subprocess on 127.0.0.1 and competes for the same CPU cores as the client.
+
+Writes JSON, a Markdown table and PNG plots (tokens/s; per-step breakdown) under
+bench/results/<machine>/ (or --out), and prints the table.
 """
+from __future__ import annotations
+
 import argparse
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.harness import Report, git_rev, machine_info  # noqa: E402
 from costeer import Generator  # noqa: E402
 from costeer.cli import CLI_DEFAULTS  # noqa: E402
-from costeer.models import load_model  # noqa: E402
+from costeer.models import load_model, load_tokenizer  # noqa: E402
 from costeer.reference_loop import reference_generate  # noqa: E402
 from costeer_kernels import SteerConfig  # noqa: E402
 
@@ -28,13 +43,63 @@ CASES = [
     ("Suggest a weekend activity for me.", "I live in Zurich. I love hiking in the mountains and photography."),
     ("What should I cook for dinner tonight?", "I am vegan and allergic to peanuts. I like spicy Thai food."),
 ]
+STEP_KEYS = ("llm_ms", "llm_compute_ms", "transport_ms", "local_ms", "steer_ms", "sample_ms", "total_ms")
+COLUMNS = ["configuration", "tokens/s", "tokens", "seconds", "ms/step", "vs reference loop", "llm_ms",
+           "transport_ms", "local_ms", "steer_ms", "sample_ms", "peak_rss_MB", "rss_rise_MB", "server_peak_MB"]
 
 
-def start_server(threads):
-    cmd = [sys.executable, "-m", "costeer", "serve", "--host", "127.0.0.1", "--port", "0"]
+def tiny_model_dir(out: Path) -> str:
+    """A 2-layer random Llama with SmolLM2's tokenizer (49152 tokens): the loop's real code paths in
+    seconds, for testing the harness (its text is noise)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer("smollm2")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _rss_mb(pid="self", key="VmRSS") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+class PeakRSS:
+    """Peak resident set of this process while the block runs (sampled every 2 ms)."""
+
+    def __enter__(self):
+        self.start = _rss_mb()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def start_server(model: str, threads):
+    cmd = [sys.executable, "-m", "costeer", "serve", "--host", "127.0.0.1", "--port", "0", "--model", model]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -47,31 +112,70 @@ def start_server(threads):
     raise RuntimeError("costeer serve did not start")
 
 
-def measure(fn, repeats, label=""):
-    print(f"  measuring {label} ...", file=sys.stderr, flush=True)
-    best = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        n, step_ms = fn()
-        dt = time.perf_counter() - t0
-        if best is None or n / dt > best[0]:
-            best = (n / dt, n, dt, step_ms)
-    return best
+def plots(report: Report, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.rows
+    labels = [r["configuration"] for r in rows]
+    short = [lab.split(" (")[0] + ("\n(" + lab.split(" (", 1)[1] if " (" in lab else "") for lab in labels]
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.55 * len(rows)))
+    ax.barh(range(len(rows)), [r["tokens/s"] for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), short, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s (prefill included)")
+    ax.set_title(f"end to end, {report.machine.get('gpu') or report.machine['cpu']}"[:80], fontsize=9)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "e2e_tokens_per_s.png", dpi=110)
+    plt.close(fig)
+
+    parts = ("llm_ms", "transport_ms", "local_ms", "steer_ms", "sample_ms")
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.55 * len(rows)))
+    left = [0.0] * len(rows)
+    for p in parts:
+        vals = [r.get(p) if isinstance(r.get(p), float) else 0.0 for r in rows]
+        ax.barh(range(len(rows)), vals, left=left, label=p.replace("_ms", ""))
+        left = [a + b for a, b in zip(left, vals)]
+    ax.set_yticks(range(len(rows)), short, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per decode step")
+    ax.set_title("per-step breakdown (mean of the decode steps)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "e2e_step_breakdown.png", dpi=110)
+    plt.close(fig)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="model in both roles; 'tiny' = a 2-layer random model (CI)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-server", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--speculative", type=int, default=4, help="draft length k of the speculative row (0: skip)")
+    ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
+    ap.add_argument("--name", default="e2e", help="file stem of the report")
+    args = ap.parse_args(argv)
+    if args.max_new_tokens < 1 or args.repeats < 1:
+        ap.error("--max-new-tokens and --repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     N = args.max_new_tokens
     cfg = SteerConfig(**CLI_DEFAULTS)
-    smol = load_model("smollm2")
-    rows = []
+    tmp = None
+    model_spec = args.model
+    if args.model == "tiny":
+        tmp = tempfile.TemporaryDirectory(prefix="costeer-tiny-")
+        model_spec = tiny_model_dir(Path(tmp.name))
+    model = load_model(model_spec, device=args.device)
+    model_name = "2-layer random Llama (harness test)" if args.model == "tiny" else model.name
 
     def gen_fn(gen, mode="costeer"):
         def run():
@@ -79,63 +183,105 @@ def main():
             for p, c in CASES:
                 r = gen.generate(p, context=c, max_new_tokens=N, mode=mode)
                 n += len(r.token_ids)
-                steps.append(r.timing_summary()["total_ms"])
-            return n, sum(steps) / len(steps)
+                steps.append(r.timing_summary())
+            mean = {k: sum(s[k] for s in steps) / len(steps) for k in STEP_KEYS}
+            return n, mean
         return run
 
     def ref_fn():
         n = 0
         for p, c in CASES:
-            n += len(reference_generate(smol, smol, p, c, cfg=cfg, max_new_tokens=N))
-        return n, float("nan")
+            n += len(reference_generate(model, model, p, c, cfg=cfg, max_new_tokens=N))
+        return n, None
 
-    inproc = Generator(llm=smol, slm=smol, cfg=cfg)
-    separate = Generator(llm=smol, slm=smol, cfg=cfg, cobatch=False)
-    configs = [
-        ("LLM only (in process)", gen_fn(inproc, "llm")),
-        ("reference loop (3 passes, eager T-step update)", ref_fn),
+    inproc = Generator(llm=model, slm=model, cfg=cfg)
+    separate = Generator(llm=model, slm=model, cfg=cfg, cobatch=False)
+    configs = [("LLM only (in process)", gen_fn(inproc, "llm"))]
+    if not args.no_reference:
+        configs.append(("reference loop (3 passes, eager T-step update)", ref_fn))
+    configs += [
         ("CoSteer in process (co-batched, 1 forward/step)", gen_fn(inproc)),
         ("CoSteer in process (separate LLM forward)", gen_fn(separate)),
     ]
+    spec_fn = _speculative_config(model, cfg, N, args.speculative)
+    if spec_fn is not None:
+        configs.append((f"speculative CoSteer in process (k={args.speculative})", spec_fn))
     proc = None
     remotes = []
+    server_peak = float("nan")
     try:
         if not args.no_server:
-            proc, url = start_server(args.threads)
+            proc, url = start_server(model_spec, args.threads)
             for label, kw in (("full fp16", {}), ("top-20", {"response_format": "topk", "topk": 20})):
-                remote = Generator(llm=None, slm=smol, llm_url=url, cfg=cfg, **kw)
+                remote = Generator(llm=None, slm=model, llm_url=url, cfg=cfg, **kw)
                 remotes.append(remote)
                 configs.append((f"CoSteer via costeer serve, loopback ({label})", gen_fn(remote)))
-        gen_fn(inproc)()  # warm-up
-        for r in remotes:
-            gen_fn(r)()
-        # Interleaved rounds (the machine is shared): best of --repeats per configuration.
+        for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm)
+            if not label.startswith("reference"):
+                fn()
         best = {}
         for rnd in range(args.repeats):
             print(f"  round {rnd + 1}/{args.repeats}", file=sys.stderr, flush=True)
             for label, fn in configs:
-                t0 = time.perf_counter()
-                n, step_ms = fn()
-                dt = time.perf_counter() - t0
-                if label not in best or n / dt > best[label][0]:
-                    best[label] = (n / dt, n, dt, step_ms)
-        rows = [(label,) + best[label] for label, _ in configs]
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    n, steps = fn()
+                    dt = time.perf_counter() - t0
+                prev = best.get(label)
+                peak, rise = mem.peak, mem.peak - mem.start
+                if prev is not None:
+                    peak, rise = max(peak, prev["peak_rss_MB"]), max(rise, prev["rss_rise_MB"])
+                if prev is None or n / dt > prev["tokens/s"]:
+                    best[label] = {"configuration": label, "tokens/s": n / dt, "tokens": n, "seconds": dt}
+                    best[label].update({k: (steps[k] if steps else "") for k in STEP_KEYS})
+                best[label]["peak_rss_MB"], best[label]["rss_rise_MB"] = peak, rise
+        if proc is not None:
+            server_peak = _rss_mb(proc.pid, "VmHWM")
     finally:
         for r in remotes:
             r.close()
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=20)
-    ref = rows[1][1]
-    print(f"\nmachine: {os.cpu_count()} CPU cores, torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"model: SmolLM2-135M-Instruct (both roles); cfg {CLI_DEFAULTS}; {len(CASES)} prompts x {N} new tokens, "
-          f"best of {args.repeats} interleaved rounds\n")
-    print("| configuration | tokens/s | tokens | seconds | ms/step (decode) | vs reference loop |")
-    print("|---|---|---|---|---|---|")
-    for label, tps, n, dt, step in rows:
-        st = "-" if step != step else f"{step:.1f}"
-        print(f"| {label} | {tps:.1f} | {n} | {dt:.2f} | {st} | {tps / ref:.2f}x |")
+        if tmp is not None:
+            tmp.cleanup()
+    rows = [best[label] for label, _ in configs]
+    ref_row = next((r for r in rows if r["configuration"].startswith("reference")), None)
+    for r in rows:
+        r["ms/step"] = r.pop("total_ms", "")
+        r["vs reference loop"] = r["tokens/s"] / ref_row["tokens/s"] if ref_row else ""
+        r["server_peak_MB"] = server_peak if "costeer serve" in r["configuration"] else ""
+    info = machine_info("cuda" if str(args.device).startswith("cuda") else "cpu")
+    cmd = "python bench/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = Report(f"end to end ({model_name} in both roles, cfg {CLI_DEFAULTS}, {len(CASES)} prompts x {N} "
+                    f"new tokens, best of {args.repeats} interleaved rounds, git {git_rev()})", info, cmd.strip(), rows)
+    out_dir = report.write(args.name, COLUMNS, args.out, plots)
+    print(report.markdown(COLUMNS))
+    print(f"wrote {out_dir}")
+    return 0
+
+
+def _speculative_config(model, cfg, N, k):
+    """The speculative row, when costeer.speculative provides ``speculative_generate``."""
+    if k <= 0:
+        return None
+    try:
+        from costeer import speculative
+    except ImportError:
+        return None
+    fn = getattr(speculative, "speculative_generate", None)
+    if fn is None:
+        return None
+
+    def run():
+        n = 0
+        for p, c in CASES:
+            r = fn(model, model, p, c, cfg=cfg, k=k, max_new_tokens=N)
+            n += len(getattr(r, "token_ids", r))
+        return n, None
+
+    return run
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

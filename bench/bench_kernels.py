@@ -24,11 +24,16 @@ import costeer_kernels as ck
 from bench.harness import Report, Timing, copy_timing, git_rev, machine_info, time_cuda_graph, time_fn
 
 PRESETS = {
-    "op": dict(batches=[1, 8, 64], vocabs=[151936], dtypes=["fp32", "bf16"], ref_max_batch=64, compile_ref=True),
+    "op": dict(batches=[1, 8, 64], vocabs=[151936], dtypes=["fp32", "bf16"], ref_max_batch=64, compile_ref=True,
+               sample_max_batch=64, proj=[(1, 49152, 576), (8, 49152, 576)]),
     "full": dict(batches=[1, 4, 16, 64, 256], vocabs=[32000, 49152, 128256, 151936], dtypes=["fp32", "fp16", "bf16"],
-                 ref_max_batch=4, compile_ref=False),
-    "tiny": dict(batches=[1, 4], vocabs=[4099], dtypes=["fp32", "bf16"], ref_max_batch=4, compile_ref=False),
+                 ref_max_batch=4, compile_ref=False, sample_max_batch=16,
+                 proj=[(1, 49152, 576), (16, 49152, 576), (1, 151936, 1536)]),
+    "tiny": dict(batches=[1, 4], vocabs=[4099], dtypes=["fp32", "bf16"], ref_max_batch=4, compile_ref=False,
+                 sample_max_batch=4, proj=[(1, 4099, 64)]),
 }
+# On a GPU the projection is measured at the issue's shape (a 1.5B small model's head).
+CUDA_PROJ = [(1, 151936, 1536), (16, 151936, 1536)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -37,7 +42,7 @@ def _backends(device: str):
     return [b for b in names if ck.dispatch._supports(b, torch.device(device))]
 
 
-def bench_case(B, V, dtype_name, device, *, runs, ref, compile_ref, cold, graphs):
+def bench_case(B, V, dtype_name, device, *, runs, ref, compile_ref, cold, graphs, sample=False):
     dtype = DTYPES[dtype_name]
     g = torch.Generator(device="cpu").manual_seed(0)
     zl, zc, zn = (torch.randn(B, V, generator=g).mul_(3).to(device=device, dtype=dtype) for _ in range(3))
@@ -49,7 +54,7 @@ def bench_case(B, V, dtype_name, device, *, runs, ref, compile_ref, cold, graphs
 
     def row(name, t: Timing, extra=None):
         gbs = nbytes / (t.median_us * 1e-6) / 1e9
-        r = {"backend": name, "B": B, "V": V, "dtype": dtype_name, "cache": "cold" if cold else "warm",
+        r = {"op": "steer", "backend": name, "B": B, "V": V, "dtype": dtype_name, "cache": "cold" if cold else "warm",
              "median_us": t.median_us, "p90_us": t.p90_us, "runs": t.runs, "GB/s": gbs,
              "copy %": 100.0 * gbs / copy_gbs, "copy_GB/s": copy_gbs}
         r.update(extra or {})
@@ -76,8 +81,74 @@ def bench_case(B, V, dtype_name, device, *, runs, ref, compile_ref, cold, graphs
             extra["graph_us"] = time_cuda_graph(fn).median_us
         label = "torch closed form" if name == "torch" else name
         row(label, t, extra)
+    if sample:
+        rows.extend(_sampling_rows(zl, zc, zn, out, device, runs, cold, copy_gbs, row_base=rows[0] if rows else None))
     for r in rows:
         r["speedup_vs_ref"] = (ref_t.median_us / r["median_us"]) if ref_t else ""
+    return rows
+
+
+def _samplers(device: str):
+    from costeer_kernels.sampling import _resolve, available_samplers
+
+    names = [s for s in available_samplers() if (s == "torch" or s == device or (s == "triton" and device == "cuda"))]
+    return names, _resolve(None, torch.device(device))
+
+
+def _sampling_rows(zl, zc, zn, out, device, runs, cold, copy_gbs, row_base):
+    """steer_sample (reads the three rows, writes none) against steer + argmax, same inputs."""
+    B, V = zl.shape
+    nbytes = B * V * 3 * zl.element_size()
+    names, default = _samplers(device)
+    cases = [("steer + argmax", None, lambda: ck.steer(zl, zc, zn, out=out, validate=False).argmax(-1))]
+    for name in names:
+        cases.append(("steer_sample greedy", name, lambda name=name: ck.steer_sample(zl, zc, zn, backend=name, validate=False)))
+    cases.append(("steer_sample t=0.8 top_p=0.9", default,
+                  lambda: ck.steer_sample(zl, zc, zn, backend=default, temperature=0.8, top_p=0.9, seed=1, validate=False)))
+    rows = []
+    for op, name, fn in cases:
+        t = time_fn(fn, device, runs=runs, cold=cold)
+        gbs = nbytes / (t.median_us * 1e-6) / 1e9
+        rows.append({"op": op, "backend": name or ck.dispatch.resolve_backend(None, zl.device), "B": B, "V": V,
+                     "dtype": row_base["dtype"] if row_base else "", "cache": "cold" if cold else "warm",
+                     "median_us": t.median_us, "p90_us": t.p90_us, "runs": t.runs, "GB/s": gbs,
+                     "copy %": 100.0 * gbs / copy_gbs, "copy_GB/s": copy_gbs})
+    base = rows[0]["median_us"]
+    for r in rows:
+        r["vs steer+argmax"] = base / r["median_us"]
+    return rows
+
+
+def bench_projection(B, V, H, dtype_name, device, *, runs):
+    """steer_from_hidden against the GEMV/GEMM over the same W (its floor) and the unfused paths."""
+    from costeer_kernels import steer_from_hidden
+
+    dtype = DTYPES[dtype_name]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    W = (torch.randn(V, H, generator=g) * H**-0.5).to(device=device, dtype=dtype)
+    hc, hn = (torch.randn(B, H, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    h2 = torch.cat([hc, hn], 0)
+    zl = torch.randn(B, V, generator=g).mul_(3).to(device)
+    out = torch.empty(B, V, device=device)
+    nbytes = W.numel() * W.element_size() + B * V * 8
+    cases = [
+        ("GEMV/GEMM W h (floor)", lambda: torch.matmul(W, hc[0]) if B == 1 else torch.matmul(hc, W.t())),
+        ("steer_from_hidden", lambda: steer_from_hidden(zl, hc, hn, W, out=out, validate=False)),
+        ("steer_from_hidden sample=greedy", lambda: steer_from_hidden(zl, hc, hn, W, sample=True, validate=False)),
+        ("batched matmul + steer", lambda: ck.steer(zl, *torch.matmul(h2, W.t()).split(B), out=out, validate=False)),
+        ("2 matmuls + steer", lambda: ck.steer(zl, torch.matmul(hc, W.t()), torch.matmul(hn, W.t()), out=out,
+                                               validate=False)),
+    ]
+    rows = []
+    for op, fn in cases:
+        t = time_fn(fn, device, runs=runs)
+        gbs = nbytes / (t.median_us * 1e-6) / 1e9
+        rows.append({"op": f"{op} (H={H})", "backend": ck.dispatch.resolve_backend(None, zl.device), "B": B, "V": V,
+                     "dtype": dtype_name, "cache": "warm", "median_us": t.median_us, "p90_us": t.p90_us,
+                     "runs": t.runs, "GB/s": gbs})
+    floor = rows[0]["median_us"]
+    for r in rows:
+        r["vs GEMV"] = r["median_us"] / floor
     return rows
 
 
@@ -87,7 +158,7 @@ def plots(report: Report, out_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report.rows if r["cache"] == "warm"]
+    rows = [r for r in report.rows if r["cache"] == "warm" and r["op"] in ("steer", "steer_sample greedy")]
     if not rows:
         return
     V = max(r["V"] for r in rows)
@@ -112,7 +183,21 @@ def plots(report: Report, out_dir: Path) -> None:
         plt.close(fig)
 
 
-COLUMNS = ["backend", "B", "V", "dtype", "cache", "median_us", "p90_us", "GB/s", "copy %", "speedup_vs_ref"]
+COLUMNS = ["op", "backend", "B", "V", "dtype", "cache", "median_us", "p90_us", "GB/s", "copy %", "speedup_vs_ref",
+           "vs steer+argmax", "vs GEMV"]
+
+
+def _print_row(r) -> None:
+    extra = ""
+    if r.get("speedup_vs_ref", "") != "":
+        extra += f"  x{r['speedup_vs_ref']:.1f} vs ref"
+    if "vs steer+argmax" in r:
+        extra += f"  {r['vs steer+argmax']:.2f}x vs steer+argmax"
+    if "vs GEMV" in r:
+        extra += f"  {r['vs GEMV']:.2f} of the GEMV's time"
+    copy = f"  {r['copy %']:6.1f}% copy" if "copy %" in r else ""
+    print(f"{r['op'][:34]:34s} {str(r['backend']):8s} B={r['B']:<4d} V={r['V']:<7d} {r['dtype']:5s} {r['cache']:4s} "
+          f"{r['median_us']:12.1f} us  {r['GB/s']:7.2f} GB/s{copy}{extra}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -125,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cold", action="store_true", help="also measure with the caches flushed before each call")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--no-sampling", action="store_true", help="skip the steer_sample rows")
+    ap.add_argument("--no-projection", action="store_true", help="skip the steer_from_hidden rows")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
     ap.add_argument("--name", default=None, help="file stem of the report (default kernels_<preset>)")
     args = ap.parse_args(argv)
@@ -140,14 +227,20 @@ def main(argv=None) -> int:
             for B in batches:
                 for cold in ([False, True] if args.cold else [False]):
                     ref = not args.no_reference and B <= p["ref_max_batch"]
+                    sample = not args.no_sampling and B <= p["sample_max_batch"] and not cold
                     rows = bench_case(B, V, dtype, args.device, runs=args.runs, ref=ref,
-                                      compile_ref=p["compile_ref"] and ref, cold=cold, graphs=True)
+                                      compile_ref=p["compile_ref"] and ref, cold=cold, graphs=True, sample=sample)
                     report.rows.extend(rows)
                     for r in rows:
-                        print(f"{r['backend']:28s} B={B:<4d} V={V:<7d} {dtype:5s} {r['cache']:4s} "
-                              f"{r['median_us']:12.1f} us  {r['GB/s']:7.2f} GB/s  {r['copy %']:6.1f}% copy"
-                              + (f"  x{r['speedup_vs_ref']:.1f} vs ref" if r["speedup_vs_ref"] != "" else ""),
-                              flush=True)
+                        _print_row(r)
+    if not args.no_projection:
+        shapes = CUDA_PROJ if args.device == "cuda" and args.preset != "tiny" else p["proj"]
+        for B, V, H in shapes:
+            for dtype in (["bf16"] if args.device == "cuda" else ["fp32"]):
+                rows = bench_projection(B, V, H, dtype, args.device, runs=max(5, args.runs // 2))
+                report.rows.extend(rows)
+                for r in rows:
+                    _print_row(r)
     cols = COLUMNS + (["graph_us"] if args.device == "cuda" else [])
     out_dir = report.write(args.name or f"kernels_{args.preset}", cols, args.out, plots)
     print(f"\nwrote {out_dir}")
