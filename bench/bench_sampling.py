@@ -60,15 +60,22 @@ def main():
     tok, _ = steer_sample(zl, zc, zn, backend="torch")
     assert torch.equal(ref, tok), "greedy steer_sample disagrees with steer + argmax"
 
+    from costeer_kernels.sampling import _resolve
+
+    dflt = _resolve(None, zl.device)  # the C++ sampler when the extension is built
+    tok2, _ = steer_sample(zl, zc, zn)
+    assert torch.equal(ref, tok2), f"greedy steer_sample ({dflt}) disagrees with steer + argmax"
     cases = [
         ("steer + torch.argmax (baseline)", lambda: steer(zl, zc, zn).argmax(-1)),
         ("steer(validate=False) + argmax", lambda: steer(zl, zc, zn, validate=False).argmax(-1)),
-        ("steer(backend='torch') + argmax", lambda: steer(zl, zc, zn, backend="torch").argmax(-1)),
-        ("steer_sample greedy", lambda: steer_sample(zl, zc, zn, backend="torch")),
-        ("steer_sample greedy, validate=False", lambda: steer_sample(zl, zc, zn, backend="torch", validate=False)),
-        ("steer_sample greedy + llm max prob", lambda: steer_sample(zl, zc, zn, backend="torch", return_llm_max_prob=True)),
-        ("steer_sample temperature=0.8", lambda: steer_sample(zl, zc, zn, backend="torch", temperature=0.8, seed=1)),
-        ("steer_sample t=0.8 top_k=50 top_p=0.9", lambda: steer_sample(zl, zc, zn, backend="torch", temperature=0.8, top_k=50, top_p=0.9, seed=1)),
+        (f"steer_sample greedy ({dflt})", lambda: steer_sample(zl, zc, zn)),
+        (f"steer_sample greedy ({dflt}), validate=False", lambda: steer_sample(zl, zc, zn, validate=False)),
+        (f"steer_sample greedy + llm max prob ({dflt})", lambda: steer_sample(zl, zc, zn, return_llm_max_prob=True)),
+        ("steer_sample greedy (torch)", lambda: steer_sample(zl, zc, zn, backend="torch")),
+        (f"steer_sample temperature=0.8 ({dflt})", lambda: steer_sample(zl, zc, zn, temperature=0.8, seed=1)),
+        (f"steer_sample t=0.8 top_k=50 top_p=0.9 ({dflt})", lambda: steer_sample(zl, zc, zn, temperature=0.8, top_k=50, top_p=0.9, seed=1)),
+        ("steer_sample temperature=0.8 (torch)", lambda: steer_sample(zl, zc, zn, backend="torch", temperature=0.8, seed=1)),
+        ("steer_sample t=0.8 top_k=50 top_p=0.9 (torch)", lambda: steer_sample(zl, zc, zn, backend="torch", temperature=0.8, top_k=50, top_p=0.9, seed=1)),
     ]
     if args.greedy_only:
         cases = cases[:6]
