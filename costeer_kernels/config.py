@@ -135,6 +135,22 @@ def hparams_valid(hp: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(hp).all(dim=1) & (T >= 0) & (T == torch.floor(T)) & (lam > 0) & (eta > 0)
 
 
+FLT_MIN = 1.17549435e-38
+
+
+def coefficient_f32(c64):
+    """c_T as the float32 factor of x = z_L + c_T d, for a float64 tensor or a Python float. A
+    nonzero c_T that rounds to 0 stays nonzero (+-FLT_MIN) so that it still steers +-inf deltas
+    (bans, a lone no-context -inf) as every kernel does (csrc/steer_math.h, triton/steer.py); a
+    finite delta then adds ~1e-38 * delta, i.e. nothing. NaN (invalid rows) stays NaN."""
+    if isinstance(c64, torch.Tensor):
+        c = c64.to(torch.float32)
+        tiny = torch.where(c64 > 0, FLT_MIN, -FLT_MIN).to(torch.float32)
+        return torch.where((c == 0) & (c64 != 0), tiny, c)
+    c = float(torch.tensor(c64, dtype=torch.float32)) if c64 == c64 else c64
+    return (FLT_MIN if c64 > 0 else -FLT_MIN) if c == 0.0 and c64 != 0.0 else c
+
+
 def coefficient_rows(hp: torch.Tensor) -> torch.Tensor:
     """c_T per row of packed hparams, float64, vectorized over rows (NaN for invalid rows).
 

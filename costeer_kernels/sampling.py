@@ -61,7 +61,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
-from .config import coefficient_rows, steer_coefficient
+from .config import coefficient_f32, coefficient_rows, steer_coefficient
 from .status import EMPTY_ROW, raise_for_status
 
 __all__ = ["steer_sample", "register_sampler", "available_samplers", "SampleParams"]
@@ -303,7 +303,7 @@ def _scalar_coefficient(hp: torch.Tensor):
     if c is False:
         T, alpha, beta, lam, eta = vals
         ok = all(math.isfinite(v) for v in vals) and T >= 0 and T == math.floor(T) and lam > 0 and eta > 0
-        c = steer_coefficient(int(T), alpha, beta, lam, eta) if ok else None
+        c = coefficient_f32(steer_coefficient(int(T), alpha, beta, lam, eta)) if ok else None
         if len(_COEF_CACHE) > 256:
             _COEF_CACHE.clear()
         _COEF_CACHE[vals] = c
@@ -341,7 +341,7 @@ def _steered_rows(zl, zc, zn, hp, exact: bool = False):
             if c == 0.0:
                 x.copy_(zlf)
             return x, probe
-    c = torch.nan_to_num(coefficient_rows(hp_rows), nan=0.0).to(torch.float32)[:, None]
+    c = torch.nan_to_num(coefficient_f32(coefficient_rows(hp_rows)), nan=0.0)[:, None]
     d = zc.float() if zn is None else _masked_delta(zc.float(), zn.float())
     x = zlf + _scaled(c, d)
     return x, row_status(zl, zc, zn, x, hp_rows)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from . import status as st
-from .config import coefficient_rows, hparams_valid, steer_coefficient
+from .config import coefficient_f32, coefficient_rows, hparams_valid, steer_coefficient
 from .reference import _masked_delta, _scaled
 
 _NEG_INF = float("-inf")
@@ -49,9 +49,9 @@ def steer_torch(zl, zc, zn, hp, out, mode: str) -> torch.Tensor:
     if hp.shape[0] == 1 and hp.device.type == "cpu":
         # Shared settings on the host: the scalar recurrence, no per-call tensor loop.
         c_val = _scalar_coefficient(tuple(hp[0].tolist()))
-        c = torch.full((B, 1), c_val, dtype=torch.float32)
+        c = torch.full((B, 1), coefficient_f32(c_val), dtype=torch.float32)
     else:
-        c = coefficient_rows(hp_rows).to(torch.float32)[:, None]
+        c = coefficient_f32(coefficient_rows(hp_rows))[:, None]
         c = torch.nan_to_num(c, nan=0.0)
     x = zlf + _scaled(c, d)
     status = row_status(zl, zc, zn, x, hp_rows)
@@ -119,9 +119,9 @@ def steer_torch_mapped(zl, zc, zn, hp, slm_index, drop: bool, out, mode: str) ->
         zlf = torch.where(valid, zlf, torch.full((), _NEG_INF, dtype=zlf.dtype, device=zlf.device))
     d = zc_g.float() if zn_g is None else _masked_delta(zc_g.float(), zn_g.float())
     if hp.shape[0] == 1 and hp.device.type == "cpu":
-        c = torch.full((B, 1), _scalar_coefficient(tuple(hp[0].tolist())), dtype=torch.float32)
+        c = torch.full((B, 1), coefficient_f32(_scalar_coefficient(tuple(hp[0].tolist()))), dtype=torch.float32)
     else:
-        c = torch.nan_to_num(coefficient_rows(hp_rows).to(torch.float32)[:, None], nan=0.0)
+        c = torch.nan_to_num(coefficient_f32(coefficient_rows(hp_rows))[:, None], nan=0.0)
     x = zlf + _scaled(c, d)
     status = row_status(zl, zc_g, zn_g, x, hp_rows)
     if mode == "iterative":

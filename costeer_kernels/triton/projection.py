@@ -37,6 +37,7 @@ from .steer import (
     _merge_partials,
     _normalize,
     _online_update,
+    _coef32,
     _row_coefficient,
 )
 
@@ -113,7 +114,7 @@ def steer_projection_kernel(
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     c64, hp_ok = _rows_coefficient(hp_ptr, rows, rmask, hp_stride)
-    c = c64.to(tl.float32)
+    c = _coef32(c64)
 
     ntiles = tl.cdiv(V, BLOCK_V)
     per = tl.cdiv(ntiles, nsplit)

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .steer import INTERPRET, MAX_SPLIT, _finish_row, _lock_buffer, _merge_partials, _online_update, _row_coefficient, _steered_block
+from .steer import INTERPRET, _coef32, MAX_SPLIT, _finish_row, _lock_buffer, _merge_partials, _online_update, _row_coefficient, _steered_block
 
 NPIV = 16  # pivots per search pass
 
@@ -140,7 +140,7 @@ def steer_sample_kernel(
     nsplit = tl.num_programs(1)
     row64 = row.to(tl.int64)
     c64, hp_ok = _row_coefficient(hp_ptr + row * hp_stride)
-    c = c64.to(tl.float32)
+    c = _coef32(c64)
 
     # Sampling parameters; out-of-range values (validate=False) are clamped to "off".
     tau = tl.load(tau_ptr + row * tau_stride).to(tl.float32)

@@ -57,6 +57,16 @@ def _row_coefficient(hp_ptr):
 
 
 @triton.jit
+def _coef32(c64):
+    """c_T in float32 for x = z_L + c_T d. A nonzero c_T that rounds to 0 still steers +-inf
+    deltas (bans, a lone no-context -inf): keep it nonzero, as csrc/steer_math.h does; a finite
+    delta then adds ~1e-38 * delta, i.e. nothing."""
+    c = c64.to(tl.float32)
+    tiny = tl.where(c64 > 0.0, 1.17549435e-38, -1.17549435e-38).to(tl.float32)
+    return tl.where((c == 0.0) & (c64 != 0.0), tiny, c)
+
+
+@triton.jit
 def _steered_block(llm_ptr, ctx_ptr, noctx_ptr, offs, mask, c, HAS_NOCTX: tl.constexpr):
     """x = z_L + c (z_c - z_n) for one block, in fp32, plus the block's input status bits."""
     zl = tl.load(llm_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
@@ -197,7 +207,7 @@ def steer_closed_form_kernel(
     nsplit = tl.num_programs(1)
     row64 = row.to(tl.int64)
     c64, hp_ok = _row_coefficient(hp_ptr + row * hp_stride)
-    c = c64.to(tl.float32)
+    c = _coef32(c64)
 
     chunk = tl.cdiv(tl.cdiv(V, nsplit), BLOCK) * BLOCK
     start = sid * chunk
@@ -281,15 +291,16 @@ def steer_iterative_kernel(
     out_row = out_ptr + row64 * out_stride
     u_row = u_ptr + row64 * V
     hp_row = hp_ptr + row * hp_stride
-    _, hp_ok = _row_coefficient(hp_row)
+    c64, hp_ok = _row_coefficient(hp_row)
     n = tl.where(hp_ok, tl.load(hp_row), 0.0).to(tl.int32)
     alpha = tl.load(hp_row + 1).to(tl.float32)
     beta = tl.load(hp_row + 2).to(tl.float32)
     lam = tl.where(hp_ok, tl.load(hp_row + 3), 1.0).to(tl.float32)
     inv_eta = (1.0 / tl.where(hp_ok, tl.load(hp_row + 4), 1.0)).to(tl.float32)
 
-    # Sweep 0: statistics of x_1 (for the status bits, same as the closed form) and of z_L.
-    c1 = beta / (lam + inv_eta)
+    # Sweep 0: statistics of the closed form's x (the status bits, identical to the closed form
+    # and the C++ kernel's) and of z_L.
+    c1 = _coef32(c64)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     mb = tl.full((), float("-inf"), tl.float32)

@@ -111,3 +111,23 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ts, "INTERPRET", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         steer(*[t.cpu() for t in _good()], backend="triton")
+
+
+@pytest.mark.parametrize("mode", ["closed_form", "iterative"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_coefficient_still_steers_infinite_deltas(backend, mode):
+    """c_T = 1.1e-168 is 0 in float32, but not 0: a lone no-context -inf still makes the steered
+    logit +inf, so every backend (and the sampler) names the row (found by the fuzzer)."""
+    from costeer_kernels import steer_sample
+
+    cfg = SteerConfig(T=1, alpha=0.0, beta=2.26e-168, lam=1.0, eta=1.0)
+    zl, zc = torch.zeros(2, 3, device=DEVICE), torch.zeros(2, 3, device=DEVICE)
+    zn = zc.clone()
+    zn[1, 1] = float("-inf")
+    with pytest.raises(ValueError, match="row 1"):
+        steer(zl, zc, zn, cfg, backend=backend, mode=mode)
+    out = steer(zl[:1], zc[:1], zn[:1], cfg, backend=backend, mode=mode)  # finite deltas: no effect
+    torch.testing.assert_close(out, torch.log_softmax(zl[:1], -1))
+    if mode == "closed_form":
+        with pytest.raises(ValueError, match="row 1"):
+            steer_sample(zl, zc, zn, cfg)
