@@ -237,7 +237,7 @@ class LLMServer:
             raise P.ProtocolError("open: 'rows' must be a non-empty list of prompt lengths")
         fmt = header.get("format", "full")
         dtype = header.get("dtype", "float16")
-        k = header.get("k", 20)
+        k = header.get("k", min(20, self.max_k))
         replay = header.get("replay", 0)
         if fmt not in P.FORMATS:
             raise P.ProtocolError(f"open: format must be one of {P.FORMATS}")

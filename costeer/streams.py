@@ -298,7 +298,11 @@ class WebSocketLLMStream(LLMStream):
             ) from None
         self._ws = ws
         try:
-            hello = self._request({"op": "hello"})[0]
+            try:
+                self._send_frame({"op": "hello"})
+            except _ConnectionLost:
+                pass  # a server at its connection limit answers "busy" and closes: read that answer
+            hello = self._recv_frame()[0]
         except StreamError:
             self._drop()
             raise
