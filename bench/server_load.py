@@ -141,6 +141,9 @@ def main():
                     done[0] += 1
                     if done[0] in (100, args.sessions // 2, args.sessions):
                         marks[done[0]] = rss_kb(proc.pid) / 1024
+                    if done[0] % 100 == 0:
+                        print(f"{done[0]} sessions, {time.time() - t0:.0f} s, server RSS "
+                              f"{rss_kb(proc.pid) / 1024:.0f} MB", file=sys.stderr, flush=True)
             st.close()
 
         t0 = time.time()
@@ -157,16 +160,20 @@ def main():
                       rss_mb_after={str(k): round(v, 1) for k, v in sorted(marks.items())},
                       peak_rss_mb=round(rss_kb(proc.pid, "VmHWM") / 1024, 1),
                       rss_end_mb=round(rss_kb(proc.pid) / 1024, 1))
+        report["rss_after_load_mb"] = round(report["rss_after_load_mb"], 1)
+        report["rss_holding_mb"] = round(report.get("rss_holding_mb", 0), 1)
+        print(json.dumps(report, indent=1), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
     finally:
         stop.set()
         proc.terminate()
-        proc.wait(30)
-    report["rss_after_load_mb"] = round(report["rss_after_load_mb"], 1)
-    report["rss_holding_mb"] = round(report.get("rss_holding_mb", 0), 1)
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
 
 
 if __name__ == "__main__":

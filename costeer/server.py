@@ -154,7 +154,7 @@ class LLMServer:
         n = 0
         for gid, (sessions, sid) in list(self.registry.items()):
             sess = sessions.get(sid)
-            if sess is None:
+            if sess is None or sess.get("id") != gid:
                 self.registry.pop(gid, None)
                 continue
             if not sess["busy"] and now - sess["last"] > self.idle_timeout:

@@ -182,3 +182,18 @@ def test_generating_process_killed_then_resumed(tiny_dir, tmp_path, keep_threads
     lines = journal.read_text().splitlines()
     assert json.loads(lines[-1]) == {"done": "length"} and len(lines) == 1 + 120 + 1
     capsys.readouterr()
+
+
+def test_generator_prefix_resumes_exactly(tiny):
+    gen = Generator(llm=tiny, slm=tiny, cfg=SteerConfig(**CLI_DEFAULTS))
+    for kw in ({}, {"temperature": 0.9, "top_p": 0.9, "seed": 7}):
+        ref = gen.generate(PROMPT, context=CONTEXT, max_new_tokens=16, **kw)
+        for k in (1, 9):
+            res = gen.generate(PROMPT, context=CONTEXT, max_new_tokens=16, prefix=[ref.token_ids[:k]], **kw)
+            assert res.token_ids == ref.token_ids and res.text == ref.text, (kw, k)
+    with pytest.raises(ValueError, match="prefix must be a list of 1"):
+        gen.generate(PROMPT, prefix=[[1], [2]])
+    with pytest.raises(ValueError, match="outside"):
+        gen.generate(PROMPT, prefix=[[tiny.vocab_size]])
+    with pytest.raises(ValueError, match="end-of-sequence"):
+        gen.generate(PROMPT, prefix=[[tiny.eos_token_ids[0]]])
