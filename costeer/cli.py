@@ -64,6 +64,15 @@ def _build_generate_parser(sub):
     g.add_argument("--device", default="cpu")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a remote LLM")
+    g.add_argument("--token", default=None, help="token of a `costeer serve` that requires one (default: $COSTEER_TOKEN)")
+    g.add_argument("--reconnect-timeout", type=float, default=30.0,
+                   help="seconds to keep reconnecting (bounded backoff) when the connection to `costeer serve` "
+                        "breaks mid-generation; the generation then resumes where it was")
+    g.add_argument("--output", default=None, metavar="FILE",
+                   help="append the generated text to FILE as it is produced; FILE.journal beside it records "
+                        "each token id, so that --resume can continue after any interruption")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the generation recorded in --output FILE (same prompt, context and settings)")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -82,6 +91,124 @@ def _side_by_side(columns: List[tuple], width: Optional[int] = None) -> str:
     for r in range(rows):
         out.append(" | ".join((w[r] if r < len(w) else "").ljust(colw) for w in wrapped).rstrip())
     return "\n".join(out)
+
+
+class _CliError(Exception):
+    pass
+
+
+class _Output:
+    """``--output FILE``: the text, appended as produced, and ``FILE.journal`` (JSON lines).
+
+    Journal: a header ``{"costeer_output": 1, "key": ..., "seed": ...}``, then one
+    ``{"t": token_id, "b": bytes of FILE after this token's text}`` per generated token (written
+    after the text, both flushed), and ``{"done": finish_reason}`` at the end. ``--resume`` keeps
+    the tokens of whole journal lines, cuts FILE back to the last recorded byte count, re-runs those
+    tokens as the generation's prefix (``Generator.stream(prefix=...)``) without writing their text
+    again, and appends what follows: the result equals an uninterrupted run.
+    """
+
+    def __init__(self, path: str, key: str, resume: bool, seed):
+        import json
+
+        self.path, self.jpath = path, path + ".journal"
+        self.prefix: List[int] = []
+        self.done = None
+        self.seed = seed
+        self.skip = 0  # characters of re-produced text already in FILE
+        self.existing = ""
+        if not resume:
+            for p in (self.path, self.jpath):
+                if os.path.exists(p):
+                    raise _CliError(f"--output: {p} exists; continue it with --resume or remove it first")
+            self.text = open(self.path, "wb")
+            self.journal = open(self.jpath, "w", encoding="utf-8")
+            self._line({"costeer_output": 1, "key": key, "seed": seed})
+            return
+        if not os.path.isfile(self.jpath):
+            raise _CliError(f"--resume: no journal {self.jpath} (start with --output {path} without --resume)")
+        good, size_b = 0, 0
+        with open(self.jpath, "rb") as f:
+            raw = f.read()
+        header = None
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # a torn last line: the process died while writing it
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break
+            if header is None:
+                header = rec
+                if not isinstance(rec, dict) or rec.get("costeer_output") != 1:
+                    raise _CliError(f"--resume: {self.jpath} is not a costeer journal")
+                if rec.get("key") != key:
+                    raise _CliError(f"--resume: {self.jpath} was written for another prompt, context, model or "
+                                    f"settings; give the same ones as the first run")
+                self.seed = rec.get("seed")
+            elif "t" in rec:
+                self.prefix.append(int(rec["t"]))
+                size_b = int(rec["b"])
+            elif "done" in rec:
+                self.done = rec["done"]
+            good += len(line)
+        if header is None:
+            raise _CliError(f"--resume: {self.jpath} has no header line")
+        if not os.path.isfile(self.path) or os.path.getsize(self.path) < size_b:
+            raise _CliError(f"--resume: {self.path} is shorter than its journal records ({size_b} bytes)")
+        with open(self.path, "r+b") as f:  # text written after the last journaled token is produced again
+            f.truncate(size_b)
+            self.existing = f.read().decode("utf-8", errors="replace")
+        self.skip = len(self.existing)
+        with open(self.jpath, "r+b") as f:
+            f.truncate(good)
+        self.text = open(self.path, "ab")
+        self.journal = open(self.jpath, "a", encoding="utf-8")
+
+    def _line(self, rec):
+        import json
+
+        self.journal.write(json.dumps(rec) + "\n")
+        self.journal.flush()
+
+    def write_text(self, s: str) -> str:
+        """Append ``s`` minus what a resumed run re-produces; returns the part that is new."""
+        if self.skip:
+            n = min(self.skip, len(s))
+            self.skip -= n
+            s = s[n:]
+        if s:
+            self.text.write(s.encode("utf-8"))
+            self.text.flush()
+        return s
+
+    def token(self, index: int, tok: int):
+        if index >= len(self.prefix):
+            self._line({"t": int(tok), "b": self.text.tell()})
+
+    def finish(self, reason):
+        if self.text.closed:
+            return
+        if reason and reason != "error":
+            self._line({"done": reason})
+        for f in (self.text, self.journal):
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                pass
+            f.close()
+
+
+def _output_key(args, context: str) -> str:
+    import hashlib
+    import json
+
+    fields = {k: getattr(args, k) for k in ("prompt", "llm", "slm", "T", "alpha", "beta", "lam", "eta", "temperature",
+                                             "top_p", "seed", "stop", "response_format", "transport_dtype", "topk",
+                                             "topk_policy")}
+    fields["context"] = context
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _generate(args) -> int:
@@ -112,6 +239,33 @@ def _generate(args) -> int:
     if args.max_new_tokens < 1:
         _err("--max-new-tokens must be >= 1")
         return 2
+    if args.reconnect_timeout < 0:
+        _err("--reconnect-timeout must be >= 0 seconds")
+        return 2
+    if args.resume and not args.output:
+        _err("--resume needs --output FILE (the file of the run to continue)")
+        return 2
+    if args.output and args.compare:
+        _err("--output records one generation: drop --compare")
+        return 2
+    out = None
+    if args.output:
+        seed = args.seed
+        if seed is None and args.temperature > 0:  # recorded so that --resume samples the same way
+            import secrets
+
+            seed = secrets.randbelow(2**31)
+        try:
+            out = _Output(args.output, _output_key(args, context), args.resume, seed)
+        except (_CliError, OSError) as exc:
+            _err(str(exc))
+            return 2
+        if out.done:
+            sys.stdout.write(out.existing + "\n")
+            _progress(f"{args.output} is already complete (finish: {out.done}); nothing to resume")
+            out.finish(None)
+            return 0
+        args.seed = out.seed
     say = (lambda m: None) if args.quiet else _progress
     try:
         cfg = SteerConfig(T=args.T, alpha=args.alpha, beta=args.beta, lam=args.lam, eta=args.eta)
@@ -126,12 +280,19 @@ def _generate(args) -> int:
         gen = Generator(llm=args.llm if args.llm_url is None or args.llm != "smollm2" else None, slm=args.slm,
                         llm_url=args.llm_url, remote_model=args.remote_model, cfg=cfg, device=args.device,
                         response_format=args.response_format, transport_dtype=args.transport_dtype, topk=args.topk,
-                        topk_policy=args.topk_policy, timeout=args.timeout, gate=gate)
+                        topk_policy=args.topk_policy, timeout=args.timeout, gate=gate, token=args.token,
+                        reconnect_timeout=args.reconnect_timeout)
         say(f"ready in {time.perf_counter() - t0:.1f} s; steering c_T = {cfg.coefficient:.3f} (T={cfg.T}); "
             f"context: {len(context)} characters, never sent to the LLM")
     except (ModelNotFoundError, ValueError, TypeError, StreamError) as exc:
         _err(str(exc))
+        if out is not None:
+            out.finish(None)
         return 2
+    if out is not None and out.existing:
+        sys.stdout.write(out.existing)
+        sys.stdout.flush()
+        say(f"resuming {args.output}: {len(out.prefix)} tokens already generated")
     modes = ["llm", "slm", "costeer"] if args.compare else ["costeer"]
     texts = {}
     status = 0
@@ -139,14 +300,22 @@ def _generate(args) -> int:
         if args.compare:
             print(f"\n=== {MODE_TITLES[mode]} ===", flush=True)
 
-        def on_text(_i, s):
-            sys.stdout.write(s)
-            sys.stdout.flush()
-
+        res = None
+        n_tokens = 0
         try:
-            res = gen.generate(args.prompt, context=context, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                               stop=args.stop or (), mode=mode, on_text=on_text)
+            for chunk in gen.stream(args.prompt, context=context, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                    stop=args.stop or (), mode=mode, prefix=[out.prefix] if out else None):
+                text = out.write_text(chunk.text) if out is not None else chunk.text
+                if text:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                if chunk.token is not None:
+                    if out is not None:
+                        out.token(n_tokens, chunk.token)
+                    n_tokens += 1
+                if chunk.done:
+                    res = chunk.result
         except GenerationError as exc:
             res = exc.results[0]
             sys.stdout.write("\n")
@@ -155,7 +324,16 @@ def _generate(args) -> int:
         except (ValueError, TypeError, StreamError) as exc:
             sys.stdout.write("\n")
             _err(str(exc))
+            if out is not None:
+                out.finish(None)
             return 2
+        finally:
+            if out is not None and res is None:
+                out.finish(None)  # interrupted (KeyboardInterrupt): what was written stays
+        if out is not None:
+            out.finish(res.finish_reason)
+            if res.finish_reason == "error":
+                _progress(f"the text so far is in {args.output}; continue it with --resume")
         sys.stdout.write("\n")
         sys.stdout.flush()
         texts[mode] = res.text

@@ -13,8 +13,9 @@ the byte count.
 Client -> server
     {"op": "hello"}                                             -> hello
     {"op": "open", "sid": S, "rows": [L0, L1, ...],             payload int32[sum(L)] prompt ids
-     "format": "full" | "topk", "dtype": "float16" | "bfloat16" | "float32", "k": K}
-                                                                -> logits (step 0)
+     "format": "full" | "topk", "dtype": "float16" | "bfloat16" | "float32", "k": K,
+     "replay": N (optional, resume)}                            then int32[N, B] tokens already fed
+                                                                -> logits (step N)
     {"op": "step", "sid": S}                                    payload int32[B] chosen tokens
                                                                 -> logits (next step)
     {"op": "close", "sid": S}                                   -> closed
@@ -23,11 +24,16 @@ Server -> client
     {"op": "hello", "protocol": 1, "model": name, "vocab_size": V, "max_len": W,
      "eos_token_ids": [...], "limits": {...}}
     {"op": "logits", "sid": S, "step": t, "rows": B, "vocab_size": V, "format": F, "dtype": D,
-     "k": K, "compute_ms": x}
+     "k": K, "compute_ms": x, "session": random id (answer to open only)}
         format "full": payload D[B, V] raw logits (bfloat16 as its raw 16 bits)
         format "topk": payload int32[B, K] token ids, then float32[B, K] log-probs (descending)
     {"op": "closed", "sid": S}
-    {"op": "error", "sid": S or null, "message": "..."}
+    {"op": "error", "sid": S or null, "code": "bad_request" | "busy" | "expired" | "internal",
+     "message": "..."}
+
+``sid`` is the client's handle for a session inside its own connection (sessions never cross
+connections). ``replay`` resumes after a lost connection or a server restart: the server prefills
+the prompts and re-runs the N steps, so the answer equals the one the lost request would have had.
 """
 from __future__ import annotations
 

@@ -57,3 +57,21 @@ def server(tmp_path_factory, smol):  # smol: skips when the embedded model is no
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer (tests/costeer/tiny.py), saved once."""
+    from tests.costeer.tiny import make_tiny_model
+
+    try:
+        return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"tiny model unavailable (needs the embedded tokenizer): {exc}")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from costeer.models import load_model
+
+    return load_model(tiny_dir)

@@ -1,0 +1,180 @@
+"""`costeer serve` under load: sessions held at once, the "busy" limit, and N sessions in a row with
+C concurrent clients; the server's resident memory is sampled all along (peak = VmHWM).
+
+    python bench/server_load.py [--model smollm2] [--sessions 1000] [--concurrency 32] [--steps 4]
+
+Every session decodes greedily from one of 8 prompts; its tokens must equal the solo run of that
+prompt (computed first, one session at a time), so "mismatches" counts sessions that were not
+isolated. The server runs in a subprocess on 127.0.0.1 and shares the CPU cores with the clients.
+Prints one JSON object (also written to --json if given).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from costeer import StreamError, WebSocketLLMStream  # noqa: E402
+from costeer import protocol as P  # noqa: E402
+from costeer.generator import chat_ids  # noqa: E402
+from costeer.models import load_tokenizer  # noqa: E402
+
+TOPICS = ["cats", "rivers", "tax law", "jazz", "volcanoes", "chess", "bread", "Mars"]
+
+
+def rss_kb(pid, field="VmRSS"):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def greedy(stream, prompt, steps):
+    stream.open([prompt])
+    out = stream.recv()
+    toks = []
+    for _ in range(steps):
+        t = int(out.logits[0].argmax())
+        toks.append(t)
+        stream.send([t])
+        out = stream.recv()
+    toks.append(int(out.logits[0].argmax()))
+    stream.finish()
+    return toks
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--sessions", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--max-total-sessions", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="server torch threads")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    cmd = [sys.executable, "-m", "costeer", "serve", "--model", args.model, "--host", "127.0.0.1", "--port", "0",
+           "--max-total-sessions", str(args.max_total_sessions), "--max-sessions", "8"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    url = None
+    while url is None:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            sys.exit("costeer serve did not start")
+        if "listening on ws://" in line:
+            url = line.split("listening on ")[1].split()[0]
+    samples, stop = [], threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            samples.append((time.time(), rss_kb(proc.pid)))
+            time.sleep(0.1)
+
+    threading.Thread(target=sampler, daemon=True).start()
+    report = {"model": args.model, "url": url, "rss_after_load_mb": rss_kb(proc.pid) / 1024}
+    try:
+        tok = load_tokenizer(args.model)
+        prompts = [chat_ids(tok, f"Tell me about {t} in {i + 3} words.") for i, t in enumerate(TOPICS)]
+        s = WebSocketLLMStream(url, response_format="topk", k=5)
+        solo = [greedy(s, p, args.steps) for p in prompts]
+        s.close()
+
+        # 1) hold the server's session limit at once, then one more is "busy"
+        streams = []
+        held = 0
+        for c in range(args.max_total_sessions // 8):
+            st = WebSocketLLMStream(url, response_format="topk", k=5)
+            streams.append(st)
+            for j in range(8):
+                st._ws.send(P.encode({"op": "open", "sid": 1000 + j, "rows": [len(prompts[j])], "format": "topk",
+                                      "k": 5}, P.pack_int32(prompts[j])))
+            for j in range(8):
+                held += st._recv_frame()[0]["op"] == "logits"
+        extra = WebSocketLLMStream(url, response_format="topk", k=5)
+        extra.open([prompts[0]])
+        try:
+            extra.recv()
+            busy = "not refused"
+        except StreamError as exc:
+            busy = str(exc)
+        extra.close()
+        for st in streams:
+            st.close()
+        report.update(sessions_held_at_once=held, one_more=busy, rss_holding_mb=max(r for _, r in samples) / 1024)
+        time.sleep(0.5)
+
+        # 2) N sessions, C at a time
+        done = [0]
+        mismatches, errors = [0], []
+        lock = threading.Lock()
+        marks = {}
+        next_i = [0]
+
+        def worker():
+            st = WebSocketLLMStream(url, response_format="topk", k=5)
+            while True:
+                with lock:
+                    i = next_i[0]
+                    if i >= args.sessions:
+                        break
+                    next_i[0] += 1
+                try:
+                    toks = greedy(st, prompts[i % len(prompts)], args.steps)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(repr(exc))
+                    continue
+                with lock:
+                    mismatches[0] += toks != solo[i % len(prompts)]
+                    done[0] += 1
+                    if done[0] in (100, args.sessions // 2, args.sessions):
+                        marks[done[0]] = rss_kb(proc.pid) / 1024
+                    if done[0] % 100 == 0:
+                        print(f"{done[0]} sessions, {time.time() - t0:.0f} s, server RSS "
+                              f"{rss_kb(proc.pid) / 1024:.0f} MB", file=sys.stderr, flush=True)
+            st.close()
+
+        t0 = time.time()
+        ws = [threading.Thread(target=worker) for _ in range(args.concurrency)]
+        for w in ws:
+            w.start()
+        for w in ws:
+            w.join()
+        wall = time.time() - t0
+        stop.set()
+        report.update(sessions=done[0], concurrency=args.concurrency, steps_per_session=args.steps,
+                      mismatches=mismatches[0], errors=len(errors), first_errors=errors[:3], wall_s=round(wall, 1),
+                      sessions_per_s=round(done[0] / wall, 1),
+                      rss_mb_after={str(k): round(v, 1) for k, v in sorted(marks.items())},
+                      peak_rss_mb=round(rss_kb(proc.pid, "VmHWM") / 1024, 1),
+                      rss_end_mb=round(rss_kb(proc.pid) / 1024, 1))
+        report["rss_after_load_mb"] = round(report["rss_after_load_mb"], 1)
+        report["rss_holding_mb"] = round(report.get("rss_holding_mb", 0), 1)
+        print(json.dumps(report, indent=1), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    finally:
+        stop.set()
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
