@@ -45,7 +45,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .generator import Generator, Result, _Text, build_prompts, steer_step
+from .generator import GenerationError, Generator, Result, _Text, build_prompts, steer_step
 from .slm import KVBatch, LocalOutput, LocalRunner
 
 PROPOSALS = ("ctx", "proxy")
@@ -384,12 +384,15 @@ class SpeculativeGenerator:
                 pending, llm_rollback = y, k - j
                 if ctrl is not None and k:
                     ctrl.update(k, j, t_wait, t_local / len(outs))
-        except Exception:
+        except Exception as exc:
             if res.finish_reason is None:
-                res.finish_reason = "error"
+                res.finish_reason, res.error = "error", f"{type(exc).__name__}: {exc}"
                 _, _, res.text = text.update(res.token_ids, final=True)
                 res.elapsed_s = time.perf_counter() - t_start
-            raise
+            if isinstance(exc, (ValueError, TypeError)) and not res.token_ids:
+                raise
+            raise GenerationError(f"generation failed after {len(res.token_ids)} generated tokens: "
+                                  f"{type(exc).__name__}: {exc} (the text produced so far is in .results)", [res]) from exc
         finally:
             scorer.close()
         return res
@@ -399,3 +402,44 @@ def speculative_generate(gen: Generator, prompt: str, context: str = "", *, k: U
                          proposal: str = "ctx", **kw) -> SpecResult:
     """One speculative CoSteer generation (see ``SpeculativeGenerator.generate`` for ``kw``)."""
     return SpeculativeGenerator(gen, k, proposal=proposal).generate(prompt, context, **kw)
+
+
+def parse_k(value) -> Union[int, str]:
+    """``--speculative`` value: an int >= 1 or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--speculative must be an integer >= 1 or 'auto', got {value!r}") from None
+    if k < 1:
+        raise ValueError(f"--speculative must be an integer >= 1 or 'auto', got {value!r}")
+    return k
+
+
+class SpeculativeCLI:
+    """``Generator`` stand-in for ``costeer generate --speculative K``: mode "costeer" runs
+    speculatively, the other modes (``--compare``) the normal loop; ``last`` is the latest
+    ``SpecResult`` and ``summary()`` its line (ends with ``round trips/token: X``)."""
+
+    def __init__(self, gen: Generator, k: Union[int, str], proposal: str = "ctx"):
+        self.gen = gen
+        self.spec = SpeculativeGenerator(gen, parse_k(k), proposal=proposal)
+        self.last: Optional[SpecResult] = None
+
+    def __getattr__(self, name):
+        return getattr(self.gen, name)
+
+    def generate(self, prompt, context: str = "", *, mode: str = "costeer", on_text=None, **kw):
+        if mode != "costeer":
+            return self.gen.generate(prompt, context=context, mode=mode, on_text=on_text, **kw)
+        kw = {n: v for n, v in kw.items() if v is not None}
+        try:
+            self.last = self.spec.generate(prompt, context, on_text=on_text, **kw)
+        except GenerationError as exc:
+            self.last = exc.results[0]
+            raise
+        return self.last
+
+    def summary(self) -> str:
+        return "speculative: " + (self.last.spec_summary() if self.last is not None else "no generation")

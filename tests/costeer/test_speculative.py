@@ -243,3 +243,22 @@ def test_sampling_distribution_tiny_model(proposal):
     assert 0 < accepted < drafted  # both branches ran
     stat, df = chi2(counts, exact)
     assert stat < chi2_critical(df), (stat, df)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_speculative_prints_round_trips(smol, baselines, capsys):
+    from costeer.cli import main as cli_main
+
+    prompt, context = CASES[1]
+    rc = cli_main(["generate", "--prompt", prompt, "--context", context, "--max-new-tokens", str(N),
+                   "--speculative", "4", "--quiet"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert out[0] == baselines[prompt].text
+    assert out[-1].startswith("speculative: acceptance") and "round trips/token: " in out[-1]
+    assert float(out[-1].rsplit("round trips/token: ", 1)[1]) < 0.5
+    assert cli_main(["generate", "--prompt", prompt, "--context", context, "--speculative", "0"]) == 2
+    assert cli_main(["generate", "--prompt", prompt, "--context", context, "--speculative", "x"]) == 2
