@@ -101,6 +101,10 @@ class LLMServer:
                 return await self._open(frame, header, payload, sessions)
             if op == "step":
                 return await self._step(frame, header, payload, sessions)
+            if op == "score":  # speculative steering: costeer/spec_server.py
+                from .spec_server import handle_score
+
+                return await handle_score(self, header, payload, sessions)
             if op == "close":
                 sessions.pop(sid, None)
                 return P.encode({"op": "closed", "sid": sid})

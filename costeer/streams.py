@@ -307,6 +307,24 @@ class WebSocketLLMStream(LLMStream):
         return LLMStep(logits=logits, compute_s=float(header.get("compute_ms", 0.0)) / 1e3, wait_s=t1 - t0,
                        roundtrip_s=t1 - (self._sent_at or t0))
 
+    # -- speculative steering (costeer/speculative.py, op "score" in costeer/spec_server.py)
+
+    def score_send(self, tokens, rollback: int = 0) -> None:
+        """Roll back ``rollback`` positions, then append ``tokens`` (one equal-length list per row)."""
+        from .spec_server import score_frame
+
+        header, payload = score_frame(self._sid, tokens, rollback)
+        self._sent_at = time.perf_counter()
+        self._send_frame(header, payload)
+
+    def score_recv(self, n: int) -> LLMStep:
+        """The answer to ``score_send``: logits [rows * n, V]."""
+        rows, self._rows = self._rows, self._rows * n
+        try:
+            return self.recv()
+        finally:
+            self._rows = rows
+
     @property
     def reusable(self) -> bool:
         return self._ws is not None

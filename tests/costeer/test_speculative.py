@@ -262,3 +262,47 @@ def test_cli_speculative_prints_round_trips(smol, baselines, capsys):
     assert float(out[-1].rsplit("round trips/token: ", 1)[1]) < 0.5
     assert cli_main(["generate", "--prompt", prompt, "--context", context, "--speculative", "0"]) == 2
     assert cli_main(["generate", "--prompt", prompt, "--context", context, "--speculative", "x"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# through `costeer serve`: op "score" with rollback
+
+
+def test_served_speculative_equals_in_process(server, smol, gen, baselines):
+    from costeer import protocol as P
+    from costeer.streams import StreamError, WebSocketLLMStream
+
+    g = Generator(llm=None, slm=smol, llm_url=server.url, cfg=gen.cfg, transport_dtype="float32")
+    try:
+        for prompt, context in CASES[:2]:
+            res = SpeculativeGenerator(g, 4).generate(prompt, context, max_new_tokens=N)
+            assert res.token_ids == baselines[prompt].token_ids
+            assert res.round_trips_per_token < 0.5 and res.llm_calls == res.rounds + 1
+    finally:
+        g.close()
+    # protocol: scores after rollback equal a plain step; bad requests are refused, session stays usable
+    s = WebSocketLLMStream(server.url, dtype="float32")
+    try:
+        ids = smol.tokenizer("Hello there")["input_ids"]
+        s.open([ids])
+        s.recv()
+        s.score_send([[11, 12, 13]])
+        three = s.score_recv(3).logits
+        assert three.shape == (3, smol.vocab_size)
+        s.score_send([[12, 99]], rollback=2)  # back to [ids, 11], then 12, 99
+        two = s.score_recv(2).logits
+        torch.testing.assert_close(two[0], three[1], atol=2e-3, rtol=1e-4)
+        s.send([7])  # a normal step continues the same session
+        assert s.recv().logits.shape == (1, smol.vocab_size)
+        for header, payload in (({"op": "score", "sid": s._sid, "n": 0}, b""),
+                                ({"op": "score", "sid": s._sid, "n": 1, "rollback": 10**6}, P.pack_int32([1])),
+                                ({"op": "score", "sid": s._sid, "n": 2}, P.pack_int32([1])),
+                                ({"op": "score", "sid": s._sid, "n": 1}, P.pack_int32([10**8]))):
+            with pytest.raises(StreamError):
+                s._request(header, payload)
+        s.score_send([[5]], rollback=1)
+        assert s.score_recv(1).logits.shape == (1, smol.vocab_size)
+        with pytest.raises(ValueError):
+            s.score_send([[1], []])
+    finally:
+        s.close()
