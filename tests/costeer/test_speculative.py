@@ -208,7 +208,7 @@ def test_sampling_distribution_tiny_model(proposal):
     3 sampled tokens equals the steered distribution computed exactly by enumeration."""
     from costeer.generator import build_prompts
 
-    V, n_tok, n = 3, 4, 1500
+    V, n_tok, n = 3, 4, 1000
     llm, slm = _tiny(1, V), _tiny(2, V)
     cfg = SteerConfig(T=3)
     gen = Generator(llm=llm, slm=slm, cfg=cfg)
