@@ -45,7 +45,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from .generator import GenerationError, Generator, Result, _Text, build_prompts, steer_step
+from .generator import GenerationError, Generator, Result, StepTiming, _Text, build_prompts, steer_step
 from .slm import KVBatch, LocalOutput, LocalRunner
 
 PROPOSALS = ("ctx", "proxy")
@@ -338,7 +338,7 @@ class SpeculativeGenerator:
                 k = ctrl.k if ctrl is not None else self.k
                 k = max(0, min(k, cap - len(res.token_ids) - 1))
                 # -- draft on the device
-                tl = time.perf_counter()
+                tl = ts = time.perf_counter()
                 outs = [local.step([pending])]
                 drafts: List[int] = []
                 qs = []
@@ -368,7 +368,9 @@ class SpeculativeGenerator:
                 res.ks.append(k)
                 # -- the exact steered distribution at the k+1 positions, one steer call
                 lo = LocalOutput({n: torch.cat([o.logits[n][:, :V] for o in outs]) for n in ("ctx", "noctx")}, {})
+                t_steer = time.perf_counter()
                 logp = steer_step(zl[:, :V], lo, g.cfg)
+                t_steer = time.perf_counter() - t_steer
                 j, y = verify(drafts, logp, torch.stack(qs) if (qs and T > 0) else None,
                               temperature=T, top_p=P, generator=rng)
                 res.drafted += k
@@ -379,6 +381,8 @@ class SpeculativeGenerator:
                         break
                 if not done:
                     done = emit(y)
+                res.timings.append(StepTiming(res.rounds, t_wait, 0.0, 0.0, t_local, t_steer, 0.0,
+                                              time.perf_counter() - ts))  # one entry per round
                 # -- rollback: [pending, d_1..d_j] stay, d_{j+1}..d_k go (local now, cloud next request)
                 local.kv.rollback(k - j)
                 pending, llm_rollback = y, k - j
@@ -426,6 +430,7 @@ class SpeculativeCLI:
         self.gen = gen
         self.spec = SpeculativeGenerator(gen, parse_k(k), proposal=proposal)
         self.last: Optional[SpecResult] = None
+        self.llm = None  # for the CLI's timing line: the LLM rows are never co-batched here
 
     def __getattr__(self, name):
         return getattr(self.gen, name)
