@@ -41,6 +41,9 @@ def _build_generate_parser(sub):
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--speculative", default=None, metavar="K",
+                   help="speculative steering: draft K tokens on the device per cloud round trip "
+                        "(an integer, or 'auto': adapted to the acceptance rate); same output, fewer round trips")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--compare", action="store_true",
                    help="also run the LLM alone and the small model with the context; show all three side by side")
@@ -293,6 +296,14 @@ def _generate(args) -> int:
         sys.stdout.write(out.existing)
         sys.stdout.flush()
         say(f"resuming {args.output}: {len(out.prefix)} tokens already generated")
+    if args.speculative is not None:  # speculative steering (costeer/speculative.py)
+        from .speculative import SpeculativeCLI
+
+        try:
+            gen = SpeculativeCLI(gen, args.speculative)
+        except ValueError as exc:
+            _err(str(exc))
+            return 2
     modes = ["llm", "slm", "costeer"] if args.compare else ["costeer"]
     texts = {}
     status = 0
@@ -354,6 +365,8 @@ def _generate(args) -> int:
     if args.compare:
         print()
         print(_side_by_side([(MODE_TITLES[m], texts.get(m, "")) for m in modes]))
+    if args.speculative is not None:
+        print(gen.summary(), flush=True)  # ends with "round trips/token: X"
     return status
 
 

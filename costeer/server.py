@@ -103,7 +103,7 @@ class LLMServer:
     ``(frame, header, payload, sessions) -> bytes``: a new message type is one more entry.
     """
 
-    OPS = {"hello": "_op_hello", "open": "_open", "step": "_step", "close": "_close"}
+    OPS = {"hello": "_op_hello", "open": "_open", "step": "_step", "close": "_close", "score": "_score"}
 
     def __init__(self, loaded, *, max_prompt_tokens: Optional[int] = None, max_rows: int = 16,
                  max_sessions: int = 8, max_k: int = 1024, record: Optional[str] = None,
@@ -313,6 +313,15 @@ class LLMServer:
             sess["busy"], sess["last"] = False, time.monotonic()
         sess["step"] += 1
         return self._logits_frame(sid, sess["step"], sess, logits, dt)
+
+
+    async def _score(self, frame, header, payload, sessions):
+        """Speculative steering: roll back, then score n tokens per row in one forward
+        (``costeer/spec_server.py``)."""
+        from .spec_server import handle_score
+
+        self._session("score", header.get("sid"), sessions)  # same checks as step (incl. expiry)
+        return await handle_score(self, header, payload, sessions)
 
 
 def _auth_hook(token: Optional[str]):

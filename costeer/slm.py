@@ -119,6 +119,54 @@ class KVBatch:
         self.lengths += 1
         return out
 
+    # -- speculative steering (costeer/speculative.py): several tokens per row, and rollback
+
+    def extend(self, tokens) -> StepOutput:
+        """Append n tokens to every row (LongTensor / nested list [R, n]) in ONE forward.
+
+        Returns the logits of every appended position, float32 [R, n, V] (hidden: [R, n, H] or None).
+        """
+        if not self._prefilled:
+            raise RuntimeError("KVBatch.extend called before prefill")
+        t = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if t.dim() != 2 or t.shape[0] != self.rows or t.shape[1] < 1:
+            raise ValueError(f"tokens must have shape [{self.rows}, n>=1], got {tuple(t.shape)}")
+        n = int(t.shape[1])
+        if self.max_len is not None and int(self.lengths.max()) + n > self.max_len:
+            raise ValueError(f"sequence would exceed the model's window of {self.max_len} tokens")
+        self._mask = torch.cat([self._mask, torch.ones((self.rows, n), dtype=self._mask.dtype, device=self.device)], 1)
+        pos = self._next_pos[:, None] + torch.arange(n, device=self.device)[None, :]
+        kw = {self._kw: self.cache, "use_cache": True, "attention_mask": self._mask, "position_ids": pos}
+        with torch.inference_mode():
+            if self._split:
+                h = self._base(input_ids=t, **kw).last_hidden_state
+                logits = self._head(h)
+            else:
+                logits, h = self.model(input_ids=t, **kw).logits, None
+        self._next_pos = self._next_pos + n
+        self.lengths += n
+        return StepOutput(logits=logits.float(), hidden=h)
+
+    @property
+    def cached(self) -> int:
+        """Positions held in the KV cache (padding included)."""
+        return int(self._mask.shape[1]) if self._prefilled else 0
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` positions of every row (KV cache, mask, positions): afterwards the
+        batch is as if those tokens had never been fed."""
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"rollback count must be >= 0, got {n}")
+        if n == 0:
+            return
+        if not self._prefilled or int(self.lengths.min()) - n < 1:
+            raise ValueError(f"cannot roll back {n} positions: some row would have fewer than 1 token")
+        self.cache.crop(-n)  # negative: remove n (transformers >= 4.4x; absolute length in older ones)
+        self._mask = self._mask[:, :-n]
+        self._next_pos = self._next_pos - n
+        self.lengths -= n
+
 
 @dataclass
 class LocalOutput:

@@ -263,6 +263,7 @@ class WebSocketLLMStream(LLMStream):
         self._rows = 0
         self._prompts: List[List[int]] = []
         self._fed: List[List[int]] = []  # every token row sent since open: the resume prefix
+        self._scores = 0  # speculative "score" requests since open (not replayable)
         self._broken = False
         self._sent_at = None
         self._connect()
@@ -392,6 +393,7 @@ class WebSocketLLMStream(LLMStream):
         self._sid = next(self._ids)
         self._rows = len(prompts)
         self._prompts, self._fed = prompts, []
+        self._scores = 0  # speculative "score" requests of this session (they are not replayable)
         self._sent_at = time.perf_counter()
         try:
             self._send_open()
@@ -416,6 +418,8 @@ class WebSocketLLMStream(LLMStream):
         reopened = reopen = False
         while True:
             try:
+                if self._broken and self._scores:
+                    raise _ConnectionLost(f"lost the connection to {self.url}")
                 if self._broken:
                     self._resume(StreamError(f"lost the connection to {self.url}"))
                 elif reopen:
@@ -424,15 +428,22 @@ class WebSocketLLMStream(LLMStream):
                 header, payload = self._recv_frame()
                 break
             except _SessionExpired:
-                if reopened:
+                if reopened or self._scores:
                     raise
                 reopened = reopen = True  # we were idle too long: the server freed the KV cache; replay
             except _ConnectionLost as exc:
                 self._broken = True
+                if self._scores:
+                    # A speculative session's cache went through rollbacks: the replay of sent
+                    # steps cannot rebuild it. Fail (the caller keeps the text so far).
+                    self._drop()
+                    raise StreamError(f"{exc} (a speculative session cannot be resumed; restart the "
+                                      "generation, e.g. with costeer generate --resume)") from None
                 if self.reconnect_timeout <= 0:
                     self._drop()
                     raise StreamError(str(exc)) from None
-        if header.get("op") != "logits" or header.get("sid") != self._sid or header.get("step") != len(self._fed):
+        if header.get("op") != "logits" or header.get("sid") != self._sid or \
+                header.get("step") != len(self._fed) + self._scores:
             raise StreamError(f"unexpected answer from {self.url}: {header}")
         rows = int(header["rows"])
         if rows != self._rows:
@@ -445,6 +456,30 @@ class WebSocketLLMStream(LLMStream):
         t1 = time.perf_counter()
         return LLMStep(logits=logits, compute_s=float(header.get("compute_ms", 0.0)) / 1e3, wait_s=t1 - t0,
                        roundtrip_s=t1 - (self._sent_at or t0))
+
+    # -- speculative steering (costeer/speculative.py, op "score" in costeer/spec_server.py)
+
+    def score_send(self, tokens, rollback: int = 0) -> None:
+        """Roll back ``rollback`` positions, then append ``tokens`` (one equal-length list per row)."""
+        from .spec_server import score_frame
+
+        header, payload = score_frame(self._sid, tokens, rollback)
+        if self._broken:
+            raise StreamError(f"lost the connection to {self.url} (a speculative session cannot be resumed)")
+        self._scores += 1
+        self._sent_at = time.perf_counter()
+        try:
+            self._send_frame(header, payload)
+        except _ConnectionLost:
+            self._broken = True  # score_recv reports it
+
+    def score_recv(self, n: int) -> LLMStep:
+        """The answer to ``score_send``: logits [rows * n, V]."""
+        rows, self._rows = self._rows, self._rows * n
+        try:
+            return self.recv()
+        finally:
+            self._rows = rows
 
     @property
     def reusable(self) -> bool:

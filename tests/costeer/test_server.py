@@ -33,6 +33,9 @@ def _contains(seq, sub):
 
 
 def test_secret_never_reaches_the_server(server, smol):
+    # Only this test's frames: other tests share the server (speculative steering, which sends
+    # drafts by design, may run before this one).
+    open(server.record, "w").close()
     cfg = SteerConfig(**CLI_DEFAULTS)
     gen = Generator(llm=None, slm=smol, llm_url=server.url, cfg=cfg, transport_dtype="float32")
     res = gen.generate(PROMPT, context=CONTEXT, max_new_tokens=10)

@@ -1,0 +1,72 @@
+"""``costeer serve`` side of speculative steering (``costeer/speculative.py``): one op, "score".
+
+Client -> server
+    {"op": "score", "sid": S, "n": n, "rollback": r}      payload int32[B * n] (row-major [B, n])
+        drop the last r positions of every row of session S (the drafts rejected last round), then
+        append the n tokens of each row in ONE forward
+                                                         -> logits, "rows": B * n
+Server -> client
+    the usual "logits" frame with rows = B * n: row b * n + i holds the next-token logits after
+    token i of row b (full or top-k, the session's format)
+
+Rollback rides on the next request, so a speculative round is still one round trip. The op keeps
+the session's limits: tokens in range, window never exceeded, at most ``MAX_SCORE_TOKENS`` per row
+and request, and the rollback never reaches the first token of a row.
+"""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Dict, Sequence, Tuple
+
+from . import protocol as P
+
+MAX_SCORE_TOKENS = 64
+
+
+def score_frame(sid: int, tokens: Sequence[Sequence[int]], rollback: int = 0) -> Tuple[dict, bytes]:
+    """(header, payload) of a "score" request: ``tokens`` one equal-length list per row."""
+    n = len(tokens[0]) if tokens else 0
+    if n < 1 or any(len(t) != n for t in tokens):
+        raise ValueError("score: every row needs the same number (>= 1) of tokens")
+    if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0:
+        raise ValueError(f"score: rollback must be an int >= 0, got {rollback!r}")
+    return {"op": "score", "sid": sid, "n": n, "rollback": rollback}, P.pack_int32([int(x) for t in tokens for x in t])
+
+
+async def handle_score(server, header: dict, payload, sessions: Dict[int, dict]) -> bytes:
+    """Answer a "score" frame for ``LLMServer`` ``server`` (raises ProtocolError on a bad request)."""
+    sid = header.get("sid")
+    sess = sessions.get(sid)
+    if sess is None:
+        raise P.ProtocolError(f"score: no open session {sid!r}")
+    n, r = header.get("n"), header.get("rollback", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SCORE_TOKENS:
+        raise P.ProtocolError(f"score: 'n' must be an integer in [1, {MAX_SCORE_TOKENS}]")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise P.ProtocolError("score: 'rollback' must be an integer >= 0")
+    rows = sess["rows"]
+    toks = P.int32_array(payload, rows * n)
+    server.record.tokens(header, toks.tolist())
+    V = server.loaded.vocab_size
+    if toks.min() < 0 or toks.max() >= V:
+        raise P.ProtocolError(f"score: token ids must lie in [0, {V})")
+    kv = sess["kv"]
+    if r and int(kv.lengths.min()) - r < 1:
+        raise P.ProtocolError(f"score: cannot roll back {r} positions")
+    if int(kv.lengths.max()) - r + n > server.loaded.max_len:
+        raise P.ProtocolError(f"score: the session would exceed the model's window of {server.loaded.max_len} tokens")
+    grid = toks.reshape(rows, n).tolist()
+
+    def run():
+        kv.rollback(r)
+        logits = kv.extend(grid).logits
+        return SimpleNamespace(logits=logits.reshape(rows * n, logits.shape[-1]))
+
+    sess["busy"], sess["last"] = True, time.monotonic()  # not reaped as idle while it computes
+    try:
+        logits, dt = await server._compute(run)
+    finally:
+        sess["busy"], sess["last"] = False, time.monotonic()
+    sess["step"] += 1
+    return server._logits_frame(sid, sess["step"], sess, logits, dt)

@@ -1,0 +1,308 @@
+"""Speculative steering (costeer/speculative.py): greedy output identical to the normal loop on the
+real SmolLM2 model, sampling distribution equal to the steered one (chi-square), rollback equal to a
+fresh prefill."""
+import math
+
+import pytest
+import torch
+
+from costeer import Generator
+from costeer.cli import CLI_DEFAULTS
+from costeer.models import LoadedModel
+from costeer.slm import KVBatch
+from costeer.speculative import AdaptiveK, SpeculativeGenerator, target_probs, verify
+from costeer_kernels import SteerConfig, steer
+
+CASES = [
+    ("Suggest a weekend activity.", "I love hiking in the mountains and I live in Zurich."),
+    ("What should I cook tonight?", "I am vegan and allergic to peanuts."),
+    ("Recommend a book for me.", "My favourite genre is science fiction; I enjoyed Dune."),
+]
+N = 20
+
+
+def chi2_critical(df: int, z: float = 3.719) -> float:
+    """Upper quantile of chi-square(df) (Wilson-Hilferty), z = 3.719: p = 1e-4."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def chi2(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0):
+    """(statistic, degrees of freedom), cells with a small expectation pooled into one."""
+    n = float(counts.sum())
+    exp = probs.double().flatten() * n
+    obs = counts.double().flatten()
+    big = exp >= min_expected
+    e = torch.cat([exp[big], exp[~big].sum()[None]])
+    o = torch.cat([obs[big], obs[~big].sum()[None]])
+    keep = e > 0
+    assert float(o[~keep].sum()) == 0.0, "a sample fell on a zero-probability outcome"
+    stat = float(((o[keep] - e[keep]) ** 2 / e[keep]).sum())
+    return stat, int(keep.sum()) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy: token-for-token the normal loop, real SmolLM2
+
+
+@pytest.fixture(scope="module")
+def gen(smol):
+    return Generator(llm=smol, slm=smol, cfg=SteerConfig(**CLI_DEFAULTS))
+
+
+@pytest.fixture(scope="module")
+def baselines(gen):
+    return {p: gen.generate(p, context=c, max_new_tokens=N) for p, c in CASES}
+
+
+@pytest.mark.parametrize("prompt,context", CASES)
+def test_greedy_identical_to_normal_loop(gen, baselines, prompt, context):
+    ref = baselines[prompt]
+    for k in (1, 2, 4, 8):
+        res = SpeculativeGenerator(gen, k).generate(prompt, context, max_new_tokens=N)
+        assert res.token_ids == ref.token_ids, k
+        assert res.text == ref.text and res.finish_reason == ref.finish_reason
+        assert res.decided == len(ref.token_ids) + (ref.finish_reason == "eos")
+        assert res.llm_calls == res.rounds + 1 and all(1 <= x <= k for x in res.ks[:-1])
+        assert 0.0 <= res.acceptance_rate <= 1.0
+        assert res.cloud_tokens == 1 + sum(x + 1 for x in res.ks)
+        if k >= 2:
+            assert res.round_trips_per_token < 1.0
+
+
+def test_greedy_auto_k_stop_and_streaming(gen, baselines):
+    prompt, context = CASES[0]
+    ref = baselines[prompt]
+    pieces = []
+    res = SpeculativeGenerator(gen, "auto").generate(prompt, context, max_new_tokens=N,
+                                                     on_text=lambda i, s: pieces.append(s))
+    assert res.token_ids == ref.token_ids and "".join(pieces) == res.text
+    word = ref.text.split()[3]
+    stopped = SpeculativeGenerator(gen, 4).generate(prompt, context, max_new_tokens=N, stop=[word])
+    assert stopped.finish_reason == "stop" and word not in stopped.text and ref.text.startswith(stopped.text)
+    short = SpeculativeGenerator(gen, 8).generate(prompt, context, max_new_tokens=5)
+    assert short.token_ids == ref.token_ids[:5] and short.finish_reason == "length"
+
+
+def test_adaptive_k_follows_acceptance_and_costs():
+    a = AdaptiveK(4, k_max=16)
+    for _ in range(10):
+        a.update(8, 8, t_round=0.1, t_local=0.001)  # everything accepted, rounds expensive: long drafts
+    assert a.k >= 12
+    for _ in range(10):
+        a.update(4, 0, t_round=0.1, t_local=0.001)  # nothing accepted: short drafts
+    assert a.k <= 3 and a.alpha < 0.35
+    b = AdaptiveK(4)
+    for _ in range(10):
+        b.update(4, 3, t_round=0.001, t_local=0.01)  # local steps dominate: short drafts
+    assert b.k <= 2
+
+
+def test_bad_arguments(gen):
+    with pytest.raises(ValueError):
+        SpeculativeGenerator(gen, 0)
+    with pytest.raises(ValueError):
+        SpeculativeGenerator(gen, "fast")
+    with pytest.raises(ValueError):
+        SpeculativeGenerator(gen, 2, proposal="other")
+
+
+# ---------------------------------------------------------------------------------------------
+# rollback
+
+
+def test_rollback_equals_fresh_prefill(smol):
+    tok = smol.tokenizer
+    rows = [tok("Hello there, how are you today?")["input_ids"], tok("Hi")["input_ids"]]
+    extra = tok(" I am fine, thank you very much")["input_ids"][:6]
+    kept = 2
+    spec = KVBatch(smol.model, rows, smol.pad_token_id)
+    spec.prefill()
+    spec.step([extra[0]] * 2)  # a normal step, then a multi-token extend
+    out = spec.extend([extra[1:], extra[1:]])
+    assert out.logits.shape[:2] == (2, len(extra) - 1)
+    spec.rollback(len(extra) - kept)
+    fresh = KVBatch(smol.model, [r + extra[:kept] for r in rows], smol.pad_token_id)
+    fresh.prefill()
+    assert torch.equal(spec._mask, fresh._mask)
+    assert torch.equal(spec._next_pos, fresh._next_pos) and torch.equal(spec.lengths, fresh.lengths)
+    assert spec.cache.get_seq_length() == fresh.cache.get_seq_length()
+    for a, b in zip(spec.cache.layers, fresh.cache.layers):
+        assert a.keys.shape == b.keys.shape
+        torch.testing.assert_close(a.keys, b.keys, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=2e-4, rtol=1e-4)
+    nxt = [extra[kept], extra[kept]]
+    torch.testing.assert_close(spec.step(nxt).logits, fresh.step(nxt).logits, atol=2e-3, rtol=1e-4)
+    with pytest.raises(ValueError):
+        spec.rollback(10**6)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling: the output distribution is the steered one
+
+
+def test_verify_rule_preserves_the_target_distribution():
+    """Synthetic rows: position-independent p_i and q_i, drafts from q; the first emitted token
+    is distributed as p_1 and the second (when the first draft was accepted) as p_2."""
+    g = torch.Generator().manual_seed(0)
+    V, k, n = 6, 2, 6000
+    logp = torch.log_softmax(torch.randn(k + 1, V, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(k, V, generator=g) * 1.5, -1).double()
+    p = target_probs(logp, 1.0, 1.0)
+    first = torch.zeros(V)
+    second = torch.zeros(V)
+    for _ in range(n):
+        drafts = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(k)]
+        j, y = verify(drafts, logp, q, temperature=1.0, generator=g)
+        out = drafts[:j] + [y]
+        first[out[0]] += 1
+        if len(out) > 1:
+            second[out[1]] += 1
+    for counts, probs in ((first, p[0]), (second, p[1])):
+        stat, df = chi2(counts, probs)
+        assert stat < chi2_critical(df), (stat, df)
+    # greedy rule: accept while the draft is the argmax, then the argmax
+    best = logp.argmax(-1).tolist()
+    assert verify(best[:k], logp, None) == (k, best[k])
+    wrong = (best[0] + 1) % V
+    assert verify([wrong, best[1]], logp, None) == (0, best[0])
+
+
+class _CharTok:
+    """A tokenizer for the tiny random models: each character is id ord(c) % V."""
+
+    chat_template = None
+
+    def __init__(self, V):
+        self.V = V
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) % self.V for c in text]}
+
+    def __len__(self):
+        return self.V
+
+    def get_vocab(self):
+        return {chr(97 + i): i for i in range(self.V)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + int(i)) for i in ids)
+
+
+def _tiny(seed, V):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(40.0)  # peaked rows: q and p differ a lot, many rejections
+    return LoadedModel(name=f"tiny{seed}", model=m, tokenizer=_CharTok(V), vocab_size=V, max_len=256,
+                       eos_token_ids=[], pad_token_id=0)
+
+
+@pytest.mark.parametrize("proposal", ["ctx", "proxy"])
+def test_sampling_distribution_tiny_model(proposal):
+    """End to end on tiny random models (LLM != small model): the joint distribution of the first
+    3 sampled tokens equals the steered distribution computed exactly by enumeration."""
+    from costeer.generator import build_prompts
+
+    V, n_tok, n = 3, 4, 1000
+    llm, slm = _tiny(1, V), _tiny(2, V)
+    cfg = SteerConfig(T=3)
+    gen = Generator(llm=llm, slm=slm, cfg=cfg)
+    prompt, context = "ab", "cd"
+    pub, ctx, noctx = build_prompts(llm.tokenizer, slm.tokenizer, prompt, context)
+
+    def last(model, ids):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+    exact = torch.zeros([V] * n_tok, dtype=torch.float64)
+
+    def fill(prefix, prob):
+        if len(prefix) == n_tok:
+            exact[tuple(prefix)] = prob
+            return
+        lp = steer(last(llm.model, pub + prefix)[None], last(slm.model, ctx + prefix)[None],
+                   last(slm.model, noctx + prefix)[None], cfg)[0]
+        p = target_probs(lp, 1.0, 1.0)
+        for t in range(V):
+            fill(prefix + [t], prob * float(p[t]))
+
+    fill([], 1.0)
+    sg = SpeculativeGenerator(gen, 2, proposal=proposal)
+    counts = torch.zeros([V] * n_tok)
+    drafted = accepted = 0
+    for s in range(n):
+        res = sg.generate(prompt, context, max_new_tokens=n_tok, temperature=1.0, seed=s)
+        assert len(res.token_ids) == n_tok
+        counts[tuple(res.token_ids)] += 1
+        drafted, accepted = drafted + res.drafted, accepted + res.accepted
+    assert 0 < accepted < drafted  # both branches ran
+    stat, df = chi2(counts, exact)
+    assert stat < chi2_critical(df), (stat, df)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_speculative_prints_round_trips(smol, baselines, capsys):
+    from costeer.cli import main as cli_main
+
+    prompt, context = CASES[1]
+    rc = cli_main(["generate", "--prompt", prompt, "--context", context, "--max-new-tokens", str(N),
+                   "--speculative", "4", "--quiet"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert out[0] == baselines[prompt].text
+    assert out[-1].startswith("speculative: acceptance") and "round trips/token: " in out[-1]
+    assert float(out[-1].rsplit("round trips/token: ", 1)[1]) < 0.5
+    assert cli_main(["generate", "--prompt", prompt, "--context", context, "--speculative", "0"]) == 2
+    assert cli_main(["generate", "--prompt", prompt, "--context", context, "--speculative", "x"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# through `costeer serve`: op "score" with rollback
+
+
+def test_served_speculative_equals_in_process(server, smol, gen, baselines):
+    from costeer import protocol as P
+    from costeer.streams import StreamError, WebSocketLLMStream
+
+    g = Generator(llm=None, slm=smol, llm_url=server.url, cfg=gen.cfg, transport_dtype="float32")
+    try:
+        for prompt, context in CASES[:2]:
+            res = SpeculativeGenerator(g, 4).generate(prompt, context, max_new_tokens=N)
+            assert res.token_ids == baselines[prompt].token_ids
+            assert res.round_trips_per_token < 0.5 and res.llm_calls == res.rounds + 1
+    finally:
+        g.close()
+    # protocol: scores after rollback equal a plain step; bad requests are refused, session stays usable
+    s = WebSocketLLMStream(server.url, dtype="float32")
+    try:
+        ids = smol.tokenizer("Hello there")["input_ids"]
+        s.open([ids])
+        s.recv()
+        s.score_send([[11, 12, 13]])
+        three = s.score_recv(3).logits
+        assert three.shape == (3, smol.vocab_size)
+        s.score_send([[12, 99]], rollback=2)  # back to [ids, 11], then 12, 99
+        two = s.score_recv(2).logits
+        torch.testing.assert_close(two[0], three[1], atol=2e-3, rtol=1e-4)
+        s.send([7])  # a normal step continues the same session
+        assert s.recv().logits.shape == (1, smol.vocab_size)
+        for header, payload in (({"op": "score", "sid": s._sid, "n": 0}, b""),
+                                ({"op": "score", "sid": s._sid, "n": 1, "rollback": 10**6}, P.pack_int32([1])),
+                                ({"op": "score", "sid": s._sid, "n": 2}, P.pack_int32([1])),
+                                ({"op": "score", "sid": s._sid, "n": 1}, P.pack_int32([10**8]))):
+            with pytest.raises(StreamError):
+                s._request(header, payload)
+        s.score_send([[5]], rollback=1)
+        assert s.score_recv(1).logits.shape == (1, smol.vocab_size)
+        with pytest.raises(ValueError):
+            s.score_send([[1], []])
+    finally:
+        s.close()
