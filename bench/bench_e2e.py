@@ -262,23 +262,22 @@ def main(argv=None) -> int:
 
 
 def _speculative_config(model, cfg, N, k):
-    """The speculative row, when costeer.speculative provides ``speculative_generate``."""
+    """The speculative row (``costeer.speculative``): drafts k tokens per LLM round trip."""
     if k <= 0:
         return None
     try:
-        from costeer import speculative
+        from costeer.speculative import SpeculativeGenerator
     except ImportError:
         return None
-    fn = getattr(speculative, "speculative_generate", None)
-    if fn is None:
-        return None
+    spec = SpeculativeGenerator(Generator(llm=model, slm=model, cfg=cfg, cobatch=False), k)
 
     def run():
-        n = 0
+        n, steps = 0, []
         for p, c in CASES:
-            r = fn(model, model, p, c, cfg=cfg, k=k, max_new_tokens=N)
-            n += len(getattr(r, "token_ids", r))
-        return n, None
+            r = spec.generate(p, c, max_new_tokens=N)
+            n += len(r.token_ids)
+            steps.append(r.timing_summary())
+        return n, {key: sum(s.get(key, 0.0) for s in steps) / len(steps) for key in STEP_KEYS}
 
     return run
 
