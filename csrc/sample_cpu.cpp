@@ -80,10 +80,10 @@ STEER_HD int64_t count_ge(const float* __restrict x, int64_t V, float t) {
   return c;
 }
 
-STEER_HD float mass_ge(const float* __restrict x, int64_t V, float t, float m, float inv_tau) {
+STEER_HD float mass_ge(const float* __restrict x, const float* __restrict w, int64_t V, float t) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < V; ++i) s += x[i] >= t ? steer_exp((x[i] - m) * inv_tau) : 0.0f;
+  for (int64_t i = 0; i < V; ++i) s += x[i] >= t ? w[i] : 0.0f;
   return s;
 }
 
@@ -94,6 +94,12 @@ static int32_t allowed_threshold(const float* x, int64_t V, float m, float tau, 
   const int32_t neg = ordered_key(-STEER_INF);
   const int32_t top = ordered_key(m) + 1;
   const float inv_tau = 1.0f / tau;
+  // The tempered weights once, so each top-p bisection pass is a masked sum.
+  std::vector<float> w((top_p > 0.0f && top_p < 1.0f) ? V : 0);
+  float* wp = w.data();
+  const int64_t nw = (int64_t)w.size();
+#pragma omp simd
+  for (int64_t i = 0; i < nw; ++i) wp[i] = steer_exp((x[i] - m) * inv_tau);
   int32_t lo = neg;
   if (k > 0 && k < V) {
     // Largest t in [lo, top) with count(key >= t) >= k.
@@ -106,11 +112,11 @@ static int32_t allowed_threshold(const float* x, int64_t V, float m, float tau, 
     lo = (int32_t)l;
   }
   if (top_p > 0.0f && top_p < 1.0f) {
-    const float target = top_p * mass_ge(x, V, key_to_float(lo), m, inv_tau);
+    const float target = top_p * mass_ge(x, w.data(), V, key_to_float(lo));
     int64_t l = lo, h = top;
     while (h - l > 1) {
       const int64_t mid = l + (h - l) / 2;
-      if (mass_ge(x, V, key_to_float((int32_t)mid), m, inv_tau) >= target) l = mid;
+      if (mass_ge(x, w.data(), V, key_to_float((int32_t)mid)) >= target) l = mid;
       else h = mid;
     }
     lo = (int32_t)l;
