@@ -442,6 +442,17 @@ int64_t cpu_avx512(int64_t enable) {
 #endif
 }
 
+// The per-row part of Args both entry points share: hparams, out and status, [B, V] rows.
+static void set_rows(cpu::Args& a, const at::Tensor& hp, at::Tensor& out, at::Tensor& status) {
+  a.B = out.size(0);
+  a.V = out.size(1);
+  a.hp = hp.data_ptr<double>();
+  a.hp_stride = hp.size(0) == 1 ? 0 : 5;
+  a.out = out.data_ptr<float>();
+  a.out_stride = a.B > 1 ? out.stride(0) : 0;
+  a.status = status.data_ptr<int32_t>();
+}
+
 at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
                      const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,
                      at::Tensor& out, c10::string_view mode, int64_t num_splits) {
@@ -465,13 +476,7 @@ at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
   a.zc = cpu::operand(ctx);
   a.has_noctx = has_noctx;
   a.zn = has_noctx ? cpu::operand(*noctx) : a.zc;
-  a.hp = hp.data_ptr<double>();
-  a.hp_stride = hp.size(0) == 1 ? 0 : 5;
-  a.out = out.data_ptr<float>();
-  a.out_stride = B > 1 ? out.stride(0) : 0;
-  a.status = status.data_ptr<int32_t>();
-  a.B = B;
-  a.V = V;
+  set_rows(a, hp, out, status);
   if (iter) cpu::iterative(a);
   else cpu::closed_form(a, num_splits);
   return status;
@@ -504,13 +509,7 @@ at::Tensor steer_hidden_cpu(const at::Tensor& llm, const at::Tensor& hdiff, cons
   cpu::Args a;
   a.zl = cpu::operand(llm, "costeer_ext::steer_hidden");
   a.proj = &proj;
-  a.hp = hp.data_ptr<double>();
-  a.hp_stride = hp.size(0) == 1 ? 0 : 5;
-  a.out = out.data_ptr<float>();
-  a.out_stride = B > 1 ? out.stride(0) : 0;
-  a.status = status.data_ptr<int32_t>();
-  a.B = B;
-  a.V = V;
+  set_rows(a, hp, out, status);
   cpu::closed_form(a, num_splits);
   return status;
 }
