@@ -320,7 +320,6 @@ class LLMServer:
         (``costeer/spec_server.py``)."""
         from .spec_server import handle_score
 
-        self._session("score", header.get("sid"), sessions)  # same checks as step (incl. expiry)
         return await handle_score(self, header, payload, sessions)
 
 

@@ -37,9 +37,7 @@ def score_frame(sid: int, tokens: Sequence[Sequence[int]], rollback: int = 0) ->
 async def handle_score(server, header: dict, payload, sessions: Dict[int, dict]) -> bytes:
     """Answer a "score" frame for ``LLMServer`` ``server`` (raises ProtocolError on a bad request)."""
     sid = header.get("sid")
-    sess = sessions.get(sid)
-    if sess is None:
-        raise P.ProtocolError(f"score: no open session {sid!r}")
+    sess = server._session("score", sid, sessions)  # the step op's checks, expiry included
     n, r = header.get("n"), header.get("rollback", 0)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SCORE_TOKENS:
         raise P.ProtocolError(f"score: 'n' must be an integer in [1, {MAX_SCORE_TOKENS}]")

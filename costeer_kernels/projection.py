@@ -176,8 +176,7 @@ def steer_from_hidden(
         # The common case, without re-checking what is checked above: one GEMV/GEMM, one steer op.
         if name == "cpu" and mode == "closed_form" and B <= FUSED_CPU_MAX_ROWS and not torch.compiler.is_compiling():
             res = _cpu_fused(zl, hc, hn, W, cfg, out, llm_logits, validate)
-            if res is not None:
-                return res.squeeze(0) if (rank == 1 and out is None) else res
+            return res.squeeze(0) if (rank == 1 and out is None) else res
         delta = delta_from_hidden(hc, hn, W)
         hp = cfg.packed(B if cfg.per_row else None, zl.device)
         out2 = ops.prepare_out(out, llm_logits, zl)
@@ -252,10 +251,9 @@ def _sample_from_hidden(llm_logits, zl, hc, hn, W, cfg, sample, name, mode, out,
     want = bool(opts.pop("return_llm_max_prob", False))
     num_samples = opts.pop("num_samples", None)
     B, V = zl.shape
-    fused = None
+    # backend "cpu" is registered only once the C++ extension (which has sample_hidden) is loaded.
     if name == "cpu" and B <= FUSED_CPU_MAX_ROWS and idx is None and n is None and not torch.compiler.is_compiling():
-        fused = getattr(torch.ops.costeer_ext, "sample_hidden", None) if _has_cpp() else None
-    if fused is not None:
+        fused = torch.ops.costeer_ext.sample_hidden
         k = sampling.check_num_samples(num_samples)
         params = sampling.make_params(B, zl.device, opts.get("temperature", 0.0), opts.get("top_k", 0),
                                       opts.get("top_p", 1.0), opts.get("min_p", 0.0), opts.get("seed", 0),
@@ -292,14 +290,6 @@ def _sample_from_hidden(llm_logits, zl, hc, hn, W, cfg, sample, name, mode, out,
     return res
 
 
-def _has_cpp() -> bool:
-    try:
-        from ._extension import load_extension
-    except ImportError:
-        return False
-    return load_extension()
-
-
 # Rows up to which the CPU takes the fused kernel: each row streams W once, so from 2 rows on a
 # GEMM (which reads W once for all rows) followed by the steer is faster.
 FUSED_CPU_MAX_ROWS = 1
@@ -307,24 +297,16 @@ FUSED_CPU_MAX_ROWS = 1
 
 def _cpu_fused(zl, hc, hn, W, cfg, out, llm_logits, validate):
     """The C++ kernel computing W (h_c - h_n) chunk by chunk inside the steer sweep (the small
-    model's logits never exist); None if the extension lacks it."""
-    try:
-        from ._extension import steer_hidden_cpp
-    except ImportError:
-        return None
+    model's logits never exist). Backend "cpu" implies the extension is loaded."""
+    from ._extension import steer_hidden_cpp
+
     B, V = zl.shape
     hp = cfg.packed(B if cfg.per_row else None, zl.device)
     out2 = ops.prepare_out(out, llm_logits, zl)
     if out2 is None:
         out2 = torch.empty(B, V, dtype=torch.float32, device=zl.device)
-    dh = hc.float() - hn.float()
     Wk = W if W.stride(1) == 1 else W.contiguous()
-    try:
-        status = steer_hidden_cpp(zl, dh, Wk, hp, out2)
-    except (AttributeError, RuntimeError) as exc:  # an older build without the op
-        if "steer_hidden" not in str(exc):
-            raise
-        return None
+    status = steer_hidden_cpp(zl, hc.float() - hn.float(), Wk, hp, out2)
     if validate:
         _raise(status)
     return out if out is not None else out2

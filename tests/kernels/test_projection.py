@@ -45,7 +45,7 @@ def _check(out, zl, hc, hn, W, cfg=None):
     return e_out, e_base
 
 
-@pytest.mark.skipif(DEVICE != "cpu" or "cpu" not in ck.available_backends(), reason="needs the C++ CPU extension")
+@pytest.mark.skipif(DEVICE != "cpu" or "cpu" not in ck.available_backends(), reason="a CPU-kernel test: needs CPU tensors and the built C++ extension (ck.available_backends() lacks 'cpu')")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V,H", [(7, 1), (4099, 3), (151936, 64), (2 * 2048 + 5, 577)])
 def test_cpu_fused_projection_kernel(V, H, dtype):
