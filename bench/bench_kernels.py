@@ -78,14 +78,40 @@ def bench_case(B, V, dtype_name, device, *, runs, ref, compile_ref, cold, graphs
         t = time_fn(fn, device, runs=runs, cold=cold)
         extra = {}
         if graphs and device == "cuda":
-            extra["graph_us"] = time_cuda_graph(fn).median_us
+            extra["graph_us"] = _graph_us(fn)
         label = "torch closed form" if name == "torch" else name
         row(label, t, extra)
+        if name == "triton" and device == "cuda":
+            for label, fn in _triton_merge_variants(zl, zc, zn, out):
+                row(label, time_fn(fn, device, runs=runs, cold=cold), {"graph_us": _graph_us(fn)} if graphs else {})
     if sample:
         rows.extend(_sampling_rows(zl, zc, zn, out, device, runs, cold, copy_gbs, row_base=rows[0] if rows else None))
     for r in rows:
         r["speedup_vs_ref"] = (ref_t.median_us / r["median_us"]) if ref_t else ""
     return rows
+
+
+def _graph_us(fn):
+    """Replayed-graph time per call, or "" where capture fails (the row still has its event time)."""
+    try:
+        return time_cuda_graph(fn).median_us
+    except Exception as exc:  # noqa: BLE001 - a capture failure is a finding, not a crash
+        print(f"  CUDA graph capture failed: {type(exc).__name__}: {exc}"[:200])
+        return ""
+
+
+def _triton_merge_variants(zl, zc, zn, out):
+    """The split row's two in-launch merges side by side (barrier is the CUDA default)."""
+    from costeer_kernels import SteerConfig
+    from costeer_kernels.triton.steer import _plan, steer_triton
+
+    B, V = zl.shape
+    S = _plan(B, V, zl.device, None, None)[0]
+    if S == 1:
+        return []
+    hp = SteerConfig().packed(None, zl.device)
+    return [(f"triton merge={m} (S={S})", lambda m=m: steer_triton(zl, zc, zn, hp, out, merge=m))
+            for m in ("barrier", "last")]
 
 
 def _samplers(device: str):
@@ -109,7 +135,8 @@ def _sampling_rows(zl, zc, zn, out, device, runs, cold, copy_gbs, row_base):
     for op, name, fn in cases:
         t = time_fn(fn, device, runs=runs, cold=cold)
         gbs = nbytes / (t.median_us * 1e-6) / 1e9
-        rows.append({"op": op, "backend": name or ck.dispatch.resolve_backend(None, zl.device), "B": B, "V": V,
+        extra = {"graph_us": _graph_us(fn)} if device == "cuda" else {}
+        rows.append({**extra, "op": op, "backend": name or ck.dispatch.resolve_backend(None, zl.device), "B": B, "V": V,
                      "dtype": row_base["dtype"] if row_base else "", "cache": "cold" if cold else "warm",
                      "median_us": t.median_us, "p90_us": t.p90_us, "runs": t.runs, "GB/s": gbs,
                      "copy %": 100.0 * gbs / copy_gbs, "copy_GB/s": copy_gbs})
@@ -143,7 +170,8 @@ def bench_projection(B, V, H, dtype_name, device, *, runs):
     for op, fn in cases:
         t = time_fn(fn, device, runs=runs)
         gbs = nbytes / (t.median_us * 1e-6) / 1e9
-        rows.append({"op": f"{op} (H={H})", "backend": ck.dispatch.resolve_backend(None, zl.device), "B": B, "V": V,
+        extra = {"graph_us": _graph_us(fn)} if device == "cuda" else {}
+        rows.append({**extra, "op": f"{op} (H={H})", "backend": ck.dispatch.resolve_backend(None, zl.device), "B": B, "V": V,
                      "dtype": dtype_name, "cache": "warm", "median_us": t.median_us, "p90_us": t.p90_us,
                      "runs": t.runs, "GB/s": gbs})
     floor = rows[0]["median_us"]
@@ -195,6 +223,8 @@ def _print_row(r) -> None:
         extra += f"  {r['vs steer+argmax']:.2f}x vs steer+argmax"
     if "vs GEMV" in r:
         extra += f"  {r['vs GEMV']:.2f} of the GEMV's time"
+    if r.get("graph_us", "") != "":
+        extra += f"  graph {r['graph_us']:.1f} us"
     copy = f"  {r['copy %']:6.1f}% copy" if "copy %" in r else ""
     print(f"{r['op'][:34]:34s} {str(r['backend']):8s} B={r['B']:<4d} V={r['V']:<7d} {r['dtype']:5s} {r['cache']:4s} "
           f"{r['median_us']:12.1f} us  {r['GB/s']:7.2f} GB/s{copy}{extra}", flush=True)
@@ -210,6 +240,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--cold", action="store_true", help="also measure with the caches flushed before each call")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--compile-batches", type=int, nargs="*",
+                    help="batches at which torch.compile(reference_steer) is timed (default: every reference batch "
+                         "of the preset that compiles it; each shape is one compile)")
     ap.add_argument("--no-sampling", action="store_true", help="skip the steer_sample rows")
     ap.add_argument("--no-projection", action="store_true", help="skip the steer_from_hidden rows")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
@@ -228,8 +261,9 @@ def main(argv=None) -> int:
                 for cold in ([False, True] if args.cold else [False]):
                     ref = not args.no_reference and B <= p["ref_max_batch"]
                     sample = not args.no_sampling and B <= p["sample_max_batch"] and not cold
-                    rows = bench_case(B, V, dtype, args.device, runs=args.runs, ref=ref,
-                                      compile_ref=p["compile_ref"] and ref, cold=cold, graphs=True, sample=sample)
+                    compile_ref = p["compile_ref"] and ref and (args.compile_batches is None or B in args.compile_batches)
+                    rows = bench_case(B, V, dtype, args.device, runs=args.runs, ref=ref, compile_ref=compile_ref,
+                                      cold=cold, graphs=True, sample=sample)
                     report.rows.extend(rows)
                     for r in rows:
                         _print_row(r)
