@@ -5,12 +5,14 @@
 #   bash bench/gpu_validate.sh            (no network needed once the package's deps are present)
 # Each stage has a time budget (seconds; a stage past it is stopped and reported, the next runs):
 #   COSTEER_GPU_BUILD_S (300)  COSTEER_GPU_TEST_S (900)  COSTEER_GPU_BENCH_S (900)
-# COSTEER_GPU_TESTS: pytest targets (default tests/kernels).
+# COSTEER_GPU_TESTS: pytest targets (default tests/kernels); COSTEER_GPU_K: a pytest -k
+# expression (e.g. "not cpu" leaves the CPU-kernel tests to CI); FUZZ_CASES (default here 300).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+export FUZZ_CASES=${FUZZ_CASES:-300}
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 out=bench/GPU_REPORT.md
 logs=$(mktemp -d /tmp/costeer_gpu.XXXX)
@@ -62,11 +64,12 @@ t0=$(date +%s)
 extra=()
 "$PY" -c "import xdist" 2>/dev/null && extra+=(-n "$(( $(nproc) > 12 ? 12 : $(nproc) ))")
 "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 180 --timeout-method thread)
-timeout "${COSTEER_GPU_TEST_S:-900}" "$PY" -m pytest -v -rfEs -p no:cacheprovider "${extra[@]}" ${COSTEER_GPU_TESTS:-tests/kernels} \
+timeout "${COSTEER_GPU_TEST_S:-900}" "$PY" -m pytest -v -rfEs --tb=short -p no:cacheprovider "${extra[@]}" \
+  ${COSTEER_GPU_K:+-k "$COSTEER_GPU_K"} ${COSTEER_GPU_TESTS:-tests/kernels} \
   > "$logs/tests.log" 2>&1
 rc=$?
 summary=$(grep -E "(passed|failed|error)" "$logs/tests.log" | tail -1)
-echo "- tests (${COSTEER_GPU_TESTS:-tests/kernels}, ${extra[*]}): exit $rc in $(since "$t0") s: ${summary:-no summary (stopped at the time budget?)}" >> "$out"
+echo "- tests (${COSTEER_GPU_TESTS:-tests/kernels} ${COSTEER_GPU_K:+-k \"$COSTEER_GPU_K\"}, FUZZ_CASES=$FUZZ_CASES, ${extra[*]}): exit $rc in $(since "$t0") s: ${summary:-no summary (stopped at the time budget?)}" >> "$out"
 if [ $rc -ne 0 ]; then
   { echo '```'; grep -E "^(FAILED|ERROR)|Timeout|crashed" "$logs/tests.log" | head -60
     grep -cE " (FAILED|ERROR) " "$logs/tests.log" | sed 's/^/failing tests seen in the progress lines: /'
@@ -81,6 +84,10 @@ budget=${COSTEER_GPU_BENCH_S:-900}
 timeout "$budget" "$PY" bench/bench_kernels.py --preset op --compile-batches 1 > "$logs/bench_op.log" 2>&1 || status=1
 left=$(( budget - $(since "$t0") ))
 if [ "$left" -gt 20 ]; then
+  timeout "$left" "$PY" bench/bench_gpu_tuning.py > "$logs/bench_tuning.log" 2>&1 || status=1
+fi
+left=$(( budget - $(since "$t0") ))
+if [ "$left" -gt 20 ]; then
   timeout "$left" "$PY" bench/bench_kernels.py --batches 1 4 16 64 256 --vocabs 32000 151936 --dtypes bf16 fp32 \
     --no-reference --no-projection --name kernels_gpu_sweep > "$logs/bench_sweep.log" 2>&1 || status=1
 fi
@@ -88,6 +95,7 @@ echo "- benchmarks: $(since "$t0") s" >> "$out"
 res=$(ls -td bench/results/*/ 2>/dev/null | while read -r d; do [ -f "$d/kernels_op.json" ] && echo "$d"; done | head -1)
 if [ -n "$res" ] && [ "$(find "$res/kernels_op.json" -newer "$logs/build.log" 2>/dev/null)" ]; then
   { echo; "$PY" bench/gpu_targets.py "$res/kernels_op.json"; cat "$res/kernels_op.md"; echo
+    [ -f "$res/tuning.md" ] && { cat "$res/tuning.md"; echo; }
     [ -f "$res/kernels_gpu_sweep.md" ] && cat "$res/kernels_gpu_sweep.md"; } >> "$out"
   mkdir -p "$res/raw" && cp "$logs"/*.log "$res/raw/"
 else

@@ -76,7 +76,23 @@ def _hidden(name: str, t, rank: int, W: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()  # the steered distribution is not differentiable; W may be a Parameter
 def delta_from_hidden(hc: torch.Tensor, hn: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """W (h_c - h_n) as one product, [B, V_w] in W's dtype (fp32 accumulation in the GEMM)."""
+    """W (h_c - h_n) as one product, [B, V_w] (fp32 accumulation in the GEMM).
+
+    CUDA, fp16/bf16 W: the fp32 difference is split into hi + lo of W's dtype and both go through
+    one GEMM with fp32 output (W read once), so the delta carries only W's own rounding, as in
+    the fused kernel; elsewhere the difference is rounded to W's dtype and so is the product.
+    """
+    if W.is_cuda and W.dtype in (torch.float16, torch.bfloat16):
+        d32 = hc.float() - hn.float()
+        hi = d32.to(W.dtype)
+        lo = (d32 - hi.float()).to(W.dtype)
+        try:
+            prod = torch.mm(torch.cat([hi, lo]), W.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):  # torch without mm(out_dtype=) on CUDA
+            prod = None
+        if prod is not None:
+            B = hc.shape[0]
+            return prod[:B] + prod[B:]
     if W.dtype == torch.float32:
         dh = hc - hn if hc.dtype == torch.float32 else hc.float() - hn.float()
     else:

@@ -1,6 +1,8 @@
 // torch.ops.costeer_ext.steer: the C++ kernels behind the Python op costeer::steer.
 // The CPU build registers the CPU kernel; a build with COSTEER_WITH_CUDA also the CUDA launcher.
 #include <ATen/ATen.h>
+#include <cstdlib>
+#include <string>
 #include <torch/library.h>
 
 #ifdef COSTEER_WITH_CUDA
@@ -93,6 +95,10 @@ at::Tensor steer_cuda(const at::Tensor& llm, const at::Tensor& ctx,
   a.B = B;
   a.V = V;
   a.iterative = iter ? 1 : 0;
+  // COSTEER_CUDA_MERGE=last: the split row's last-block merge even where the barrier applies
+  // (read per call so that benchmarks and tests can compare the two in one process).
+  const char* merge = std::getenv("COSTEER_CUDA_MERGE");
+  a.force_last = merge != nullptr && std::string(merge) == "last" ? 1 : 0;
   at::Tensor u, part, flags, counters;
   if (iter) {
     u = at::empty({B, V}, out.options());
@@ -104,7 +110,7 @@ at::Tensor steer_cuda(const at::Tensor& llm, const at::Tensor& ctx,
     if (a.splits > 1) {
       part = at::empty({B * a.splits * 2}, out.options());
       flags = at::empty({B * a.splits}, status.options());
-      counters = counter_buffer(llm.device(), B);
+      counters = counter_buffer(llm.device(), 2 * B);
       a.part = part.data_ptr<float>();
       a.part_flags = flags.data_ptr<int32_t>();
       a.counters = reinterpret_cast<unsigned*>(counters.data_ptr<int32_t>());

@@ -4,11 +4,16 @@
 // Closed form: one launch, grid B * S (S blocks per row). Each block streams its segment once with
 // 16-byte loads, writes x = z_L + c_T (z_c - z_n) to `out` and keeps a per-thread online
 // (max, sum-exp). S = 1: the block normalizes its own row. S > 1: the blocks of a row publish
-// their partials and bump a per-row counter; the last to arrive merges them, normalizes the row
-// and resets the counter to 0 (so the buffer needs no memset per call and CUDA-graph replays work).
-// Last-block-merges was chosen over a grid barrier because it never waits on another block: it
-// is deadlock-free for any grid size and occupancy, at the price of one block doing the row's
-// second sweep (from L2). S is only > 1 when there are fewer rows than SMs.
+// their partials, then either
+// - barrier (when the whole grid is resident at once, from the occupancy API): the row's blocks
+//   meet at a sense-reversing counter, each merges the S partials and normalizes its own
+//   segment, still in L2; or
+// - last block: each bumps a per-row counter and the last to arrive merges and normalizes the
+//   whole row alone (never waits on another block, so safe for any grid, but one block then
+//   sweeps the whole row).
+// The counters are left as found (counts 0): no memset per call, and CUDA-graph replays work.
+// S fills every SM with as many blocks as fit: one block per SM cannot keep enough loads in
+// flight (22% of copy bandwidth at B=64 bf16 on an H200).
 // Iterative: one block per row runs the literal T-step update, T + 3 sweeps.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -212,6 +217,43 @@ __global__ void __launch_bounds__(THREADS) steer_closed_form_kernel(const SteerL
     a.part[2 * (base + k) + 1] = st.s;
     a.part_flags[base + k] = st.f;
   }
+  if (a.barrier) {
+    if (threadIdx.x == 0) {
+      unsigned* count = a.counters + 2 * r;
+      unsigned* gen = count + 1;
+      // The generation is read before arriving, so it cannot move before every block of the
+      // row has read it.
+      const unsigned g = atomicAdd(gen, 0u);
+      __threadfence();
+      if (atomicAdd(count, 1u) == (unsigned)(a.splits - 1)) {
+        atomicExch(count, 0u);
+        __threadfence();
+        atomicAdd(gen, 1u);
+      } else {
+        while (atomicAdd(gen, 0u) == g) __nanosleep(32);
+      }
+      __threadfence();
+    }
+    __syncthreads();
+    Stat m = stat_identity();
+    for (int j = threadIdx.x; j < a.splits; j += THREADS) {
+      Stat q;
+      q.m = __ldcg(a.part + 2 * (base + j));
+      q.s = __ldcg(a.part + 2 * (base + j) + 1);
+      q.f = __ldcg(a.part_flags + base + j);
+      stat_merge(m, q);
+    }
+    m = block_reduce(m);
+    if (threadIdx.x == 0) {
+      float lse;
+      const int f = finish_row(m.m, m.s, m.f, hp.ok, &lse);
+      if (k == 0) a.status[r] = f;
+      row_lse = lse;
+    }
+    __syncthreads();
+    normalize(p.out, start, end, row_lse, vec);
+    return;
+  }
   // Every thread fences its own `out` stores before the block arrives: the last block re-reads them.
   __threadfence();
   __syncthreads();
@@ -307,17 +349,39 @@ __global__ void __launch_bounds__(THREADS) steer_iterative_kernel(const SteerLau
   for (long long i = threadIdx.x; i < V; i += THREADS) p.out[i] -= fin;
 }
 
-int steer_cuda_splits(long long B, long long V, int device) {
-  static int sm_count[64] = {0};
-  int n_sm = device >= 0 && device < 64 ? sm_count[device] : 0;
-  if (n_sm == 0) {
+namespace {
+struct DeviceInfo {
+  int n_sm = 0, resident = 0;  // SMs; closed-form blocks resident per SM (occupancy API)
+};
+
+const DeviceInfo& device_info(int device) {
+  static DeviceInfo info[64];
+  static DeviceInfo fallback;
+  DeviceInfo& d = device >= 0 && device < 64 ? info[device] : fallback;
+  if (d.n_sm == 0) {
+    int n_sm = 0, per_sm = 0;
     if (cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n_sm <= 0) n_sm = 1;
-    if (device >= 0 && device < 64) sm_count[device] = n_sm;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, steer_closed_form_kernel, THREADS, 0) != cudaSuccess ||
+        per_sm <= 0) {
+      per_sm = 1;
+      cudaGetLastError();
+    }
+    d.resident = per_sm;
+    d.n_sm = n_sm;
   }
-  if (B >= n_sm) return 1;
-  // Enough blocks to cover the SMs, but at least one full vector step per thread per segment.
-  long long s = (n_sm + B - 1) / B;
-  const long long max_s = V / ((long long)THREADS * VEC);
+  return d;
+}
+}  // namespace
+
+int steer_cuda_splits(long long B, long long V, int device) {
+  const DeviceInfo& d = device_info(device);
+  const long long blocks = (long long)d.n_sm * d.resident;
+  if (B >= blocks) return 1;
+  // Fill the GPU with a grid that is resident at once (so the barrier merge applies), with at
+  // least four warps' worth of vector steps per segment.
+  long long s = blocks / B;
+  long long max_s = V / (128LL * VEC);
+  if (max_s < 1) max_s = 1;
   if (s > max_s) s = max_s;
   if (s > 1024) s = 1024;
   return s < 1 ? 1 : (int)s;
@@ -328,7 +392,13 @@ cudaError_t steer_cuda_launch(const SteerLaunch& a, cudaStream_t stream) {
   if (a.iterative) {
     steer_iterative_kernel<<<(unsigned)a.B, THREADS, 0, stream>>>(a);
   } else {
-    steer_closed_form_kernel<<<(unsigned)(a.B * a.splits), THREADS, 0, stream>>>(a);
+    SteerLaunch l = a;
+    int device = 0;
+    cudaGetDevice(&device);
+    const DeviceInfo& d = device_info(device);
+    // Spin only when every block of the grid is resident at once; otherwise the last block merges.
+    l.barrier = l.splits > 1 && !l.force_last && l.B * l.splits <= (long long)d.n_sm * d.resident ? 1 : 0;
+    steer_closed_form_kernel<<<(unsigned)(l.B * l.splits), THREADS, 0, stream>>>(l);
   }
   return cudaGetLastError();
 }

@@ -25,7 +25,9 @@ struct SteerLaunch {
   int splits;  // blocks per row (closed form); from steer_cuda_splits
   float* part;  // [B * splits * 2] when splits > 1
   int* part_flags;  // [B * splits] when splits > 1
-  unsigned* counters;  // [B], zero before the launch; left zero after it
+  unsigned* counters;  // [2 B], zero before the launch; counts left zero after it
+  int barrier;  // set by steer_cuda_launch: 1 when the whole grid is resident on the GPU at once
+  int force_last;  // 1: always the last-block merge (benchmarks, tests)
   float* u;  // [B, V] scratch of the iterative form
 };
 

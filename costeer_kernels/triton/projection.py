@@ -75,6 +75,22 @@ def _delta_tile(w_ptr, hc_ptr, hn_ptr, wrow, has, rows64, rmask, H, w_stride, hc
                 DOT_F32: tl.constexpr):
     """delta[v, r] = sum_h W[wrow[v], h] * (h_c[r, h] - h_n[r, h]) in fp32, [BLOCK_V, BLOCK_B]."""
     w_base = w_ptr + wrow.to(tl.int64)[:, None] * w_stride
+    if BLOCK_B == 1:
+        if not USE_DOT:
+            # GEMV: accumulate elementwise and reduce once at the end; a reduction per H step
+            # (the general path below) costs shuffles that keep the loads from streaming.
+            acc1 = tl.zeros((BLOCK_V, BLOCK_H), tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                hmask = offs_h < H
+                w = tl.load(w_base + offs_h[None, :], mask=has[:, None] & hmask[None, :], other=0.0)
+                hc = tl.load(hc_ptr + rows64 * hc_stride + offs_h[:, None], mask=hmask[:, None] & rmask[None, :],
+                             other=0.0)
+                hn = tl.load(hn_ptr + rows64 * hn_stride + offs_h[:, None], mask=hmask[:, None] & rmask[None, :],
+                             other=0.0)
+                dh = tl.sum(hc.to(tl.float32) - hn.to(tl.float32), axis=1)  # [BLOCK_H]
+                acc1 += w.to(tl.float32) * dh[None, :]
+            return tl.sum(acc1, axis=1)[:, None]
     acc = tl.zeros((BLOCK_V, BLOCK_B), tl.float32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -161,7 +177,10 @@ def steer_projection_kernel(
         tl.store(part_ptr + 2 * (base + sid), m, mask=rmask)
         tl.store(part_ptr + 2 * (base + sid) + 1, s, mask=rmask)
         tl.store(flag_ptr + base + sid, flags, mask=rmask)
+        # The last program normalizes whole rows of `out`, written by every thread of every
+        # program: the CTA barrier orders all our threads' stores before the one-thread release;
         # acq_rel: our partials are visible before the count, the others' after it.
+        tl.debug_barrier()
         arrived = tl.atomic_add(lock_ptr + rb, 1, sem="acq_rel")
         if arrived == nsplit - 1:
             tl.atomic_xchg(lock_ptr + rb, 0)

@@ -202,7 +202,9 @@ def steer_sample_kernel(
         tl.store(flag_ptr + base + sid, flags)
         tl.store(bk_ptr + (base + sid) * DT + dr, bk)
         tl.store(bi_ptr + (base + sid) * DT + dr, bi)
+        # The CTA barrier orders every thread's partial stores before the one-thread release;
         # acq_rel: our partials are visible before the count, the others' after it.
+        tl.debug_barrier()
         arrived = tl.atomic_add(lock_ptr + row, 1, sem="acq_rel")
         finish = arrived == nsplit - 1
         if finish:

@@ -8,9 +8,11 @@ plus the status bits. The S partials of a row are merged inside the same launch:
                 and normalizes the whole row. Runs under the CPU interpreter.
 - MERGE_BARRIER all S programs of a row meet at a barrier (sense-reversing, self-resetting),
                 each merges the partials and normalizes its own slice, which is still in L2.
-                Needs every program of the row resident at once: the launcher only picks it
-                when B * S fits the SM count. A spin-wait cannot run in the interpreter (it runs
-                programs one after another), so there it is compiled ahead of time only.
+                Needs every program of the grid resident at once: the launcher caps B * S at
+                the SM count until the compiled kernel's registers and shared memory are known,
+                then at what fits (at most TARGET_PER_SM programs per SM). A spin-wait cannot run
+                in the interpreter (it runs programs one after another), so there it is compiled
+                ahead of time only.
 Iterative: one program per row runs the literal T-step update, T+2 sweeps over the row.
 """
 from __future__ import annotations
@@ -25,6 +27,9 @@ from .. import status as st
 
 MERGE_NONE, MERGE_LAST, MERGE_BARRIER = 0, 1, 2
 MAX_SPLIT = 256
+# Programs per SM the split plan aims for: one 4-warp program per SM cannot keep enough loads in
+# flight to stream HBM (measured on an H200: 10-22% of copy bandwidth at B=64 with one per SM).
+TARGET_PER_SM = int(os.environ.get("COSTEER_TRITON_PER_SM", "4"))
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -244,7 +249,10 @@ def steer_closed_form_kernel(
         tl.store(part_ptr + 2 * (base + sid) + 1, s)
         tl.store(flag_ptr + base + sid, flags)
         if MERGE == 1:
-            # acq_rel: our partials are visible before the count, the others' after it.
+            # The last program reads the whole row of `out`, written by every thread of every
+            # program: the CTA barrier orders all our threads' stores before the (one-thread)
+            # release; acq_rel then makes our partials visible before the count, the others' after.
+            tl.debug_barrier()
             arrived = tl.atomic_add(lock_ptr + row, 1, sem="acq_rel")
             if arrived == nsplit - 1:
                 tl.atomic_xchg(lock_ptr + row, 0)
@@ -371,15 +379,36 @@ def _lock_buffer(device: torch.device, n: int, owner: str = "steer") -> torch.Te
     return buf
 
 
-def _plan(B: int, V: int, device: torch.device, num_splits, merge):
+# Co-resident programs per SM of each compiled barrier kernel, from its registers and shared
+# memory (learned by compiling it once per configuration; unknown: one per SM).
+_RESIDENT: dict = {}
+
+
+def _resident_per_sm(kernel, num_warps: int) -> int:
+    """Programs of ``kernel`` (a CompiledKernel) that fit on one SM at once."""
+    try:
+        regs = max(int(getattr(kernel, "n_regs", 0) or 0), 1)
+        smem = int(getattr(kernel.metadata, "shared", 0) or 0)
+    except Exception:  # noqa: BLE001 - unknown: stay at one per SM
+        return 1
+    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    by_regs = 65536 // (per_warp * num_warps)
+    by_threads = 64 // num_warps
+    by_smem = (227 * 1024) // (smem + 1024) if smem else 32
+    return max(1, min(by_regs, by_threads, by_smem, 32))
+
+
+def _plan(B: int, V: int, device: torch.device, num_splits, merge, *, block=None, num_warps=None, key=None):
     """(S, merge, BLOCK, num_warps) for a launch; explicit arguments win (tests, benchmarks)."""
-    block = 4096 if device.type == "cpu" else 1024
-    num_warps = 4
+    block = block or (4096 if device.type == "cpu" else 1024)
+    num_warps = num_warps or 4
     max_split = min(MAX_SPLIT, triton.cdiv(V, block))
-    if num_splits is None:
+    auto = num_splits is None
+    if auto:
         if device.type == "cuda":
             n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-            num_splits = 1 if B >= n_sm else min(n_sm // B, max_split)
+            per_sm = min(TARGET_PER_SM, _RESIDENT.get(key, 1))
+            num_splits = max(1, min((per_sm * n_sm) // B, max_split))
         else:
             num_splits = 1
     num_splits = max(1, min(int(num_splits), MAX_SPLIT))
@@ -404,7 +433,7 @@ def _check_device(t: torch.Tensor):
 
 
 def steer_triton(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits=None, merge=None,
-                 slm_index=None, drop_unmapped: bool = False) -> torch.Tensor:
+                 slm_index=None, drop_unmapped: bool = False, block=None, num_warps=None) -> torch.Tensor:
     """Launch the fused op: inputs [B, V] with unit column stride, ``out`` float32 [B, V],
     ``hp`` float64 [1 or B, 5]. Returns int32 status [B] (see ``status.py``); no host sync.
 
@@ -430,7 +459,21 @@ def steer_triton(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits=N
             zl, zc, zn_arg, hp, out, u, status, V, *common, BLOCK=block, HAS_NOCTX=has_noctx, num_warps=4, **map_kw
         )
         return status
-    S, merge_id, block, num_warps = _plan(B, V, zl.device, num_splits, merge)
+    key = (zl.device, zl.dtype, zc.dtype, zn_arg.dtype, has_noctx, mapped, block, num_warps)
+    if zl.device.type == "cuda" and num_splits is None and key not in _RESIDENT:
+        # Compile (no launch) the barrier variant once to learn how many of its programs fit on an SM.
+        try:
+            k = steer_closed_form_kernel.warmup(
+                zl, zc, zn_arg, hp, out, out, status, status, status, V, *common, grid=(1,),
+                BLOCK=block or 1024, HAS_NOCTX=has_noctx, MERGE=MERGE_BARRIER, MAX_SPLIT=MAX_SPLIT,
+                num_warps=num_warps or 4, **map_kw)
+            if hasattr(k, "_init_handles"):
+                k._init_handles()
+            _RESIDENT[key] = _resident_per_sm(k, num_warps or 4)
+        except Exception:  # noqa: BLE001 - unknown: the plan stays at one program per SM
+            _RESIDENT[key] = 1
+    S, merge_id, block, num_warps = _plan(B, V, zl.device, num_splits, merge, block=block, num_warps=num_warps,
+                                          key=key)
     part = torch.empty(2 * B * S if S > 1 else 2, dtype=torch.float32, device=zl.device)
     flags = torch.empty(B * S if S > 1 else 1, dtype=torch.int32, device=zl.device)
     lock = _lock_buffer(zl.device, 2 * B)

@@ -5,7 +5,22 @@ import torch
 
 from costeer_kernels import SteerConfig, closed_form_steer, reference_steer
 
+from ..conftest import DEVICE
+
 P_MIN = 1e-6  # errors are measured over tokens with reference probability >= P_MIN
+
+
+def device_for(backend) -> str:
+    """Where a test's inputs live for ``backend``: the C++ CPU kernel ("cpu") needs CPU tensors
+    (and rejects others), every other backend runs on the test device (cuda on a GPU machine)."""
+    return "cpu" if backend == "cpu" else DEVICE
+
+
+def config_to(cfg, device):
+    """``cfg`` with its per-row tensors on ``device`` (SteerConfig.packed rejects a mismatch)."""
+    if cfg is None or not cfg.per_row:
+        return cfg
+    return SteerConfig(*(v.to(device) if isinstance(v, torch.Tensor) else v for v in cfg.values()))
 
 
 def make_logits(B, V, dtype=torch.float32, scale=3.0, seed=0, device="cpu", row_stride=None, mask_frac=0.0):

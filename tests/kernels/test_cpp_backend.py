@@ -247,8 +247,13 @@ def test_cuda_matches_reference(shape, dtype, mode):
 
 
 @requires_cuda_backend
+@pytest.mark.parametrize("merge", ["auto", "last"])
 @pytest.mark.parametrize("mode", ["closed_form", "iterative"])
-def test_cuda_status_and_splits(mode):
+def test_cuda_status_and_splits(mode, merge, monkeypatch):
+    """Row splits of 2 and 37 blocks fit on the GPU at once (barrier merge unless
+    COSTEER_CUDA_MERGE=last), 200 x 2 rows need not (last-block merge)."""
+    if merge == "last":
+        monkeypatch.setenv("COSTEER_CUDA_MERGE", "last")
     zl, zc, zn, hp = (t.cuda() for t in _corrupt_rows())
     out, status = cpp(zl, zc, zn, hp, mode=mode)
     cpu_out, cpu_status = cpp(*(t.cpu() for t in (zl, zc, zn, hp)), mode=mode)

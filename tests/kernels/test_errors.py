@@ -6,13 +6,14 @@ import costeer_kernels as ck
 from costeer_kernels import SteerConfig, steer
 
 from ..conftest import DEVICE
+from .helpers import device_for
 
 BACKENDS = list(ck.available_backends())
 
 
-def _good(B=2, V=50):
+def _good(B=2, V=50, device=DEVICE):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(B, V, generator=g).to(DEVICE) for _ in range(3)]
+    return [torch.randn(B, V, generator=g).to(device) for _ in range(3)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -31,7 +32,7 @@ def _good(B=2, V=50):
     ],
 )
 def test_metadata_errors(backend, which, bad, exc, match):
-    args = _good()
+    args = _good(device=device_for(backend))
     args[which] = bad(args[which])
     with pytest.raises(exc, match=match):
         steer(*args, backend=backend)
@@ -52,7 +53,7 @@ def test_metadata_errors(backend, which, bad, exc, match):
     ],
 )
 def test_value_errors_from_kernel_statistics(backend, mode, which, value, match):
-    args = _good(3, 41)
+    args = _good(3, 41, device=device_for(backend))
     args[which][1, 17] = value
     with pytest.raises(ValueError, match=match):
         steer(*args, backend=backend, mode=mode)
@@ -64,7 +65,7 @@ def test_value_errors_from_kernel_statistics(backend, mode, which, value, match)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_masked_llm_row(backend):
-    args = _good()
+    args = _good(device=device_for(backend))
     args[0][0] = float("-inf")
     with pytest.raises(ValueError, match="row 0.*llm_logits has no finite entry"):
         steer(*args, backend=backend)
@@ -72,23 +73,25 @@ def test_all_masked_llm_row(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_invalid_per_row_hparams(backend):
-    args = _good(3)
-    cfg = SteerConfig(lam=torch.tensor([2.0, -1.0, 2.0], device=DEVICE))
+    dev = device_for(backend)
+    args = _good(3, device=dev)
+    cfg = SteerConfig(lam=torch.tensor([2.0, -1.0, 2.0], device=dev))
     with pytest.raises(ValueError, match="row 1.*per-row setting"):
         steer(*args, cfg, backend=backend)
     with pytest.raises(ValueError, match="one per row"):
-        steer(*_good(2), cfg, backend=backend)
+        steer(*_good(2, device=dev), cfg, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_checks(backend):
-    args = _good()
+    dev = device_for(backend)
+    args = _good(device=dev)
     with pytest.raises(ValueError, match="out has shape"):
-        steer(*args, backend=backend, out=torch.empty(2, 49, device=DEVICE))
+        steer(*args, backend=backend, out=torch.empty(2, 49, device=dev))
     with pytest.raises(TypeError, match="out must be float32"):
-        steer(*args, backend=backend, out=torch.empty(2, 50, dtype=torch.float16, device=DEVICE))
+        steer(*args, backend=backend, out=torch.empty(2, 50, dtype=torch.float16, device=dev))
     with pytest.raises(ValueError, match="unit stride"):
-        steer(*args, backend=backend, out=torch.empty(50, 2, device=DEVICE).t())
+        steer(*args, backend=backend, out=torch.empty(50, 2, device=dev).t())
 
 
 def test_option_errors():
@@ -121,7 +124,8 @@ def test_tiny_coefficient_still_steers_infinite_deltas(backend, mode):
     from costeer_kernels import steer_sample
 
     cfg = SteerConfig(T=1, alpha=0.0, beta=2.26e-168, lam=1.0, eta=1.0)
-    zl, zc = torch.zeros(2, 3, device=DEVICE), torch.zeros(2, 3, device=DEVICE)
+    dev = device_for(backend)
+    zl, zc = torch.zeros(2, 3, device=dev), torch.zeros(2, 3, device=dev)
     zn = zc.clone()
     zn[1, 1] = float("-inf")
     with pytest.raises(ValueError, match="row 1"):

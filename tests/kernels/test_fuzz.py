@@ -12,7 +12,7 @@ import costeer_kernels as ck
 from costeer_kernels import SteerConfig, closed_form_steer, steer
 
 from ..conftest import DEVICE
-from .helpers import masked_err
+from .helpers import config_to, device_for, masked_err
 
 CASES = int(os.environ.get("FUZZ_CASES", "2000"))
 BACKENDS = [b for b in ck.available_backends()]
@@ -61,11 +61,14 @@ def steer_inputs(draw):
     else:
         cfg = SteerConfig(T=draw(st.integers(0, 60)), alpha=draw(st.floats(0, 4)), beta=draw(st.floats(0, 3)),
                           lam=draw(st.floats(0.05, 4)), eta=draw(st.floats(0.05, 30)))
-    if DEVICE != "cpu":
-        zl, zc, zn = zl.to(DEVICE), zc.to(DEVICE), zn.to(DEVICE)
-        if per_row:
-            cfg = SteerConfig(*(v.to(DEVICE) for v in cfg.values()))
-    return zl, zc, zn, cfg
+    return zl, zc, zn, cfg  # CPU tensors: _on() moves them to the backend's device
+
+
+def _on(case, backend):
+    """The case on the backend's device: CPU tensors for the C++ CPU kernel, DEVICE otherwise."""
+    dev = device_for(backend)
+    zl, zc, zn, cfg = case
+    return zl.to(dev), zc.to(dev), zn.to(dev), config_to(cfg, dev)
 
 
 def _check_valid(out, zl, zc, zn, cfg, ref):
@@ -117,7 +120,7 @@ def _steered_valid(zl, zc, zn, cfg):
 @FUZZ
 @given(case=steer_inputs())
 def test_fuzz_valid_inputs(backend, case):
-    zl, zc, zn, cfg = case
+    zl, zc, zn, cfg = _on(case, backend)
     ref = _steered_valid(zl, zc, zn, cfg)
     if isinstance(ref, str):
         try:
@@ -140,7 +143,7 @@ def test_fuzz_valid_inputs(backend, case):
 @given(case=steer_inputs(), poison=st.sampled_from(["nan", "+inf", "noctx-only -inf", "all -inf"]),
        which=st.integers(0, 2), mode=st.sampled_from(["closed_form", "iterative"]))
 def test_fuzz_invalid_inputs_raise(backend, case, poison, which, mode):
-    zl, zc, zn, cfg = case
+    zl, zc, zn, cfg = _on(case, backend)
     if not isinstance(_steered_valid(zl, zc, zn, cfg), torch.Tensor):
         return  # another row is already invalid or at the float32 edge: the poisoned row may not be named first
     if backend == "triton" and DEVICE == "cpu" and mode == "iterative" and zl.shape[1] > 300:

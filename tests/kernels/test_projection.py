@@ -12,26 +12,30 @@ from costeer_kernels import SteerConfig, steer
 from costeer_kernels.projection import steer_from_hidden
 
 from ..conftest import DEVICE
-from .helpers import masked_err
+from .helpers import config_to, device_for, masked_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HAS_TRITON = "triton" in ck.available_backends()
 FAST = [b for b in ck.available_backends() if b != "triton" or DEVICE == "cuda"]
 TRITON = ["triton"] if HAS_TRITON else []
+# Every backend once (on a GPU FAST already holds "triton"); "cpu" gets CPU tensors (device_for).
+ALL = list(dict.fromkeys(FAST + TRITON))
 
 
-def _inputs(B, V, H, dtype, seed=0, scale=0.5):
+def _inputs(B, V, H, dtype, seed=0, scale=0.5, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     W = (torch.randn(V, H, generator=g) * scale / H**0.5 * 4).to(dtype)
     hc = torch.randn(B, H, generator=g).to(dtype)
     hn = (hc.float() + torch.randn(B, H, generator=g)).to(dtype)
     zl = torch.randn(B, V, generator=g) * 3
-    return [t.to(DEVICE) for t in (zl, hc, hn, W)]
+    return [t.to(device) for t in (zl, hc, hn, W)]
 
 
 def _check(out, zl, hc, hn, W, cfg=None):
     """The op issue's rule, with the materialized path as the baseline: error against the float64
-    truth <= 2x that of steer(llm, W h_c, W h_n) computed eagerly in W's dtype, + 1e-5."""
+    truth <= 2x that of steer(llm, W h_c, W h_n) computed eagerly in W's dtype, + 1e-5. Both are
+    computed on the CPU, with a CPU copy of cfg's per-row tensors."""
+    cfg = config_to(cfg, "cpu")
     Wd = W.double().cpu()
     zc, zn = hc.double().cpu() @ Wd.T, hn.double().cpu() @ Wd.T
     ref = ck.closed_form_steer(zl.double().cpu(), zc, zn, cfg, dtype=torch.float64)
@@ -45,7 +49,7 @@ def _check(out, zl, hc, hn, W, cfg=None):
     return e_out, e_base
 
 
-@pytest.mark.skipif(DEVICE != "cpu" or "cpu" not in ck.available_backends(), reason="a CPU-kernel test: needs CPU tensors and the built C++ extension (ck.available_backends() lacks 'cpu')")
+@pytest.mark.skipif("cpu" not in ck.available_backends(), reason="a CPU-kernel test: needs the built C++ extension (ck.available_backends() lacks 'cpu')")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("V,H", [(7, 1), (4099, 3), (151936, 64), (2 * 2048 + 5, 577)])
 def test_cpu_fused_projection_kernel(V, H, dtype):
@@ -54,7 +58,7 @@ def test_cpu_fused_projection_kernel(V, H, dtype):
     are strided (a column slice of a wider matrix), -inf in z_L and NaN in h."""
     from costeer_kernels._extension import steer_hidden_cpp
 
-    zl, hc, hn, W = _inputs(1, V, H, dtype, seed=V + H)
+    zl, hc, hn, W = _inputs(1, V, H, dtype, seed=V + H, device="cpu")  # CPU tensors on any machine
     zl[0, ::5] = float("-inf")
     out = steer_from_hidden(zl, hc, hn, W)
     _check(out, zl, hc, hn, W)
@@ -76,7 +80,7 @@ def test_cpu_fused_projection_kernel(V, H, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", FAST)
 def test_matches_materialized_logits(backend, dtype, B):
-    zl, hc, hn, W = _inputs(B, 4099, 257, dtype, seed=B)
+    zl, hc, hn, W = _inputs(B, 4099, 257, dtype, seed=B, device=device_for(backend))
     out = steer_from_hidden(zl, hc, hn, W, backend=backend)
     assert out.shape == (B, 4099) and out.dtype == torch.float32
     _check(out, zl, hc, hn, W)
@@ -112,24 +116,25 @@ def test_triton_split_merge_and_status(S, B):
     assert torch.isnan(out[0]).all()
 
 
-@pytest.mark.parametrize("backend", FAST + TRITON)
+@pytest.mark.parametrize("backend", ALL)
 def test_per_row_settings_iterative_out_and_1d(backend):
-    zl, hc, hn, W = _inputs(3, 301, 45, torch.float32, seed=7)
-    cfg = SteerConfig(T=torch.tensor([0, 3, 20], device=DEVICE), eta=torch.tensor([10.0, 1.0, 0.5], device=DEVICE))
+    dev = device_for(backend)
+    zl, hc, hn, W = _inputs(3, 301, 45, torch.float32, seed=7, device=dev)
+    cfg = SteerConfig(T=torch.tensor([0, 3, 20], device=dev), eta=torch.tensor([10.0, 1.0, 0.5], device=dev))
     _check(steer_from_hidden(zl, hc, hn, W, cfg, backend=backend), zl, hc, hn, W, cfg)
     it = steer_from_hidden(zl, hc, hn, W, SteerConfig(T=4), backend=backend, mode="iterative")
     cf = steer_from_hidden(zl, hc, hn, W, SteerConfig(T=4), backend=backend)
     assert (it - cf).abs().max() < 1e-4
-    buf = torch.full((3, 400), 5.0, device=DEVICE)
+    buf = torch.full((3, 400), 5.0, device=dev)
     res = steer_from_hidden(zl, hc, hn, W, backend=backend, out=buf[:, :301])
     assert res.data_ptr() == buf.data_ptr() and torch.all(buf[:, 301:] == 5.0)
     one = steer_from_hidden(zl[1], hc[1], hn[1], W, backend=backend)
     assert one.shape == (301,) and torch.allclose(one, buf[1, :301], atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", FAST + TRITON)
+@pytest.mark.parametrize("backend", ALL)
 def test_bad_values_are_reported(backend):
-    zl, hc, hn, W = _inputs(2, 101, 9, torch.float32)
+    zl, hc, hn, W = _inputs(2, 101, 9, torch.float32, device=device_for(backend))
     W[5, 2] = float("nan")
     with pytest.raises(ValueError, match=r"delta W \(h_c - h_n\) contains NaN"):
         steer_from_hidden(zl, hc, hn, W, backend=backend)
@@ -166,9 +171,9 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="slm_hidden_noctx is on meta"):
         steer_from_hidden(zl, hc, hn.to("meta"), W)
     with pytest.raises(TypeError, match="lm_head_weight must be a torch.Tensor"):
-        steer_from_hidden(zl, hc, hn, W.numpy())
+        steer_from_hidden(zl, hc, hn, W.cpu().numpy())
     with pytest.raises(ValueError, match="vocab_map has an out-of-range entry 50"):
-        steer_from_hidden(zl, hc, hn, W, vocab_map=torch.full((50,), 50))
+        steer_from_hidden(zl, hc, hn, W, vocab_map=torch.full((50,), 50, device=DEVICE))
     with pytest.raises(ValueError, match="unmapped"):
         steer_from_hidden(zl, hc, hn, W, unmapped="nope")
     with pytest.raises(ValueError, match="mode"):
@@ -176,8 +181,10 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="vocab_size"):
         steer_from_hidden(zl, hc, hn, W, vocab_size=51)
     for name in [b for b in ck.available_backends() if not ck.dispatch.supports_vocab_map(b)]:
+        dev = device_for(name)
+        args = [t.to(dev) for t in (zl, hc, hn, W)]
         with pytest.raises(ValueError, match="does not support vocab_map"):
-            steer_from_hidden(zl, hc, hn, W, vocab_map=torch.arange(50), backend=name)
+            steer_from_hidden(*args, vocab_map=torch.arange(50, device=dev), backend=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,9 +218,9 @@ def smollm2():
     )
 
 
-@pytest.mark.parametrize("backend", FAST + TRITON)
+@pytest.mark.parametrize("backend", ALL)
 def test_smollm2_head(smollm2, backend):
-    m = {k: v.to(DEVICE) for k, v in smollm2.items()}
+    m = {k: v.to(device_for(backend)) for k, v in smollm2.items()}
     assert m["W"].shape == (49152, 576)
     B, V = 2, 49152
     if backend == "triton" and DEVICE == "cpu":
@@ -277,10 +284,10 @@ def test_sample_option_matches_steer_sample(B, dtype):
 
 def test_sample_option_vocab_map_size_and_errors():
     zl, hc, hn, W = _inputs(2, 300, 33, torch.float32, seed=50)
-    zl_pad = torch.cat([zl, torch.randn(2, 8)], 1)
+    zl_pad = torch.cat([zl, torch.randn(2, 8, device=DEVICE)], 1)
     tok, _ = steer_from_hidden(zl_pad, hc, hn, W, vocab_size=300, sample={"temperature": 5.0, "num_samples": 400, "seed": 3})
     assert tok.max().item() < 300
-    idx = torch.arange(300).flip(0)
+    idx = torch.arange(300, device=DEVICE).flip(0)
     idx[::7] = -1
     for unmapped in ("keep", "drop"):
         tok, _ = steer_from_hidden(zl, hc, hn, W, vocab_map=idx, unmapped=unmapped, sample=True)
@@ -291,7 +298,7 @@ def test_sample_option_vocab_map_size_and_errors():
     with pytest.raises(TypeError, match="sample must be"):
         steer_from_hidden(zl, hc, hn, W, sample="greedy")
     with pytest.raises(ValueError, match="out= and sample="):
-        steer_from_hidden(zl, hc, hn, W, sample=True, out=torch.empty(2, 300))
+        steer_from_hidden(zl, hc, hn, W, sample=True, out=torch.empty(2, 300, device=DEVICE))
     bad = hc.clone()
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="W \\(h_c - h_n\\)"):

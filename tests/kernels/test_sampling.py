@@ -16,19 +16,25 @@ import torch
 from costeer_kernels import SteerConfig, reference_steer, steer
 from costeer_kernels.sampling import gumbel_noise, steer_sample
 
-from .helpers import make_logits
+from .helpers import device_for, make_logits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-def _cpp_sampler() -> bool:
+def _cpp_sampler_built() -> bool:
     from costeer_kernels import available_backends
     from costeer_kernels.sampling import available_samplers
 
-    return DEVICE == "cpu" and "cpu" in available_backends() and "cpu" in available_samplers()
+    return "cpu" in available_backends() and "cpu" in available_samplers()
 
 
-# The C++ CPU sampler (csrc/sample_cpu.cpp) when the extension is built (CI builds it).
-BACKENDS = ["torch", "triton"] + (["cpu"] if _cpp_sampler() else [])
+def _cpp_sampler() -> bool:
+    """Whether the C++ sampler is the default here (built, and the test device is the CPU)."""
+    return DEVICE == "cpu" and _cpp_sampler_built()
+
+
+# The C++ CPU sampler (csrc/sample_cpu.cpp) when the extension is built (CI builds it); it runs
+# on CPU tensors (device_for) on every machine, the other backends on DEVICE.
+BACKENDS = ["torch", "triton"] + (["cpu"] if _cpp_sampler_built() else [])
 N_DRAWS = 100_000
 
 
@@ -117,8 +123,8 @@ CASES = [
 ]
 
 
-def _case_inputs(V, seed=1):
-    zl, zc, zn = make_logits(1, V, seed=seed, scale=1.5, device=DEVICE)
+def _case_inputs(V, seed=1, device=DEVICE):
+    zl, zc, zn = make_logits(1, V, seed=seed, scale=1.5, device=device)
     ref = reference_steer(zl, zc, zn, dtype=torch.float64)[0].cpu()
     return zl, zc, zn, ref
 
@@ -126,7 +132,7 @@ def _case_inputs(V, seed=1):
 @pytest.mark.parametrize("V,tau,k,pj,mj", CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_distribution(backend, V, tau, k, pj, mj):
-    zl, zc, zn, ref = _case_inputs(V)
+    zl, zc, zn, ref = _case_inputs(V, device=device_for(backend))
     top_p = _top_p_keeping(ref, tau, pj, top_k=k) if pj else 1.0
     min_p = _min_p_keeping(ref, tau, mj) if mj else 0.0
     p, allowed = _target(ref, tau, k, top_p, min_p)
@@ -164,7 +170,7 @@ def test_identical_rows_triton_match_torch():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_low_precision_inputs(backend, dtype):
     V = 16
-    zl, zc, zn = make_logits(1, V, dtype=dtype, seed=4, scale=1.5, device=DEVICE)
+    zl, zc, zn = make_logits(1, V, dtype=dtype, seed=4, scale=1.5, device=device_for(backend))
     ref = reference_steer(zl, zc, zn, dtype=torch.float64)[0].cpu()
     p, allowed = _target(ref, 1.0, top_k=7)
     tok, _ = steer_sample(zl, zc, zn, temperature=1.0, top_k=7, seed=5, num_samples=N_DRAWS, backend=backend)
@@ -176,7 +182,7 @@ def test_low_precision_inputs(backend, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_tokens_never_drawn(backend):
     V = 24
-    zl, zc, zn = make_logits(1, V, seed=6, scale=1.0, device=DEVICE, mask_frac=0.3)
+    zl, zc, zn = make_logits(1, V, seed=6, scale=1.0, device=device_for(backend), mask_frac=0.3)
     zc = zc.clone()
     zc[0, 5] = float("-inf")  # banned by the small model with context alone
     ref = reference_steer(zl, zc, zn, dtype=torch.float64)[0].cpu()
@@ -190,8 +196,9 @@ def test_masked_tokens_never_drawn(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_is_steer_argmax(backend):
-    zl, zc, zn = make_logits(6, 200, seed=7, device=DEVICE)
-    cfg = SteerConfig(T=torch.tensor([0, 1, 5, 20, 20, 3], device=DEVICE))
+    dev = device_for(backend)
+    zl, zc, zn = make_logits(6, 200, seed=7, device=dev)
+    cfg = SteerConfig(T=torch.tensor([0, 1, 5, 20, 20, 3], device=dev))
     out = steer(zl, zc, zn, cfg)
     tok, lp, mp = steer_sample(zl, zc, zn, cfg, backend=backend, return_llm_max_prob=True)
     assert torch.equal(tok, out.argmax(-1))
@@ -204,7 +211,7 @@ def test_greedy_is_steer_argmax(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_ties_lowest_index(backend):
-    zl = torch.zeros(2, 64, device=DEVICE)
+    zl = torch.zeros(2, 64, device=device_for(backend))
     zl[0, [9, 17, 40]] = 3.0
     zl[1, [63, 2]] = 1.0
     z0 = torch.zeros_like(zl)
@@ -215,9 +222,10 @@ def test_greedy_ties_lowest_index(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_near_one_hot_exact(backend):
     V = 100
-    zl, zc, zn = make_logits(4, V, seed=8, scale=0.5, device=DEVICE)
+    dev = device_for(backend)
+    zl, zc, zn = make_logits(4, V, seed=8, scale=0.5, device=dev)
     zl = zl.clone()
-    hot = torch.tensor([3, 50, 99, 0], device=DEVICE)
+    hot = torch.tensor([3, 50, 99, 0], device=dev)
     zl[torch.arange(4), hot] += 60.0
     tok, lp = steer_sample(zl, zc, zn, temperature=1.0, top_p=0.95, seed=1, num_samples=2000, backend=backend)
     assert (tok == hot[:, None]).all()
@@ -226,7 +234,8 @@ def test_near_one_hot_exact(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_seed_and_offset(backend):
-    zl, zc, zn = make_logits(3, 50, seed=9, scale=0.3, device=DEVICE)
+    dev = device_for(backend)
+    zl, zc, zn = make_logits(3, 50, seed=9, scale=0.3, device=dev)
     kw = dict(temperature=1.0, num_samples=64, backend=backend)
     a, _ = steer_sample(zl, zc, zn, seed=1, **kw)
     b, _ = steer_sample(zl, zc, zn, seed=1, **kw)
@@ -235,10 +244,10 @@ def test_seed_and_offset(backend):
     assert torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, d)
     # device tensors as seed/offset: 0-d equals the Python int
-    e, _ = steer_sample(zl, zc, zn, seed=torch.tensor(1, device=DEVICE), offset=torch.tensor(0, device=DEVICE), **kw)
+    e, _ = steer_sample(zl, zc, zn, seed=torch.tensor(1, device=dev), offset=torch.tensor(0, device=dev), **kw)
     assert torch.equal(a, e)
     # per-row seeds: each row its own stream, independent of its slot in the batch
-    seeds = torch.tensor([5, 6, 7], device=DEVICE)
+    seeds = torch.tensor([5, 6, 7], device=dev)
     f, _ = steer_sample(zl, zc, zn, seed=seeds, **kw)
     g, _ = steer_sample(zl[1:2], zc[1:2], zn[1:2], seed=seeds[1:2], **kw)
     assert torch.equal(f[1:2], g)
@@ -254,13 +263,13 @@ def test_backends_draw_the_same_tokens():
     assert torch.allclose(la[a == b], lb[a == b], atol=1e-5)
 
 
-@pytest.mark.skipif(not _cpp_sampler(), reason="the C++ extension is not built (CPU sampler missing)")
+@pytest.mark.skipif(not _cpp_sampler_built(), reason="the C++ extension is not built (CPU sampler missing)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,V", [(1, 151936), (3, 4099), (2, 7), (1, 1)])
 def test_cpu_sampler_draws_what_torch_draws(B, V, dtype):
     """Same RNG, same thresholds: the C++ sampler picks the torch path's tokens (greedy with the
     row split across threads at V=151936, temperature, every filter, per-row parameters)."""
-    zl, zc, zn = (t.to(dtype) for t in make_logits(B, V, seed=21, device=DEVICE))
+    zl, zc, zn = (t.to(dtype) for t in make_logits(B, V, seed=21, device="cpu"))  # the C++ sampler: CPU tensors
     cases = [dict(), dict(temperature=0.8, seed=3, offset=5), dict(temperature=1.0, top_k=50, top_p=0.9, seed=1),
              dict(temperature=0.7, min_p=0.05, seed=2, num_samples=3),
              dict(temperature=torch.linspace(0, 1.5, B), top_k=torch.arange(B, dtype=torch.int64) * 3,
@@ -298,7 +307,7 @@ def test_gumbel_noise_is_standard_gumbel():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_invalid_inputs(backend):
-    zl, zc, zn = make_logits(3, 32, seed=12, device=DEVICE)
+    zl, zc, zn = make_logits(3, 32, seed=12, device=device_for(backend))
     bad = zc.clone()
     bad[1, 4] = float("nan")
     with pytest.raises(ValueError, match="row 1.*slm_ctx_logits contains NaN"):
