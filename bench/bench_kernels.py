@@ -103,10 +103,10 @@ def _graph_us(fn):
 def _triton_merge_variants(zl, zc, zn, out):
     """The split row's two in-launch merges side by side (barrier is the CUDA default)."""
     from costeer_kernels import SteerConfig
-    from costeer_kernels.triton.steer import _plan, steer_triton
+    from costeer_kernels.triton.steer import _plan, launch_shape, steer_triton
 
     B, V = zl.shape
-    key = (zl.device, zl.dtype, zc.dtype, zn.dtype, True, False, None, None)  # the default launch's plan
+    key = (zl.device, zl.dtype, zc.dtype, zn.dtype, True, False, *launch_shape(B, zl.device))  # the default plan
     S = _plan(B, V, zl.device, None, None, key=key)[0]
     if S == 1:
         return []

@@ -35,14 +35,23 @@ def targets(report: dict) -> list:
 
     for be in ("triton", "cuda"):
         r = _find(rows, op="steer", backend=be, B=64, V=V, dtype="bf16")
-        add(f"steer {be}, B=64 bf16: >= 85% of copy bandwidth",
-            f"{r[0]['copy %']:.0f}% ({r[0]['GB/s']:.0f} GB/s, {_us(r[0]['median_us'])})" if r else "-",
-            r[0]["copy %"] >= 85 if r else None)
+        if r:
+            # Kernel bandwidth from the CUDA-graph time where there is one (the event-timed median
+            # includes the Python call); the copy is event-timed too, but launch-bound it is not.
+            t = r[0].get("graph_us") or r[0]["median_us"]
+            share = r[0]["copy %"] * r[0]["median_us"] / t
+            gbs = r[0]["GB/s"] * r[0]["median_us"] / t
+            add(f"steer {be}, B=64 bf16: >= 85% of copy bandwidth", f"{share:.0f}% ({gbs:.0f} GB/s, {_us(t)} per call "
+                f"{'in a graph' if r[0].get('graph_us') else 'event-timed'})", share >= 85)
+        else:
+            add(f"steer {be}, B=64 bf16: >= 85% of copy bandwidth", "-", None)
     t = _find(rows, op="steer", backend="triton", B=64, V=V, dtype="bf16")
     c = _find(rows, op="steer", backend="cuda", B=64, V=V, dtype="bf16")
-    add("steer CUDA C++ within 10% of Triton (B=64 bf16)",
-        f"{c[0]['median_us'] / t[0]['median_us']:.2f}x Triton's time" if t and c else "-",
-        c[0]["median_us"] <= 1.1 * t[0]["median_us"] if t and c else None)
+    tc = (c[0].get("graph_us") or c[0]["median_us"]) if c else None
+    tt = (t[0].get("graph_us") or t[0]["median_us"]) if t else None
+    add("steer CUDA C++ within 10% of Triton (B=64 bf16, graph time)",
+        f"{tc / tt:.2f}x Triton's time ({_us(tc)} vs {_us(tt)})" if t and c else "-",
+        tc <= 1.1 * tt if t and c else None)
     for dtype in ("fp32", "bf16"):
         for be in ("triton", "cuda"):
             r = _find(rows, op="steer", backend=be, B=1, V=V, dtype=dtype)

@@ -184,11 +184,11 @@ def steer_from_hidden(
     if vocab_map is not None:
         idx = ops.map_index(vocab_map, N, V_w, zl.device, validate, exact=n is None)
 
-    name = _resolve(backend, zl.device, idx is not None, mode)
+    name, fused = _resolve(backend, zl.device, idx is not None, mode, B)
     if sample is not None and sample is not False:
         return _sample_from_hidden(llm_logits, zl, hc, hn, W, cfg, sample, name, mode, out, validate,
                                    idx, n, unmapped, rank)
-    if (name != "triton" or mode != "closed_form") and idx is None and n is None:
+    if not fused and idx is None and n is None:
         # The common case, without re-checking what is checked above: one GEMV/GEMM, one steer op.
         if name == "cpu" and mode == "closed_form" and B <= FUSED_CPU_MAX_ROWS and not torch.compiler.is_compiling():
             res = _cpu_fused(zl, hc, hn, W, cfg, out, llm_logits, validate)
@@ -215,7 +215,7 @@ def steer_from_hidden(
         if out is not None:
             return out
         return res.squeeze(0) if rank == 1 else res
-    if name != "triton" or mode != "closed_form":
+    if not fused:
         delta = delta_from_hidden(hc, hn, W)
         if vocab_map is None:
             delta = delta[:, :N] if n is not None else delta
@@ -340,10 +340,14 @@ def _cpu_steer_rows(zl, delta, hp, out2, mode):
         return None
 
 
-def _resolve(backend, device: torch.device, mapped: bool, mode: str) -> str:
-    """The fused Triton kernel by default on CUDA; otherwise the steer op's own choice."""
+def _resolve(backend, device: torch.device, mapped: bool, mode: str, B: int = 1):
+    """(steer backend, fused?): the fused Triton kernel when asked for (backend="triton", closed
+    form), and by default on CUDA for one row; otherwise one GEMM (W read once for all rows) and
+    the steer op. H200, V=151936, H=1536, bf16, B=16, CUDA-graph time: fused 1256 us, GEMM +
+    steer 148 us (bench/GPU_REPORT.md), so batches take the GEMM."""
     if backend is None or backend == "auto":
-        if device.type == "cuda" and "triton" in dispatch.available_backends() and mode == "closed_form":
-            return "triton"
-        return dispatch.resolve_backend(None, device, vocab_map=mapped)
-    return dispatch.resolve_backend(backend, device, vocab_map=mapped)
+        if device.type == "cuda" and "triton" in dispatch.available_backends() and mode == "closed_form" and B == 1:
+            return "triton", True
+        return dispatch.resolve_backend(None, device, vocab_map=mapped), False
+    name = dispatch.resolve_backend(backend, device, vocab_map=mapped)
+    return name, name == "triton" and mode == "closed_form"

@@ -258,10 +258,12 @@ __global__ void __launch_bounds__(THREADS) steer_closed_form_kernel(const SteerL
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned arrived = atomicAdd(a.counters + r, 1u);
+    // counters[2r] is the row's count in both merges; counters[2r + 1], the barrier's
+    // generation, only ever grows.
+    const unsigned arrived = atomicAdd(a.counters + 2 * r, 1u);
     is_last = arrived == (unsigned)(a.splits - 1);
     if (is_last) {
-      a.counters[r] = 0u;
+      a.counters[2 * r] = 0u;
       __threadfence();
     }
   }

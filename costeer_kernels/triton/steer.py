@@ -27,9 +27,10 @@ from .. import status as st
 
 MERGE_NONE, MERGE_LAST, MERGE_BARRIER = 0, 1, 2
 MAX_SPLIT = 256
-# Programs per SM the split plan aims for: one 4-warp program per SM cannot keep enough loads in
-# flight to stream HBM (measured on an H200: 10-22% of copy bandwidth at B=64 with one per SM).
-TARGET_PER_SM = int(os.environ.get("COSTEER_TRITON_PER_SM", "4"))
+# Programs per SM the split plan aims for (capped by what fits at once): a 4-warp program keeps
+# one block of loads in flight, so the SM needs many of them. H200, B=64 bf16, CUDA-graph time
+# (bench/bench_gpu_tuning.py): 1/SM 237 us, 2/SM 137, 4/SM 85, 8/SM 64 (BLOCK=1024) / 57 (2048).
+TARGET_PER_SM = int(os.environ.get("COSTEER_TRITON_PER_SM", "8"))
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -252,10 +253,12 @@ def steer_closed_form_kernel(
             # The last program reads the whole row of `out`, written by every thread of every
             # program: the CTA barrier orders all our threads' stores before the (one-thread)
             # release; acq_rel then makes our partials visible before the count, the others' after.
+            # lock[2r] is the row's count in both merges (left 0 by each); lock[2r + 1] is the
+            # barrier's generation, which only ever grows: never count on it.
             tl.debug_barrier()
-            arrived = tl.atomic_add(lock_ptr + row, 1, sem="acq_rel")
+            arrived = tl.atomic_add(lock_ptr + 2 * row, 1, sem="acq_rel")
             if arrived == nsplit - 1:
-                tl.atomic_xchg(lock_ptr + row, 0)
+                tl.atomic_xchg(lock_ptr + 2 * row, 0)
                 m, s, flags = _merge_partials(part_ptr, flag_ptr, base, nsplit, MAX_SPLIT)
                 lse, flags = _finish_row(m, s, flags, hp_ok)
                 tl.store(status_ptr + row, flags)
@@ -398,10 +401,18 @@ def _resident_per_sm(kernel, num_warps: int) -> int:
     return max(1, min(by_regs, by_threads, by_smem, 32))
 
 
+def launch_shape(B: int, device: torch.device, block=None, num_warps=None):
+    """(BLOCK, num_warps) of a closed-form launch. GPU: 2048 elements per 4-warp step (two 16-byte
+    loads per thread and input in flight) except at B <= 2, where 1024 splits the row over more
+    SMs (H200, V=151936, graph time: B=1 8.4 us vs 9.0, B=64 57 us vs 64, B=256 203 us vs 225)."""
+    if block is None:
+        block = 4096 if device.type == "cpu" else (1024 if B <= 2 else 2048)
+    return block, num_warps or 4
+
+
 def _plan(B: int, V: int, device: torch.device, num_splits, merge, *, block=None, num_warps=None, key=None):
     """(S, merge, BLOCK, num_warps) for a launch; explicit arguments win (tests, benchmarks)."""
-    block = block or (4096 if device.type == "cpu" else 1024)
-    num_warps = num_warps or 4
+    block, num_warps = launch_shape(B, device, block, num_warps)
     max_split = min(MAX_SPLIT, triton.cdiv(V, block))
     auto = num_splits is None
     if auto:
@@ -459,17 +470,18 @@ def steer_triton(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits=N
             zl, zc, zn_arg, hp, out, u, status, V, *common, BLOCK=block, HAS_NOCTX=has_noctx, num_warps=4, **map_kw
         )
         return status
+    block, num_warps = launch_shape(B, zl.device, block, num_warps)
     key = (zl.device, zl.dtype, zc.dtype, zn_arg.dtype, has_noctx, mapped, block, num_warps)
     if zl.device.type == "cuda" and num_splits is None and key not in _RESIDENT:
         # Compile (no launch) the barrier variant once to learn how many of its programs fit on an SM.
         try:
             k = steer_closed_form_kernel.warmup(
                 zl, zc, zn_arg, hp, out, out, status, status, status, V, *common, grid=(1,),
-                BLOCK=block or 1024, HAS_NOCTX=has_noctx, MERGE=MERGE_BARRIER, MAX_SPLIT=MAX_SPLIT,
-                num_warps=num_warps or 4, **map_kw)
+                BLOCK=block, HAS_NOCTX=has_noctx, MERGE=MERGE_BARRIER, MAX_SPLIT=MAX_SPLIT,
+                num_warps=num_warps, **map_kw)
             if hasattr(k, "_init_handles"):
                 k._init_handles()
-            _RESIDENT[key] = _resident_per_sm(k, num_warps or 4)
+            _RESIDENT[key] = _resident_per_sm(k, num_warps)
         except Exception:  # noqa: BLE001 - unknown: the plan stays at one program per SM
             _RESIDENT[key] = 1
     S, merge_id, block, num_warps = _plan(B, V, zl.device, num_splits, merge, block=block, num_warps=num_warps,

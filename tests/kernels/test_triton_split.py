@@ -61,7 +61,25 @@ def test_repeated_launches_reset_the_counters(merge):
         assert torch.equal(first, again)
     from costeer_kernels.triton.steer import _LOCKS
 
-    assert int(_LOCKS[zl.device][:8].abs().sum()) == 0 or merge == "barrier"
+    # Both merges leave the per-row counts (even slots) at 0; the barrier's generations (odd
+    # slots) only grow.
+    assert int(_LOCKS[zl.device][:8:2].abs().sum()) == 0
+
+
+def test_last_merge_ignores_the_barrier_generations():
+    """On a GPU the barrier merge (the default) and the last-program merge share the per-row
+    counters; the barrier's generation slots keep growing, and a last-program launch after it
+    must count only in the count slots (the bug the first H200 run found: rows >= 1 unmerged)."""
+    from costeer_kernels.triton.steer import _lock_buffer
+
+    zl, zc, zn = make_logits(3, 4099, device=DEVICE)
+    lock = _lock_buffer(zl.device, 6)
+    lock[1:8:2] += 7  # as if barrier launches had run before
+    gens = lock[:8].clone()
+    out, status = _launch(zl, zc, zn, SteerConfig(), 3, "last")
+    assert torch.all(status == 0)
+    check_accuracy(out, zl, zc, zn)
+    assert torch.equal(lock[:8], gens)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the interpreter's refusal")
