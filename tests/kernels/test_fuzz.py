@@ -109,9 +109,13 @@ def _steered_valid(zl, zc, zn, cfg):
     c = torch.as_tensor(_cpu(cfg).coefficient, dtype=torch.float64).reshape(-1, 1)
     zl64, zc64, zn64 = (t.cpu().double() for t in (zl, zc, zn))
     d = torch.where(zc64 == zn64, torch.zeros_like(zc64), zc64 - zn64)
-    x = zl64 + torch.where(c == 0, torch.zeros_like(d), c * d)
+    cd = torch.where(c == 0, torch.zeros_like(d), c * d)
+    x = zl64 + cd
     fin = torch.isfinite(x)
-    if bool((c.abs() > 1e36).any()) or bool((x[fin].abs() > 1e36).any()):
+    # The steering term itself counts too: on a token the LLM masks (-inf), float32 turns a term
+    # beyond its range into -inf + inf = NaN.
+    if bool((c.abs() > 1e36).any()) or bool((x[fin].abs() > 1e36).any()) or bool(
+            (cd[torch.isfinite(cd)].abs() > 1e36).any()):
         return "overflow"  # at the edge of float32: raising or a valid answer are both right
     return ref
 
