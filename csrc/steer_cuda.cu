@@ -148,6 +148,24 @@ __device__ __forceinline__ void normalize(float* out, long long start, long long
   for (long long j = start + threadIdx.x; j < end; j += THREADS) out[j] = __ldcg(out + j) - lse;
 }
 
+// The row's log-sum-exp from its S partials, written by other SMs: read through L2 (__ldcg), not
+// L1. Every thread gets it (block_reduce broadcasts); thread 0 stores the status if asked.
+__device__ float merged_lse(const SteerLaunch& a, long long r, long long base, bool ok, bool store_status) {
+  Stat m = stat_identity();
+  for (int j = threadIdx.x; j < a.splits; j += THREADS) {
+    Stat q;
+    q.m = __ldcg(a.part + 2 * (base + j));
+    q.s = __ldcg(a.part + 2 * (base + j) + 1);
+    q.f = __ldcg(a.part_flags + base + j);
+    stat_merge(m, q);
+  }
+  m = block_reduce(m);
+  float lse;
+  const int f = finish_row(m.m, m.s, m.f, ok, &lse);
+  if (store_status && threadIdx.x == 0) a.status[r] = f;
+  return lse;
+}
+
 __global__ void __launch_bounds__(THREADS) steer_closed_form_kernel(const SteerLaunch a) {
   const long long r = blockIdx.x / a.splits;
   const int k = blockIdx.x % a.splits;
@@ -235,23 +253,7 @@ __global__ void __launch_bounds__(THREADS) steer_closed_form_kernel(const SteerL
       __threadfence();
     }
     __syncthreads();
-    Stat m = stat_identity();
-    for (int j = threadIdx.x; j < a.splits; j += THREADS) {
-      Stat q;
-      q.m = __ldcg(a.part + 2 * (base + j));
-      q.s = __ldcg(a.part + 2 * (base + j) + 1);
-      q.f = __ldcg(a.part_flags + base + j);
-      stat_merge(m, q);
-    }
-    m = block_reduce(m);
-    if (threadIdx.x == 0) {
-      float lse;
-      const int f = finish_row(m.m, m.s, m.f, hp.ok, &lse);
-      if (k == 0) a.status[r] = f;
-      row_lse = lse;
-    }
-    __syncthreads();
-    normalize(p.out, start, end, row_lse, vec);
+    normalize(p.out, start, end, merged_lse(a, r, base, hp.ok, k == 0), vec);
     return;
   }
   // Every thread fences its own `out` stores before the block arrives: the last block re-reads them.
@@ -269,23 +271,8 @@ __global__ void __launch_bounds__(THREADS) steer_closed_form_kernel(const SteerL
   }
   __syncthreads();
   if (!is_last) return;
-  // Partials and `out` were written by other SMs: read them through L2 (__ldcg), not L1.
-  Stat m = stat_identity();
-  for (int j = threadIdx.x; j < a.splits; j += THREADS) {
-    Stat q;
-    q.m = __ldcg(a.part + 2 * (base + j));
-    q.s = __ldcg(a.part + 2 * (base + j) + 1);
-    q.f = __ldcg(a.part_flags + base + j);
-    stat_merge(m, q);
-  }
-  m = block_reduce(m);
-  if (threadIdx.x == 0) {
-    float lse;
-    a.status[r] = finish_row(m.m, m.s, m.f, hp.ok, &lse);
-    row_lse = lse;
-  }
-  __syncthreads();
-  normalize(p.out, 0, V, row_lse, vec);
+  // `out` was written by other SMs: normalize() reads it through L2 (__ldcg), not L1.
+  normalize(p.out, 0, V, merged_lse(a, r, base, hp.ok, true), vec);
 }
 
 __global__ void __launch_bounds__(THREADS) steer_iterative_kernel(const SteerLaunch a) {
