@@ -116,10 +116,11 @@ def _triton_merge_variants(zl, zc, zn, out):
 
 
 def _samplers(device: str):
-    from costeer_kernels.sampling import _resolve, available_samplers
+    from costeer_kernels.registry import resolve
+    from costeer_kernels.sampling import available_samplers
 
     names = [s for s in available_samplers() if (s == "torch" or s == device or (s == "triton" and device == "cuda"))]
-    return names, _resolve(None, torch.device(device))
+    return names, resolve("sample", None, torch.device(device))
 
 
 def _sampling_rows(zl, zc, zn, out, device, runs, cold, copy_gbs, row_base):

@@ -60,9 +60,9 @@ def main():
     tok, _ = steer_sample(zl, zc, zn, backend="torch")
     assert torch.equal(ref, tok), "greedy steer_sample disagrees with steer + argmax"
 
-    from costeer_kernels.sampling import _resolve
+    from costeer_kernels.registry import resolve
 
-    dflt = _resolve(None, zl.device)  # the C++ sampler when the extension is built
+    dflt = resolve("sample", None, zl.device)  # the C++ sampler when the extension is built
     tok2, _ = steer_sample(zl, zc, zn)
     assert torch.equal(ref, tok2), f"greedy steer_sample ({dflt}) disagrees with steer + argmax"
     cases = [

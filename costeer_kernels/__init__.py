@@ -3,21 +3,30 @@
 Public API:
     SteerConfig, steer_coefficient   the update's settings and its closed-form coefficient c_T
     reference_steer                  the literal T-step loop (ground truth of every test)
+    closed_form_steer                the closed form in eager torch, any dtype (no checks)
     steer                            the fused op (torch.ops.costeer.steer / steer_out)
-    steer_from_hidden                steer from the small model's hidden states (W read once, fused)
     steer_sample                     next token ids + steered log-probs, no [B, V] output
-                                     (greedy, Gumbel-max, top-k/top-p/min-p)
-    available_backends               which backends run in this process
+                                     (greedy, Gumbel-max, top-k/top-p/min-p;
+                                     torch.ops.costeer.steer_sample)
+    steer_from_hidden                steer from the small model's hidden states (W read once, fused;
+                                     torch.ops.costeer.steer_from_hidden / sample_from_hidden)
+    available_backends               which backends run in this process (registry.py)
+
+Layout: ``registry.py`` (the one backend registry), ``checks.py`` (argument checks), ``config.py``
+(settings, c_T), ``status.py`` (status bits), ``reference.py``, ``torch_backend.py``, ``triton/``,
+``_extension.py`` (the C++/CUDA loader, csrc/).
 """
-from .config import SteerConfig, steer_coefficient
-from .dispatch import available_backends
+from . import torch_backend  # noqa: F401 - registers backend "torch" first
+from .config import MAX_T, SteerConfig, steer_coefficient
 from .ops import steer
-from .reference import closed_form_steer, reference_steer
 from .projection import steer_from_hidden
+from .reference import closed_form_steer, reference_steer
+from .registry import available_backends
 from .sampling import register_sampler, steer_sample
 
 __all__ = [
     "SteerConfig",
+    "MAX_T",
     "steer_coefficient",
     "reference_steer",
     "closed_form_steer",

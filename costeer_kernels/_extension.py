@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import dispatch
+from . import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -109,13 +109,13 @@ def _call(zl, zc, zn, hp, out, mode, num_splits=0):
 
 
 def steer_cpp(zl, zc, zn, hp, out, mode: str = "closed_form", *, num_splits: int = 0) -> torch.Tensor:
-    """The backend function of "cpu" and "cuda" (dispatch.py's contract); num_splits: blocks
+    """The backend function of "cpu" and "cuda" (the registry's ``steer`` contract); num_splits: blocks
     (CUDA) or tasks (CPU) per row, 0 = automatic."""
     return _call(zl, zc, zn, hp, out, mode, num_splits)
 
 
 def sample_cpp(zl, zc, zn, hp, params, want_maxp: bool, num_samples: int = 1):
-    """The "cpu" sampler of ``steer_sample`` (sampling.py's backend contract): one pass for greedy
+    """The "cpu" sampler of ``steer_sample`` (the registry's ``sample`` contract): one pass for greedy
     rows, the [B, V] log-probs never written."""
     tok, lp, maxp, status = torch.ops.costeer_ext.sample(
         zl, zc, zn, hp, params.temperature, params.top_k, params.top_p, params.min_p,
@@ -129,20 +129,30 @@ def steer_hidden_cpp(zl, hdiff, weight, hp, out, num_splits: int = 0) -> torch.T
     return torch.ops.costeer_ext.steer_hidden(zl, hdiff, weight, hp, out, num_splits)
 
 
-def register_backends() -> None:
-    if "cpu" in dispatch._BACKENDS and _state["loaded"]:
-        return
-    if not load_extension():
-        dispatch.mark_unavailable("cpu", _state["reason"])
-        dispatch.mark_unavailable("cuda", _state["reason"])
-        return
-    dispatch.register_backend("cpu", steer_cpp)
-    from .sampling import register_sampler
+def steer_hidden_kernel(zl, hc, hn, weight, hp, out, slm_index=None, drop=False) -> torch.Tensor:
+    """The registry's ``steer_hidden`` contract on the C++ kernel (no vocabulary map)."""
+    return steer_hidden_cpp(zl, hc.float() - hn.float(), weight, hp, out)
 
-    register_sampler("cpu", sample_cpp)
+
+def sample_hidden_kernel(zl, hc, hn, weight, hp, params, want_maxp: bool, num_samples: int = 1):
+    """The registry's ``sample_hidden`` contract: W (h_c - h_n), steer and sample in one sweep."""
+    tok, lp, maxp, status = torch.ops.costeer_ext.sample_hidden(
+        zl, hc.float() - hn.float(), weight, hp, params.temperature, params.top_k, params.top_p, params.min_p,
+        params.seed, params.offset, bool(params.row_keyed), bool(want_maxp), int(num_samples))
+    return tok, lp, (maxp if want_maxp else None), status
+
+
+def register_backends() -> None:
+    """Register "cpu" (and "cuda" when built with it) in the backend registry, or record why not."""
+    if not load_extension():
+        registry.mark_unavailable("cpu", _state["reason"])
+        registry.mark_unavailable("cuda", _state["reason"])
+        return
+    registry.register_backend("cpu", registry.on_cpu, steer=steer_cpp, sample=sample_cpp,
+                              steer_hidden=steer_hidden_kernel, sample_hidden=sample_hidden_kernel)
     if has_cuda_kernel():
-        dispatch.register_backend("cuda", steer_cpp)
+        registry.register_backend("cuda", registry.on_cuda, steer=steer_cpp)
     elif not torch.cuda.is_available():
-        dispatch.mark_unavailable("cuda", "no CUDA device (torch.cuda.is_available() is False)")
+        registry.mark_unavailable("cuda", "no CUDA device (torch.cuda.is_available() is False)")
     else:
-        dispatch.mark_unavailable("cuda", f"the costeer_ext library ({_state['source']}) was built without CUDA")
+        registry.mark_unavailable("cuda", f"the costeer_ext library ({_state['source']}) was built without CUDA")

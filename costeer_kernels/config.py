@@ -7,6 +7,7 @@ need no host round trip and a call stays capturable in a CUDA graph.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Union
@@ -19,17 +20,45 @@ Param = Union[int, float, torch.Tensor]
 HPARAM_FIELDS = ("T", "alpha", "beta", "lam", "eta")
 
 
-def steer_coefficient(T: int, alpha: float, beta: float, lam: float, eta: float) -> float:
-    """c_T of the closed form ``log_softmax(z_L + c_T (z_c - z_n))``, in float64.
+# The largest T accepted: c_T costs O(T) per row in every kernel (the recurrence below), so T is
+# bounded to keep any call short; c_T grows only like log T (c_20 = 1.78, c_200 = 2.92).
+# Matches STEER_MAX_T in csrc/steer_math.h and MAX_T in triton/steer.py.
+MAX_T = 100_000
 
-    c_0 = 0,  c_t = (alpha * sum_{s<t} c_s + t*beta + c_{t-1}/eta) / (t*lam + 1/eta).
-    """
+
+@functools.lru_cache(maxsize=1024)
+def _coefficient(T: int, alpha: float, beta: float, lam: float, eta: float) -> float:
     c_prev, c_sum = 0.0, 0.0
-    for t in range(1, int(T) + 1):
+    for t in range(1, T + 1):
         c = (alpha * c_sum + t * beta + c_prev / eta) / (t * lam + 1.0 / eta)
         c_sum += c
         c_prev = c
     return c_prev
+
+
+def steer_coefficient(T: int, alpha: float, beta: float, lam: float, eta: float) -> float:
+    """c_T of the closed form ``log_softmax(z_L + c_T (z_c - z_n))``, in float64.
+
+    c_0 = 0,  c_t = (alpha * sum_{s<t} c_s + t*beta + c_{t-1}/eta) / (t*lam + 1/eta).
+    The one Python implementation of the recurrence (the kernels carry their own); cached.
+
+    Examples
+    --------
+    >>> round(steer_coefficient(20, 2.0, 1.0, 2.0, 10.0), 6)
+    1.783257
+    """
+    if not 0 <= T <= MAX_T:
+        raise ValueError(f"T must be an integer in [0, {MAX_T}], got {T}")
+    return _coefficient(int(T), float(alpha), float(beta), float(lam), float(eta))
+
+
+def row_coefficient(values) -> float:
+    """c_T of one packed (T, alpha, beta, lam, eta) row, or NaN when the row is invalid."""
+    T, alpha, beta, lam, eta = (float(v) for v in values)
+    ok = all(math.isfinite(v) for v in (T, alpha, beta, lam, eta))
+    if not (ok and 0 <= T <= MAX_T and T == math.floor(T) and lam > 0 and eta > 0):
+        return float("nan")
+    return _coefficient(int(T), alpha, beta, lam, eta)
 
 
 def _check_scalar(name: str, value) -> None:
@@ -44,9 +73,19 @@ class SteerConfig:
     """Settings of the CoSteer update (defaults: the paper's T=20, alpha=2, beta=1, lambda=2, eta=10).
 
     Each field is a Python number, or a 1-D tensor of length B for per-row settings (any numeric
-    dtype, on the inputs' device). Scalars are validated here: ``T`` an int >= 0, ``lam`` > 0,
-    ``eta`` > 0, everything finite. Tensor fields are validated by the kernel from its own
-    statistics (rows with invalid settings are reported like rows with invalid logits).
+    dtype, on the inputs' device). Scalars are validated here: ``T`` an int in [0, MAX_T]
+    (100000), ``lam`` > 0, ``eta`` > 0, everything finite. Tensor fields are validated by the
+    kernel from its own statistics (rows with invalid settings are reported like rows with invalid
+    logits, status ``BAD_HPARAMS``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from costeer_kernels import SteerConfig
+    >>> round(SteerConfig(T=20).coefficient, 6)
+    1.783257
+    >>> SteerConfig(T=torch.tensor([0, 20])).coefficient.tolist()[0]
+    0.0
     """
 
     T: Param = 20
@@ -68,8 +107,8 @@ class SteerConfig:
         if not isinstance(self.T, torch.Tensor):
             if isinstance(self.T, float) and not self.T.is_integer():
                 raise ValueError(f"SteerConfig.T must be an integer >= 0, got {self.T}")
-            if self.T < 0:
-                raise ValueError(f"SteerConfig.T must be an integer >= 0, got {self.T}")
+            if not 0 <= self.T <= MAX_T:
+                raise ValueError(f"SteerConfig.T must be an integer in [0, {MAX_T}], got {self.T}")
             object.__setattr__(self, "T", int(self.T))
         for name in ("lam", "eta"):
             v = getattr(self, name)
@@ -130,9 +169,10 @@ def _scalar_hparams(values, device: torch.device) -> torch.Tensor:
 
 
 def hparams_valid(hp: torch.Tensor) -> torch.Tensor:
-    """Bool [R]: T an integer >= 0, lam > 0, eta > 0, everything finite."""
+    """Bool [R]: T an integer in [0, MAX_T], lam > 0, eta > 0, everything finite."""
     T, lam, eta = hp[:, 0], hp[:, 3], hp[:, 4]
-    return torch.isfinite(hp).all(dim=1) & (T >= 0) & (T == torch.floor(T)) & (lam > 0) & (eta > 0)
+    return (torch.isfinite(hp).all(dim=1) & (T >= 0) & (T <= MAX_T) & (T == torch.floor(T)) & (lam > 0)
+            & (eta > 0))
 
 
 FLT_MIN = 1.17549435e-38
@@ -152,21 +192,13 @@ def coefficient_f32(c64):
 
 
 def coefficient_rows(hp: torch.Tensor) -> torch.Tensor:
-    """c_T per row of packed hparams, float64, vectorized over rows (NaN for invalid rows).
+    """c_T per row of packed hparams [R, 5], float64 on hp's device (NaN for invalid rows).
 
-    Loops to the largest T, so it reads T back to the host once: fine for the torch backend and
-    the reference, not used by the kernels (they run the recurrence per row themselves).
+    Reads the settings back to the host once and runs the scalar recurrence per distinct row
+    (cached): fine for the torch backend and the reference, not used by the kernels (they run the
+    recurrence per row themselves, without a sync).
     """
-    hp = hp.to(torch.float64)
-    valid = hparams_valid(hp)
-    safe = torch.where(valid[:, None], hp, torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0], dtype=hp.dtype, device=hp.device))
-    T, alpha, beta, lam, eta = safe.unbind(1)
-    t_max = int(T.max().item()) if T.numel() else 0
-    c_prev = torch.zeros_like(T)
-    c_sum = torch.zeros_like(T)
-    for t in range(1, t_max + 1):
-        c = (alpha * c_sum + t * beta + c_prev / eta) / (t * lam + 1.0 / eta)
-        active = T >= t
-        c_sum = torch.where(active, c_sum + c, c_sum)
-        c_prev = torch.where(active, c, c_prev)
-    return torch.where(valid, c_prev, torch.full_like(c_prev, float("nan")))
+    rows = hp.detach().to("cpu", torch.float64).tolist()
+    cache = {}
+    vals = [cache.setdefault(tuple(r), row_coefficient(r)) for r in rows]
+    return torch.tensor(vals, dtype=torch.float64).to(hp.device)

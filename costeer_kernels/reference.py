@@ -17,16 +17,7 @@ from __future__ import annotations
 import torch
 
 from .config import SteerConfig, hparams_valid
-
-
-def _masked_delta(ctx_lp: torch.Tensor, noctx_lp: torch.Tensor) -> torch.Tensor:
-    # Equal entries (in practice: both -inf) carry no delta; avoids -inf - -inf = NaN.
-    return torch.where(ctx_lp == noctx_lp, torch.zeros_like(ctx_lp), ctx_lp - noctx_lp)
-
-
-def _scaled(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # 0 * (+-inf) must stay 0: a zero weight switches a term off entirely.
-    return torch.where(scale == 0, torch.zeros_like(x), scale * x)
+from .torch_backend import masked_delta as _masked_delta, scaled as _scaled, steered_logits
 
 
 def reference_steer(
@@ -87,20 +78,12 @@ def closed_form_steer(
 
     ``slm_noctx_logits=None`` means ``slm_ctx_logits`` already holds the delta z_c - z_n.
     """
-    from .config import coefficient_rows
-
     cfg = SteerConfig() if cfg is None else cfg
     squeeze = llm_logits.dim() == 1
     zl = llm_logits.reshape(1, -1) if squeeze else llm_logits
     zc = slm_ctx_logits.reshape(1, -1) if squeeze else slm_ctx_logits
-    zl = zl.to(dtype)
-    if slm_noctx_logits is None:
-        d = zc.to(dtype)
-    else:
-        zn = slm_noctx_logits.reshape(1, -1) if squeeze else slm_noctx_logits
-        d = _masked_delta(zc.to(dtype), zn.to(dtype))
+    zn = None if slm_noctx_logits is None else (slm_noctx_logits.reshape(1, -1) if squeeze else slm_noctx_logits)
     hp = cfg.packed(zl.shape[0] if cfg.per_row else None, zl.device)
-    c = coefficient_rows(hp).to(dtype)[:, None]
-    x = zl + _scaled(c, d)
+    x = steered_logits(zl, zc, zn, hp, dtype=dtype)[0]
     out = torch.log_softmax(x, dim=-1)
     return out.reshape(-1) if squeeze else out

@@ -39,8 +39,8 @@ captured in a CUDA graph.
 Returned log-prob: the steered log-prob of the chosen token under p = softmax(x), i.e. before
 temperature and filters (what ``steer`` would return at that token).
 
-Backends (a small registry, ``register_sampler(name, fn)``; a C++ sampler plugs in as "cpu" /
-"cuda" and becomes the default of its device):
+Backends (the ``sample`` kernels of the one registry, ``registry.py``; registered as the torch op
+``torch.ops.costeer.steer_sample``, with a fake implementation for torch.compile):
 - "triton" (``triton/sample.py``): one launch, grid (B, S), the S programs of a row merged in the
   launch by the last one to finish; no host sync, CUDA-graph safe with ``validate=False`` and
   device-tensor seed/offset. The default on CUDA.
@@ -48,23 +48,23 @@ Backends (a small registry, ``register_sampler(name, fn)``; a C++ sampler plugs 
   computes x chunk by chunk in L1 with the row's online statistics and first argmax (greedy rows
   end there); sampling rows keep x, bisect the thresholds over it and draw by Gumbel-max, computing
   noise only for tokens that can still beat the best key found (x_v + 17 tau >= best).
-- "torch": vectorized PyTorch, the CPU fallback. On the CPU it reads a few scalars back
-  (free there); on CUDA it is correct but syncs (per-row ``cfg`` coefficients), so it is not the
-  graph-safe path. Draws the same tokens as "triton" (same RNG, same thresholds) up to float
+- "torch" (``torch_backend.py``): vectorized PyTorch, the CPU fallback. On the CPU it reads a few
+  scalars back (free there); on CUDA it is correct but syncs (per-row ``cfg`` coefficients), so it
+  is not the graph-safe path. Draws the same tokens as "triton" (same RNG, same thresholds) up to float
   rounding of the logs.
 """
 from __future__ import annotations
 
-import math
-import threading
-from typing import Callable, Dict, NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .config import coefficient_f32, coefficient_rows, steer_coefficient
-from .status import EMPTY_ROW, raise_for_status
+from . import checks, registry
+from . import torch_backend  # noqa: F401 - registers backend "torch"
+from .rng import gumbel_noise, ordered_key, philox4x32  # noqa: F401 - re-exported
+from .status import check_status
 
-__all__ = ["steer_sample", "register_sampler", "available_samplers", "SampleParams"]
+__all__ = ["steer_sample", "register_sampler", "available_samplers", "SampleParams", "make_params"]
 
 
 class SampleParams(NamedTuple):
@@ -77,401 +77,86 @@ class SampleParams(NamedTuple):
     seed: torch.Tensor  # int64
     offset: torch.Tensor  # int64
     row_keyed: bool  # True: the row index enters the RNG counter (seed given once for the batch)
-    host_temperature: Optional[float] = None  # the temperature when given as a Python number
-
-
-# ---------------------------------------------------------------------------------------------
-# Backends: fn(zl, zc, zn_or_None, hparams, params, want_maxp, num_samples)
-#   -> (token int64 [B, n], logprob float32 [B, n], maxp float32 [B] or None, status int32 [B])
-# No host sync on accelerators. A C++ backend plugs in with register_sampler("cpu"/"cuda", fn).
-
-SamplerFn = Callable[..., tuple]
-_SAMPLERS: Dict[str, SamplerFn] = {}
-DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
-
-
-def register_sampler(name: str, fn: SamplerFn) -> None:
-    _SAMPLERS[name] = fn
-
-
-def _triton_sampler(*args, **kwargs):
-    from .triton.sample import sample_triton
-
-    return sample_triton(*args, **kwargs)
-
-
-def available_samplers() -> tuple:
-    return tuple(_SAMPLERS)
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    try:
-        from .triton.steer import INTERPRET
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return INTERPRET
-
-
-def _resolve(backend, device: torch.device) -> str:
-    from . import dispatch
-
-    dispatch._load_optional()  # registers the C++ samplers that can run here
-    if backend is None or backend == "auto":
-        for name in DEFAULT_ORDER.get(device.type, ("torch",)):
-            runs = device.type == "cuda" if name == "triton" else name in ("torch", device.type)
-            if name in _SAMPLERS and runs:
-                return name
-        return "torch"
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
-    if backend not in _SAMPLERS:
-        raise ValueError(f"backend must be one of {sorted(_SAMPLERS)} or None, got {backend!r}")
-    if backend == "triton" and not _triton_runs_on(device):
-        raise ValueError(
-            "backend='triton' got CPU tensors: run on a GPU, or set TRITON_INTERPRET=1 before "
-            "importing triton to run the kernel in Triton's CPU interpreter (slow; for testing)"
-        )
-    if backend in ("cpu", "cuda") and backend != device.type:
-        raise ValueError(f"backend={backend!r} cannot run on {device.type} tensors")
-    return backend
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameters
-
-
-_PARAM_CACHE: dict = {}
-
-
-def _const(value, dtype, device) -> torch.Tensor:
-    # Cached so repeated calls with Python scalars copy nothing from the host again.
-    key = (value, dtype, device)
-    t = _PARAM_CACHE.get(key)
-    if t is None:
-        if len(_PARAM_CACHE) > 1024:
-            _PARAM_CACHE.clear()
-        t = torch.tensor([value], dtype=dtype, device=device)
-        _PARAM_CACHE[key] = t
-    return t
-
-
-def _wrap64(v: int) -> int:
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >= 1 << 63 else v
-
-
-def _param(name, value, B, device, dtype, validate, check):
-    """A [1] or [B] tensor of ``dtype`` on ``device``; ``check(t) -> bool tensor`` of valid entries."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] not in (1, B)):
-            raise ValueError(f"{name} as a tensor must be 0-d, [1] or [B={B}], got shape {tuple(value.shape)}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the inputs are on {device}")
-        if value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"{name} must be a real numeric tensor, got {value.dtype}")
-        if dtype in (torch.int32, torch.int64) and value.is_floating_point():
-            if validate and not bool((value == torch.floor(value)).all()):
-                raise ValueError(f"{name} must hold integers, got {value.tolist()}")
-        if validate and check is not None:
-            ok = check(value.double() if value.is_floating_point() else value)
-            if not bool(ok.all()):
-                bad = value.reshape(-1)[~ok.reshape(-1)][0].item()
-                raise ValueError(f"{name} has an invalid value {bad} ({_RULES[name]})")
-        return value.reshape(-1).to(dtype)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-    if dtype in (torch.int32, torch.int64) and isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"{name} must be an integer, got {value}")
-        value = int(value)
-    if name == "seed":
-        value = _wrap64(int(value))
-    if name in _SCALAR_CHECKS and not _SCALAR_CHECKS[name](value):
-        raise ValueError(f"{name} must be {_RULES[name]}, got {value}")
-    return _const(value, dtype, device)
-
-
-_RULES = {
-    "temperature": "finite and >= 0 (0 = greedy)",
-    "top_k": "an integer >= 0 (0 = off)",
-    "top_p": "in (0, 1] (1 = off)",
-    "min_p": "in [0, 1] (0 = off)",
-    "offset": "an integer in [0, 2^63)",
-    "seed": "an integer",
-}
-_SCALAR_CHECKS = {
-    "temperature": lambda v: math.isfinite(v) and v >= 0,
-    "top_k": lambda v: v >= 0,
-    "top_p": lambda v: 0 < v <= 1,
-    "min_p": lambda v: 0 <= v <= 1,
-    "offset": lambda v: 0 <= v < 2**63,
-}
-_CHECKS = {
-    "temperature": lambda t: torch.isfinite(t) & (t >= 0),
-    "top_k": lambda t: t >= 0,
-    "top_p": lambda t: (t > 0) & (t <= 1),
-    "min_p": lambda t: (t >= 0) & (t <= 1),
-    "offset": lambda t: t >= 0,
-    "seed": None,
-}
 
 
 def make_params(B, device, temperature, top_k, top_p, min_p, seed, offset, validate=True) -> SampleParams:
+    """The sampling parameters checked (``checks.sample_param``) and packed for the kernels."""
     d = torch.device(device)
+    p = checks.sample_param
     return SampleParams(
-        temperature=_param("temperature", temperature, B, d, torch.float32, validate, _CHECKS["temperature"]),
-        top_k=_param("top_k", top_k, B, d, torch.int32, validate, _CHECKS["top_k"]),
-        top_p=_param("top_p", top_p, B, d, torch.float32, validate, _CHECKS["top_p"]),
-        min_p=_param("min_p", min_p, B, d, torch.float32, validate, _CHECKS["min_p"]),
-        seed=_param("seed", seed, B, d, torch.int64, validate, None),
-        offset=_param("offset", offset, B, d, torch.int64, validate, _CHECKS["offset"]),
+        temperature=p("temperature", temperature, B, d, torch.float32, validate),
+        top_k=p("top_k", top_k, B, d, torch.int32, validate),
+        top_p=p("top_p", top_p, B, d, torch.float32, validate),
+        min_p=p("min_p", min_p, B, d, torch.float32, validate),
+        seed=p("seed", seed, B, d, torch.int64, validate),
+        offset=p("offset", offset, B, d, torch.int64, validate),
         # A per-row seed tensor [B] gives each row its own stream (row index not in the counter);
         # with B = 1 both readings give the same counter.
         row_keyed=not (isinstance(seed, torch.Tensor) and seed.dim() == 1 and seed.shape[0] == B and B > 1),
-        host_temperature=None if isinstance(temperature, torch.Tensor) else float(temperature),
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The counter-based RNG in torch (bit-identical to tl.philox)
-
-_M32 = 0xFFFFFFFF
-
-
-def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
-    """Philox4x32 on int64 tensors holding uint32 values (broadcastable); Triton's constants."""
-    for _ in range(rounds):
-        pb = c2 * 0xCD9E8D57
-        pa = c0 * 0xD2511F53
-        c0, c1, c2, c3 = ((pb >> 32) & _M32) ^ c1 ^ k0, pb & _M32, ((pa >> 32) & _M32) ^ c3 ^ k1, pa & _M32
-        k0 = (k0 + 0x9E3779B9) & _M32
-        k1 = (k1 + 0xBB67AE85) & _M32
-    return c0, c1, c2, c3
+def register_sampler(name: str, fn, runs_on=None) -> None:
+    """Register ``fn`` as the ``sample`` kernel of backend ``name`` (``registry.py``'s contract)."""
+    registry.register_backend(name, runs_on or registry.anywhere, sample=fn)
 
 
-def gumbel_noise(V: int, rkey: torch.Tensor, seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """float32 [R, V] Gumbel noise; ``rkey`` int64 [R] counter row words, ``seed``/``offset`` int64
-    [R] or [1]."""
-    dev = rkey.device
-    V4 = (V + 3) // 4
-    c0 = torch.arange(V4, dtype=torch.int64, device=dev)[None, :]
-    c1 = (rkey & _M32)[:, None]
-    off = offset.reshape(-1, 1)
-    sd = seed.reshape(-1, 1)
-    r = torch.stack(philox4x32(c0, c1, off & _M32, (off >> 32) & _M32, sd & _M32, (sd >> 32) & _M32), dim=-1)
-    r = r.reshape(r.shape[0], 4 * V4)[:, :V]
-    u = (2 * (r >> 9) + 1).to(torch.float32) * 5.9604644775390625e-08
-    return -torch.log(-torch.log(u))
-
-
-def ordered_key(x: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose order is the float order of fp32 ``x`` (-0.0 == +0.0)."""
-    b = (x + 0.0).view(torch.int32)
-    return (b ^ ((b >> 31) & 0x7FFFFFFF)).to(torch.int64)
+def available_samplers() -> tuple:
+    return registry.available_backends("sample")
 
 
 # ---------------------------------------------------------------------------------------------
-# backend="torch"
-
-_CHUNK = 1 << 22  # elements of noise per chunk
+# The torch op
 
 
-_COEF_CACHE: dict = {}
-_TLS = threading.local()
+@torch.library.custom_op("costeer::steer_sample", mutates_args=())
+def steer_sample_op(
+    llm_logits: torch.Tensor,
+    slm_ctx_logits: torch.Tensor,
+    slm_noctx_logits: Optional[torch.Tensor],
+    hparams: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    row_keyed: bool,
+    want_max_prob: bool,
+    num_samples: int,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(token int64 [B, n], steered log-prob float32 [B, n], LLM max prob float32 [B] (or [0]
+    without ``want_max_prob``), status int32 [B]). Inputs already checked, [B, V]."""
+    params = SampleParams(temperature, top_k, top_p, min_p, seed, offset, row_keyed)
+    name = registry.resolve("sample", backend, llm_logits.device)
+    fn = registry.kernel(name, "sample")
+    return _outputs(fn(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, params, want_max_prob, num_samples),
+                    llm_logits)
 
 
-def _scratch(numel: int, slot: int) -> torch.Tensor:
-    """Reused CPU float32 buffers (per thread): fresh 600 KB allocations cost page faults that
-    are as expensive as the arithmetic at B = 1."""
-    bufs = getattr(_TLS, "bufs", None)
-    if bufs is None:
-        bufs = _TLS.bufs = {}
-    t = bufs.get(slot)
-    if t is None or t.numel() < numel:
-        t = bufs[slot] = torch.empty(max(numel, 1), dtype=torch.float32)
-    return t[:numel]
+def _outputs(res, like):
+    tok, lp, maxp, status = res
+    if maxp is None:
+        maxp = like.new_empty((0,), dtype=torch.float32)
+    # Contiguous outputs: the torch sampler's tokens of greedy rows are an expanded view.
+    return tok.contiguous(), lp.contiguous(), maxp.contiguous(), status.contiguous()
 
 
-def _scalar_coefficient(hp: torch.Tensor):
-    """c_T of a single packed hparams row on the CPU (cached), or None when the row is invalid."""
-    vals = tuple(hp[0].tolist())
-    c = _COEF_CACHE.get(vals, False)
-    if c is False:
-        T, alpha, beta, lam, eta = vals
-        ok = all(math.isfinite(v) for v in vals) and T >= 0 and T == math.floor(T) and lam > 0 and eta > 0
-        c = coefficient_f32(steer_coefficient(int(T), alpha, beta, lam, eta)) if ok else None
-        if len(_COEF_CACHE) > 256:
-            _COEF_CACHE.clear()
-        _COEF_CACHE[vals] = c
-    return c
+@steer_sample_op.register_fake
+def _steer_sample_fake(llm_logits, slm_ctx_logits, slm_noctx_logits, hparams, temperature, top_k, top_p, min_p,
+                       seed, offset, row_keyed, want_max_prob, num_samples, backend="auto"):
+    return sample_fake(llm_logits, want_max_prob, num_samples)
 
 
-def _steered_rows(zl, zc, zn, hp, exact: bool = False):
-    """(x float32 [B, V], status int32 [B] or a probe).
-
-    Exact path: ``status`` is steer's status bits. CPU fast path (one packed hparams row on the
-    CPU, not ``exact``): x by plain arithmetic and ``status`` is a 0-d probe tensor, the sum of
-    the small-model rows (NaN or +inf when an entry is, or on overflow). The caller adds the
-    log-sum-exp of x (NaN / +inf when x has such an entry, -inf when a row is empty) and takes
-    the exact path again when the total is not finite; host reads cost nothing on a CPU.
-    """
-    from .reference import _masked_delta, _scaled
-    from .torch_backend import row_status
-
-    B = zl.shape[0]
-    hp_rows = hp.expand(B, 5)
-    zlf = zl.float()
-    if not exact and zl.device.type == "cpu" and hp.shape[0] == 1:
-        c = _scalar_coefficient(hp)
-        if c is not None:
-            zcf = zc.float()
-            x = _scratch(B * zl.shape[1], 0).view(B, -1)
-            if zn is None:
-                probe = zcf.sum()
-                torch.add(zlf, zcf, alpha=c, out=x)
-            else:
-                znf = zn.float()
-                probe = zcf.sum() + znf.sum()
-                torch.sub(zcf, znf, out=x)
-                torch.add(zlf, x, alpha=c, out=x)
-            if c == 0.0:
-                x.copy_(zlf)
-            return x, probe
-    c = torch.nan_to_num(coefficient_f32(coefficient_rows(hp_rows)), nan=0.0)[:, None]
-    d = zc.float() if zn is None else _masked_delta(zc.float(), zn.float())
-    x = zlf + _scaled(c, d)
-    return x, row_status(zl, zc, zn, x, hp_rows)
-
-
-_ZERO_STATUS: dict = {}
-
-
-def _zero_status(B: int) -> torch.Tensor:
-    t = _ZERO_STATUS.get(B)
-    if t is None:
-        t = _ZERO_STATUS[B] = torch.zeros(B, dtype=torch.int32)
-    return t
-
-
-def _bisect(key, val_fn, lo, hi, target, active, fixed_steps: bool):
-    """Largest t in [lo, hi) with val_fn(key >= t) >= target (rows where ``active``)."""
-    hi = torch.where(active, hi, lo + 1)
-    steps = 0
-    while True:
-        live = hi - lo > 1
-        if fixed_steps:
-            if steps >= 33:
-                break
-        elif not bool(live.any()):
-            break
-        steps += 1
-        mid = (lo + hi) // 2
-        ok = val_fn(key >= mid[:, None]) >= target
-        lo = torch.where(live & ok, mid, lo)
-        hi = torch.where(live & ~ok, mid, hi)
-    return lo
-
-
-def sample_torch(zl, zc, zn, hp, params: SampleParams, want_maxp: bool, num_samples: int = 1):
-    B, V = zl.shape
-    n = int(num_samples)
-    dev = zl.device
-    on_cpu = dev.type == "cpu"
-    x, status = _steered_rows(zl, zc, zn, hp)
-    m, greedy = torch.max(x, dim=1)  # first index of the max
-    lse = torch.logsumexp(x, 1)
-    if status.dim() == 0:  # CPU fast path: check the probe
-        if float(status + lse.sum()) < float("inf") and bool((lse > float("-inf")).all()):
-            if params.host_temperature == 0.0:
-                # Greedy, every row valid: nothing else to do.
-                lp = x.gather(1, greedy[:, None]) - lse[:, None]
-                tok = greedy[:, None]
-                if n > 1:
-                    tok, lp = tok.expand(B, n).clone(), lp.expand(B, n).clone()
-                maxp = _llm_max_prob(zl, None) if want_maxp else None
-                return tok, lp, maxp, _zero_status(B)
-            status = torch.zeros(B, dtype=torch.int32, device=dev)
-        else:
-            x, status = _steered_rows(zl, zc, zn, hp, exact=True)
-            m, greedy = torch.max(x, dim=1)
-            lse = torch.logsumexp(x, 1)
-    empty = torch.isneginf(m)
-    status = status | torch.where((status == 0) & empty, EMPTY_ROW, 0).to(torch.int32)
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-
-    tau = params.temperature.expand(B)
-    tau = torch.where(tau > 0, tau, torch.zeros_like(tau))  # NaN -> greedy
-    k = params.top_k.to(torch.int64).expand(B)
-    topp = params.top_p.expand(B)
-    minp = params.min_p.expand(B)
-    use_k = (k > 0) & (k < V)
-    use_p = (topp > 0) & (topp < 1)
-    use_min = minp > 0
-    sampling = tau > 0
-    filtered = sampling & (use_k | use_p | use_min) & (status == 0)
-    tok = greedy[:, None].expand(B, n)
-
-    if (not on_cpu) or bool(sampling.any()):
-        theta = None
-        if (not on_cpu) or bool(filtered.any()):
-            key = ordered_key(x)
-            inv_tau = torch.where(sampling, 1.0 / torch.where(sampling, tau, torch.ones_like(tau)), torch.ones_like(tau))
-            w = torch.exp((x - m_safe[:, None]) * inv_tau[:, None])
-            neg = ordered_key(torch.tensor([float("-inf")], device=dev)).expand(B)
-            top = ordered_key(m_safe) + 1
-            fixed = not on_cpu
-            lo = _bisect(key, lambda ge: ge.sum(1), neg, top, k, filtered & use_k, fixed)
-            base = torch.where(key >= lo[:, None], w, torch.zeros_like(w)).sum(1)
-            lo = _bisect(key, lambda ge: torch.where(ge, w, torch.zeros_like(w)).sum(1), lo, top, topp * base,
-                         filtered & use_p, fixed)
-            thr = ordered_key(m_safe + tau * torch.log(torch.where(use_min, minp, torch.ones_like(minp))))
-            lo = torch.where(use_min, torch.maximum(lo, thr), lo)
-            theta = torch.where(filtered[:, None], key >= lo[:, None], torch.ones_like(key, dtype=torch.bool))
-        row_ids = torch.arange(B, dtype=torch.int64, device=dev)
-        seed = params.seed.expand(B)
-        offset = params.offset.expand(B)
-        base_rk = row_ids * n if params.row_keyed else torch.zeros_like(row_ids)
-        out = torch.empty(B, n, dtype=torch.int64, device=dev)
-        # Draws in chunks of (rows, draws) so that the noise stays within _CHUNK elements.
-        per = max(1, _CHUNK // V)
-        flat = B * n
-        for s in range(0, flat, per):
-            e = min(flat, s + per)
-            idx = torch.arange(s, e, device=dev)
-            r, d = idx // n, idx % n
-            g = gumbel_noise(V, base_rk[r] + d, seed[r], offset[r])
-            kk = x[r] + tau[r, None] * g
-            if theta is not None:
-                kk = torch.where(theta[r], kk, torch.full_like(kk, float("-inf")))
-            out.view(-1)[s:e] = torch.argmax(kk, dim=1)
-        tok = torch.where(sampling[:, None], out, tok)
-
-    ok = status == 0
-    lp = x.gather(1, tok) - lse[:, None]
-    lp = torch.where(ok[:, None], lp, torch.full_like(lp, float("nan")))
-    tok = torch.where(ok[:, None], tok, torch.full_like(tok, -1))
-    maxp = _llm_max_prob(zl, ok) if want_maxp else None
-    return tok, lp, maxp, status
-
-
-def _llm_max_prob(zl, ok):
-    """max_v softmax(z_L)_v = 1 / sum_v exp(z_L,v - max z_L); NaN where ``ok`` is False."""
-    zlf = zl.float()
-    ml = zlf.amax(1)
-    ml_safe = torch.where(torch.isfinite(ml), ml, torch.zeros_like(ml))
-    e = zlf - ml_safe[:, None]
-    e.exp_()
-    maxp = e.sum(1).reciprocal_()
-    good = torch.isfinite(ml) if ok is None else ok & torch.isfinite(ml)
-    return torch.where(good, maxp, torch.full_like(maxp, float("nan")))
-
-
-register_sampler("torch", sample_torch)
-register_sampler("triton", _triton_sampler)
+def sample_fake(llm_logits, want_max_prob, num_samples):
+    B = llm_logits.shape[0]
+    return (
+        llm_logits.new_empty((B, num_samples), dtype=torch.int64),
+        llm_logits.new_empty((B, num_samples), dtype=torch.float32),
+        llm_logits.new_empty((B if want_max_prob else 0,), dtype=torch.float32),
+        llm_logits.new_empty((B,), dtype=torch.int32),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,69 +182,91 @@ def steer_sample(
 ):
     """Steer the LLM's next-token distribution and pick the next token, in one op.
 
-    Same inputs, masks and validation as :func:`costeer_kernels.steer` (``llm_logits``,
-    ``slm_ctx_logits``, ``slm_noctx_logits`` [B, V] or [V], fp32/fp16/bf16; ``cfg`` a
-    :class:`SteerConfig`), but nothing of size [B, V] is written: the result is the chosen token
-    per row. The sampling rule, the filters' definitions, the sort-free threshold search and the
-    RNG are described in this module's docstring.
+    Same inputs, masks and validation as :func:`costeer_kernels.steer`, but nothing of size
+    [B, V] is written: the result is the chosen token per row. The sampling rule, the filters'
+    definitions, the sort-free threshold search and the RNG are described in this module's
+    docstring. ``torch.ops.costeer.steer_sample`` underneath: traceable by torch.compile.
 
-    Args:
-        temperature: 0 = greedy (argmax, lowest index on ties); > 0 samples exp(x / temperature).
-        top_k: keep the k largest steered logits (ties kept); 0 = off.
-        top_p: nucleus mass in (0, 1] over the top-k-renormalized tempered distribution; 1 = off.
-        min_p: keep tokens with probability >= min_p * the top probability; 0 = off.
-        seed, offset: the RNG's key and stream position (ints, or int64 device tensors 0-d/[1]/[B]).
-            Same (seed, offset) and inputs give the same tokens; advance ``offset`` per step.
-        num_samples: ``None`` (one token per row, outputs [B]) or n >= 1 independent draws per row
-            (outputs [B, n]); draws share one pass of statistics and threshold search.
-        backend: ``"torch"``, ``"triton"`` or a registered C++ name (``"cpu"``/``"cuda"``), or
-            ``None`` for the device's default (CUDA: Triton; CPU: the C++ kernel, else torch).
-        return_llm_max_prob: also return max_v softmax(llm_logits)_v per row (float32 [B]), from the
-            online-softmax statistics of z_L (confidence gating, ``costeer.gating``).
-        validate: raise ValueError for invalid rows (as ``steer``) and invalid sampling
-            parameters; with ``False`` nothing is read back (CUDA-graph safe), invalid rows give
-            token -1 and NaN log-prob, and out-of-range parameters are clamped to "off"
-            (temperature <= 0 or NaN: greedy).
+    Parameters
+    ----------
+    llm_logits, slm_ctx_logits, slm_noctx_logits : torch.Tensor
+        [B, V] or [V], fp32/fp16/bf16, as in :func:`costeer_kernels.steer` (``slm_noctx_logits``
+        may be None: ``slm_ctx_logits`` then holds the delta).
+    cfg : SteerConfig, optional
+        The update's settings (scalars or per-row tensors).
+    temperature : float or torch.Tensor
+        0 = greedy (argmax, lowest index on ties); > 0 samples exp(x / temperature).
+    top_k : int or torch.Tensor
+        Keep the k largest steered logits (ties kept); 0 = off; values >= V keep every token.
+    top_p : float or torch.Tensor
+        Nucleus mass in (0, 1] over the top-k-renormalized tempered distribution; 1 = off.
+    min_p : float or torch.Tensor
+        Keep tokens with probability >= min_p * the top probability; 0 = off.
+    seed, offset : int or torch.Tensor
+        The RNG's key and stream position (ints, or int64 device tensors 0-d/[1]/[B]). Same
+        (seed, offset) and inputs give the same tokens; advance ``offset`` per step.
+    num_samples : int, optional
+        ``None`` (one token per row, outputs [B]) or n >= 1 independent draws per row (outputs
+        [B, n]); draws share one pass of statistics and threshold search.
+    backend : str, optional
+        ``"torch"``, ``"triton"``, ``"cpu"``/``"cuda"`` (C++), or ``None`` for the device's
+        default (CUDA: Triton; CPU: the C++ kernel, else torch).
+    return_llm_max_prob : bool
+        Also return max_v softmax(llm_logits)_v per row (float32 [B]), from the online-softmax
+        statistics of z_L (confidence gating, ``costeer.gating``).
+    validate : bool
+        Raise ValueError for invalid rows (as ``steer``) and invalid sampling parameters. With
+        ``False`` nothing is read back (CUDA-graph safe), invalid rows give token -1 and NaN
+        log-prob, and out-of-range parameters are clamped (temperature inf/NaN: greedy; top_k
+        past int32: off). Under torch.compile the row check is an in-graph assertion
+        (``status.check_status``) and parameter tensors are clamped, not read back.
 
-    Every parameter is a scalar or a per-row tensor [B].
-
-    Returns:
+    Returns
+    -------
+    tuple
         ``(token_ids int64 [B], token_logprobs float32 [B])``, plus ``llm_max_prob float32 [B]``
         when asked; [B, n] for the first two with ``num_samples=n``; 0-d / [n] for [V] inputs.
         ``token_logprobs`` is the steered log-prob log softmax(x)[token], before temperature and
         filters.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from costeer_kernels import SteerConfig, steer, steer_sample
+    >>> llm, ctx, noctx = torch.randn(3, 2, 1000).unbind(0)
+    >>> tok, lp = steer_sample(llm, ctx, noctx, SteerConfig(T=20))  # greedy
+    >>> torch.equal(tok, steer(llm, ctx, noctx, SteerConfig(T=20)).argmax(-1))
+    True
+    >>> tok, lp, conf = steer_sample(llm, ctx, noctx, temperature=0.7, top_p=0.9, seed=0, offset=5,
+    ...                              return_llm_max_prob=True)
+    >>> tok.shape, bool((conf > 0).all())
+    (torch.Size([2]), True)
     """
-    from .ops import prepare
-
-    zl, zc, zn, hp, _, squeeze, _ = prepare(llm_logits, slm_ctx_logits, slm_noctx_logits, cfg, None, "closed_form", None)
+    checks.check_bool("return_llm_max_prob", return_llm_max_prob)
+    cfg = checks.check_cfg(cfg)
+    zl, zc, zn, rank = checks.logit_rows(llm_logits, slm_ctx_logits, slm_noctx_logits, same_width=True)
     B, V = zl.shape
-    name = _resolve(backend, zl.device)
-    n = check_num_samples(num_samples)
+    name = registry.resolve("sample", backend, zl.device)
+    n = checks.check_num_samples(num_samples, B)
     params = make_params(B, zl.device, temperature, top_k, top_p, min_p, seed, offset, validate)
-    tok, lp, maxp, status = _run(name, zl, zc, zn, hp, params, bool(return_llm_max_prob), n)
-    return finish(tok, lp, maxp, status, validate, num_samples, squeeze, return_llm_max_prob, raise_for_status)
+    hp = checks.packed_hparams(cfg, B, zl.device)
+    if B == 0:
+        tok, lp, maxp, status = sample_fake(zl, return_llm_max_prob, n)
+    else:
+        tok, lp, maxp, status = torch.ops.costeer.steer_sample(
+            zl, zc, zn, hp, params.temperature, params.top_k, params.top_p, params.min_p, params.seed,
+            params.offset, params.row_keyed, return_llm_max_prob, n, name)
+    return finish(tok, lp, maxp, status, validate, num_samples, rank == 1, return_llm_max_prob)
 
 
-def check_num_samples(num_samples) -> int:
-    if num_samples is not None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be None or an int >= 1, got {num_samples!r}")
-    return 1 if num_samples is None else num_samples
-
-
-def finish(tok, lp, maxp, status, validate, num_samples, squeeze, return_llm_max_prob, raise_fn):
+def finish(tok, lp, maxp, status, validate, num_samples, squeeze, return_llm_max_prob, rename=None):
     """The public return value of a sampler's outputs (shapes as documented in steer_sample)."""
-    if validate and (status.device.type != "cpu" or bool(status.any())):
-        raise_fn(status)
+    check_status(status, validate, rename)
     if num_samples is None:
         tok, lp = tok[:, 0], lp[:, 0]
     if squeeze:
         tok, lp = tok[0], lp[0]
-        maxp = None if maxp is None else maxp[0]
+        maxp = maxp[0] if return_llm_max_prob else maxp
     if return_llm_max_prob:
         return tok, lp, maxp
     return tok, lp
-
-
-def _run(name, zl, zc, zn, hp, params, want_maxp, n):
-    return _SAMPLERS[name](zl, zc, zn, hp, params, want_maxp, n)

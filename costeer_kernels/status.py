@@ -27,7 +27,7 @@ _MESSAGES = (
     (POSINF_NOCTX, ValueError, "slm_noctx_logits contains +inf (only -inf is allowed)"),
     (EMPTY_ROW, ValueError, "llm_logits has no finite entry left to sample (all -inf, or every finite token banned by slm_ctx_logits)"),
     (NOCTX_MASK, ValueError, "a steered logit is +inf or NaN: slm_noctx_logits is -inf where slm_ctx_logits is finite, or the logits overflow float32"),
-    (BAD_HPARAMS, ValueError, "cfg has an invalid per-row setting (T must be an integer >= 0, lam > 0, eta > 0, all finite)"),
+    (BAD_HPARAMS, ValueError, "cfg has an invalid per-row setting (T must be an integer in [0, 100000], lam > 0, eta > 0, all finite)"),
 )
 
 
@@ -44,3 +44,27 @@ def raise_for_status(status: torch.Tensor) -> None:
     value = int(status[row].item())
     more = f" (and {len(bad) - 1} more rows)" if len(bad) > 1 else ""
     raise ValueError(f"row {row}{more}: {describe(value)}")
+
+
+def check_status(status: torch.Tensor, validate: bool, rename=None) -> None:
+    """``validate=True``: raise for invalid rows. Eager: one host sync, a ValueError naming the
+    first invalid row and why (``rename`` may reword the message for the caller's argument
+    names). Under torch.compile a host read cannot be traced, so the check becomes an in-graph
+    assertion (``torch._assert_async``): a RuntimeError without the row's details (on CUDA a
+    device-side assert, fatal to the process: use ``validate=False`` and read the status there)."""
+    if not validate:
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async((status == 0).all(), COMPILED_MESSAGE)
+        return
+    if rename is None:
+        raise_for_status(status)
+        return
+    try:
+        raise_for_status(status)
+    except ValueError as exc:
+        raise ValueError(rename(str(exc))) from None
+
+
+COMPILED_MESSAGE = ("costeer: a row is invalid (NaN/+inf inputs, no finite LLM logit, or an invalid per-row "
+                    "setting); call the op eagerly for the row and the reason")

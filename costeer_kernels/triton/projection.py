@@ -38,6 +38,7 @@ from .steer import (
     _normalize,
     _online_update,
     _coef32,
+    _coefficient,
     _row_coefficient,
 )
 
@@ -46,27 +47,11 @@ PROJ_MAX_SPLIT = 1024
 
 @triton.jit
 def _rows_coefficient(hp_ptr, rows, rmask, hp_stride):
-    """``_row_coefficient`` for a block of rows at once (vectors; loops to the block's largest T)."""
+    """``_row_coefficient`` for a block of rows at once."""
     base = hp_ptr + rows * hp_stride
-    T = tl.load(base + 0, mask=rmask, other=0.0)
-    alpha = tl.load(base + 1, mask=rmask, other=0.0)
-    beta = tl.load(base + 2, mask=rmask, other=0.0)
-    lam = tl.load(base + 3, mask=rmask, other=1.0)
-    eta = tl.load(base + 4, mask=rmask, other=1.0)
-    ok = ((T - T) == 0.0) & ((alpha - alpha) == 0.0) & ((beta - beta) == 0.0) & ((lam - lam) == 0.0)
-    ok = ok & ((eta - eta) == 0.0) & (T >= 0.0) & (T == tl.floor(T)) & (lam > 0.0) & (eta > 0.0)
-    n = tl.where(ok, T, 0.0).to(tl.int32)
-    inv_eta = 1.0 / tl.where(ok, eta, 1.0)
-    lam = tl.where(ok, lam, 1.0)
-    c_prev = alpha * 0.0
-    c_sum = alpha * 0.0
-    for t in range(1, tl.max(n, 0) + 1):
-        tf = t * 1.0
-        c = (alpha * c_sum + tf * beta + c_prev * inv_eta) / (tf * lam + inv_eta)
-        active = t <= n
-        c_sum = tl.where(active, c_sum + c, c_sum)
-        c_prev = tl.where(active, c, c_prev)
-    return c_prev, ok
+    return _coefficient(tl.load(base + 0, mask=rmask, other=0.0), tl.load(base + 1, mask=rmask, other=0.0),
+                        tl.load(base + 2, mask=rmask, other=0.0), tl.load(base + 3, mask=rmask, other=1.0),
+                        tl.load(base + 4, mask=rmask, other=1.0), True)
 
 
 @triton.jit

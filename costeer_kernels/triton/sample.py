@@ -61,7 +61,7 @@ def _tail_stats(llm_row, ctx_row, noctx_row, V, c, m, inv_tau, piv,
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < V
-        x, _ = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, c, HAS_NOCTX)
+        x, _ = _steered_block(llm_row, ctx_row, noctx_row, llm_row, offs, mask, c, 0, HAS_NOCTX)
         key = _ordered_key(x)
         w = tl.exp((x - m) * inv_tau)
         ge = (key[:, None] >= piv[None, :]) & mask[:, None]
@@ -116,7 +116,7 @@ def _best_pass(llm_row, ctx_row, noctx_row, V, c, tau, theta, rk, off_lo, off_hi
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < V
-        x, _ = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, c, HAS_NOCTX)
+        x, _ = _steered_block(llm_row, ctx_row, noctx_row, llm_row, offs, mask, c, 0, HAS_NOCTX)
         if NOISE:
             bk, bi = _best_update(x, offs, bk, bi, tau, theta, rk, off_lo, off_hi, seed, True, USE_THETA)
         else:
@@ -181,7 +181,7 @@ def steer_sample_kernel(
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < end
-        x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, c, HAS_NOCTX)
+        x, f = _steered_block(llm_row, ctx_row, noctx_row, llm_row, offs, mask, c, 0, HAS_NOCTX)
         flags = flags | f
         m, s = _online_update(m, s, x)
         if WANT_MAXP:
@@ -264,7 +264,7 @@ def steer_sample_kernel(
 def _store_draws(llm_row, ctx_row, noctx_row, tok_ptr, lp_ptr, base, dmask, idx, c, lse, ok,
                  DT: tl.constexpr, HAS_NOCTX: tl.constexpr):
     """Token ids and their steered log-probs (x recomputed from the inputs at the chosen ids)."""
-    xt, _ = _steered_block(llm_row, ctx_row, noctx_row, idx, dmask, c, HAS_NOCTX)
+    xt, _ = _steered_block(llm_row, ctx_row, noctx_row, llm_row, idx, dmask, c, 0, HAS_NOCTX)
     dr = tl.arange(0, DT)
     tl.store(tok_ptr + base + dr, tl.where(ok, idx, -1).to(tl.int64), mask=dmask)
     tl.store(lp_ptr + base + dr, tl.where(ok, xt - lse, float("nan")), mask=dmask)

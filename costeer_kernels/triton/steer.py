@@ -23,9 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import config
 from .. import status as st
 
 MERGE_NONE, MERGE_LAST, MERGE_BARRIER = 0, 1, 2
+# The status bits (``status.py``) as compile-time constants of the kernels.
+NAN_LLM = tl.constexpr(st.NAN_LLM)
+NAN_CTX = tl.constexpr(st.NAN_CTX)
+NAN_NOCTX = tl.constexpr(st.NAN_NOCTX)
+POSINF_LLM = tl.constexpr(st.POSINF_LLM)
+POSINF_CTX = tl.constexpr(st.POSINF_CTX)
+POSINF_NOCTX = tl.constexpr(st.POSINF_NOCTX)
+EMPTY_ROW = tl.constexpr(st.EMPTY_ROW)
+NOCTX_MASK = tl.constexpr(st.NOCTX_MASK)
+BAD_HPARAMS = tl.constexpr(st.BAD_HPARAMS)
+MAX_T = tl.constexpr(config.MAX_T)
 MAX_SPLIT = 256
 # Programs per SM the split plan aims for (capped by what fits at once): a 4-warp program keeps
 # one block of loads in flight, so the SM needs many of them. H200, B=64 bf16, CUDA-graph time
@@ -40,26 +52,35 @@ def _finite64(x):
 
 
 @triton.jit
-def _row_coefficient(hp_ptr):
-    """c_T in float64 from the packed (T, alpha, beta, lam, eta) row, and whether the row is valid."""
-    T = tl.load(hp_ptr + 0)
-    alpha = tl.load(hp_ptr + 1)
-    beta = tl.load(hp_ptr + 2)
-    lam = tl.load(hp_ptr + 3)
-    eta = tl.load(hp_ptr + 4)
+def _coefficient(T, alpha, beta, lam, eta, VECTOR: tl.constexpr):
+    """c_T in float64 from (T, alpha, beta, lam, eta), scalars or vectors of rows (VECTOR: loops
+    to the largest T), and whether each setting is valid (docs/closed_form.md: the recurrence)."""
     ok = _finite64(T) & _finite64(alpha) & _finite64(beta) & _finite64(lam) & _finite64(eta)
-    ok = ok & (T >= 0.0) & (T == tl.floor(T)) & (lam > 0.0) & (eta > 0.0)
+    # T <= MAX_T: the recurrence costs O(T) per row, so no setting can make a launch hang.
+    ok = ok & (T >= 0.0) & (T <= MAX_T) & (T == tl.floor(T)) & (lam > 0.0) & (eta > 0.0)
     n = tl.where(ok, T, 0.0).to(tl.int32)
+    if VECTOR:
+        n_max = tl.max(n, 0)
+    else:
+        n_max = n
     inv_eta = 1.0 / tl.where(ok, eta, 1.0)
     lam = tl.where(ok, lam, 1.0)
     c_prev = alpha * 0.0
     c_sum = alpha * 0.0
-    for t in range(1, n + 1):
+    for t in range(1, n_max + 1):
         tf = t * 1.0
         c = (alpha * c_sum + tf * beta + c_prev * inv_eta) / (tf * lam + inv_eta)
-        c_sum += c
-        c_prev = c
+        active = t <= n
+        c_sum = tl.where(active, c_sum + c, c_sum)
+        c_prev = tl.where(active, c, c_prev)
     return c_prev, ok
+
+
+@triton.jit
+def _row_coefficient(hp_ptr):
+    """c_T in float64 from the packed (T, alpha, beta, lam, eta) row, and whether the row is valid."""
+    return _coefficient(tl.load(hp_ptr + 0), tl.load(hp_ptr + 1), tl.load(hp_ptr + 2), tl.load(hp_ptr + 3),
+                        tl.load(hp_ptr + 4), False)
 
 
 @triton.jit
@@ -70,34 +91,6 @@ def _coef32(c64):
     c = c64.to(tl.float32)
     tiny = tl.where(c64 > 0.0, 1.17549435e-38, -1.17549435e-38).to(tl.float32)
     return tl.where((c == 0.0) & (c64 != 0.0), tiny, c)
-
-
-@triton.jit
-def _steered_block(llm_ptr, ctx_ptr, noctx_ptr, offs, mask, c, HAS_NOCTX: tl.constexpr):
-    """x = z_L + c (z_c - z_n) for one block, in fp32, plus the block's input status bits."""
-    zl = tl.load(llm_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    zc = tl.load(ctx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    flags = tl.max((zl != zl).to(tl.int32), 0) * 1 | tl.max((zl == float("inf")).to(tl.int32), 0) * 8
-    flags = flags | tl.max((zc != zc).to(tl.int32), 0) * 2 | tl.max((zc == float("inf")).to(tl.int32), 0) * 16
-    if HAS_NOCTX:
-        zn = tl.load(noctx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        flags = flags | tl.max((zn != zn).to(tl.int32), 0) * 4 | tl.max((zn == float("inf")).to(tl.int32), 0) * 32
-        # A mask shared by both small-model rows (both -inf) carries no delta.
-        delta = tl.where(zc == zn, 0.0, zc - zn)
-    else:
-        delta = zc
-    x = tl.where(c == 0.0, zl, zl + c * delta)
-    return x, flags
-
-
-@triton.jit
-def _delta_block(ctx_ptr, noctx_ptr, offs, mask, HAS_NOCTX: tl.constexpr):
-    zc = tl.load(ctx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_NOCTX:
-        zn = tl.load(noctx_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        return tl.where(zc == zn, 0.0, zc - zn)
-    else:
-        return zc
 
 
 @triton.jit
@@ -120,35 +113,45 @@ def _llm_block(llm_ptr, map_ptr, offs, mask, V_slm, VOCAB_MAP: tl.constexpr, DRO
 
 
 @triton.jit
-def _steered_block_mapped(llm_ptr, ctx_ptr, noctx_ptr, map_ptr, offs, mask, c, V_slm,
-                          HAS_NOCTX: tl.constexpr, DROP: tl.constexpr):
-    """``_steered_block`` with the small-model rows gathered through the vocabulary map."""
-    idx, has = _map_block(map_ptr, offs, mask, V_slm)
-    zl = tl.load(llm_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+def _slm_block(ctx_ptr, noctx_ptr, map_ptr, offs, mask, V_slm, HAS_NOCTX: tl.constexpr, VOCAB_MAP: tl.constexpr):
+    """The small-model rows of one block (gathered through the map with VOCAB_MAP) in fp32,
+    their delta (a mask shared by both rows, both -inf, carries none) and their status bits."""
+    if VOCAB_MAP:
+        idx, has = _map_block(map_ptr, offs, mask, V_slm)
+    else:
+        idx, has = offs, mask
     zc = tl.load(ctx_ptr + idx, mask=has, other=0.0).to(tl.float32)
-    flags = tl.max((zl != zl).to(tl.int32), 0) * 1 | tl.max((zl == float("inf")).to(tl.int32), 0) * 8
-    flags = flags | tl.max((zc != zc).to(tl.int32), 0) * 2 | tl.max((zc == float("inf")).to(tl.int32), 0) * 16
+    flags = tl.max((zc != zc).to(tl.int32), 0) * NAN_CTX | tl.max((zc == float("inf")).to(tl.int32), 0) * POSINF_CTX
     if HAS_NOCTX:
         zn = tl.load(noctx_ptr + idx, mask=has, other=0.0).to(tl.float32)
-        flags = flags | tl.max((zn != zn).to(tl.int32), 0) * 4 | tl.max((zn == float("inf")).to(tl.int32), 0) * 32
+        flags = flags | tl.max((zn != zn).to(tl.int32), 0) * NAN_NOCTX
+        flags = flags | tl.max((zn == float("inf")).to(tl.int32), 0) * POSINF_NOCTX
         delta = tl.where(zc == zn, 0.0, zc - zn)
     else:
         delta = zc
-    if DROP:
-        zl = tl.where(has, zl, float("-inf"))
-    x = tl.where(c == 0.0, zl, zl + c * delta)
-    return x, flags
+    return delta, flags
 
 
 @triton.jit
-def _delta_block_mapped(ctx_ptr, noctx_ptr, map_ptr, offs, mask, V_slm, HAS_NOCTX: tl.constexpr):
-    idx, has = _map_block(map_ptr, offs, mask, V_slm)
-    zc = tl.load(ctx_ptr + idx, mask=has, other=0.0).to(tl.float32)
-    if HAS_NOCTX:
-        zn = tl.load(noctx_ptr + idx, mask=has, other=0.0).to(tl.float32)
-        return tl.where(zc == zn, 0.0, zc - zn)
-    else:
-        return zc
+def _delta_block(ctx_ptr, noctx_ptr, map_ptr, offs, mask, V_slm, HAS_NOCTX: tl.constexpr, VOCAB_MAP: tl.constexpr):
+    delta, _ = _slm_block(ctx_ptr, noctx_ptr, map_ptr, offs, mask, V_slm, HAS_NOCTX, VOCAB_MAP)
+    return delta
+
+
+@triton.jit
+def _steered_block(llm_ptr, ctx_ptr, noctx_ptr, map_ptr, offs, mask, c, V_slm,
+                   HAS_NOCTX: tl.constexpr, VOCAB_MAP: tl.constexpr = False, DROP: tl.constexpr = False):
+    """x = z_L + c (z_c - z_n) for one block, in fp32, plus the block's input status bits; with
+    VOCAB_MAP the small-model rows are read at the map's indices (``map_ptr``, width ``V_slm``)."""
+    zl = tl.load(llm_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    flags = tl.max((zl != zl).to(tl.int32), 0) * NAN_LLM | tl.max((zl == float("inf")).to(tl.int32), 0) * POSINF_LLM
+    delta, f = _slm_block(ctx_ptr, noctx_ptr, map_ptr, offs, mask, V_slm, HAS_NOCTX, VOCAB_MAP)
+    if VOCAB_MAP:
+        if DROP:
+            _, has = _map_block(map_ptr, offs, mask, V_slm)
+            zl = tl.where(has, zl, float("-inf"))
+    x = tl.where(c == 0.0, zl, zl + c * delta)
+    return x, flags | f
 
 
 @triton.jit
@@ -163,10 +166,10 @@ def _online_update(m, s, x):
 @triton.jit
 def _finish_row(m, s, flags, hp_ok):
     """Log-sum-exp and status of a row; the lse is NaN for an invalid row, so its output is NaN."""
-    flags = flags | tl.where(hp_ok, 0, 256)
+    flags = flags | tl.where(hp_ok, 0, BAD_HPARAMS)
     bad_inputs = flags != 0
-    flags = flags | tl.where(bad_inputs, 0, tl.where(m == float("-inf"), 64, 0))
-    flags = flags | tl.where(flags != 0, 0, tl.where((m == float("inf")) | (s != s) | (s == float("inf")), 128, 0))
+    flags = flags | tl.where(bad_inputs, 0, tl.where(m == float("-inf"), EMPTY_ROW, 0))
+    flags = flags | tl.where(flags != 0, 0, tl.where((m == float("inf")) | (s != s) | (s == float("inf")), NOCTX_MASK, 0))
     lse = m + tl.log(s)
     lse = tl.where(flags != 0, float("nan"), lse)
     return lse, flags
@@ -231,11 +234,8 @@ def steer_closed_form_kernel(
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < V
-        if VOCAB_MAP:
-            x, f = _steered_block_mapped(llm_row, ctx_row, noctx_row, map_ptr, offs, mask, c, V_slm,
-                                         HAS_NOCTX, DROP_UNMAPPED)
-        else:
-            x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, c, HAS_NOCTX)
+        x, f = _steered_block(llm_row, ctx_row, noctx_row, map_ptr, offs, mask, c, V_slm,
+                              HAS_NOCTX, VOCAB_MAP, DROP_UNMAPPED)
         flags = flags | f
         m, s = _online_update(m, s, x)
         tl.store(out_row + offs, x, mask=mask)
@@ -320,11 +320,8 @@ def steer_iterative_kernel(
     for off in range(0, V, BLOCK):
         offs = off + tl.arange(0, BLOCK)
         mask = offs < V
-        if VOCAB_MAP:
-            x, f = _steered_block_mapped(llm_row, ctx_row, noctx_row, map_ptr, offs, mask, tl.where(n > 0, c1, 0.0),
-                                         V_slm, HAS_NOCTX, DROP_UNMAPPED)
-        else:
-            x, f = _steered_block(llm_row, ctx_row, noctx_row, offs, mask, tl.where(n > 0, c1, 0.0), HAS_NOCTX)
+        x, f = _steered_block(llm_row, ctx_row, noctx_row, map_ptr, offs, mask, tl.where(n > 0, c1, 0.0), V_slm,
+                              HAS_NOCTX, VOCAB_MAP, DROP_UNMAPPED)
         flags = flags | f
         m, s = _online_update(m, s, x)
         zl = _llm_block(llm_row, map_ptr, offs, mask, V_slm, VOCAB_MAP, DROP_UNMAPPED)
@@ -348,10 +345,7 @@ def steer_iterative_kernel(
             mask = offs < V
             zl = _llm_block(llm_row, map_ptr, offs, mask, V_slm, VOCAB_MAP, DROP_UNMAPPED)
             b = zl - lse_b
-            if VOCAB_MAP:
-                d = _delta_block_mapped(ctx_row, noctx_row, map_ptr, offs, mask, V_slm, HAS_NOCTX)
-            else:
-                d = _delta_block(ctx_row, noctx_row, offs, mask, HAS_NOCTX)
+            d = _delta_block(ctx_row, noctx_row, map_ptr, offs, mask, V_slm, HAS_NOCTX, VOCAB_MAP)
             p = tl.load(out_row + offs, mask=mask, other=float("-inf")) - lse_p
             pb = tl.where(p == b, 0.0, p - b)
             u = tl.load(u_row + offs, mask=mask, other=0.0)

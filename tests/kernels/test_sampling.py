@@ -283,12 +283,12 @@ def test_cpu_sampler_draws_what_torch_draws(B, V, dtype):
 
 
 def test_triton_splits_merge_in_launch():
-    from costeer_kernels.ops import prepare
+    from costeer_kernels import SteerConfig
     from costeer_kernels.sampling import make_params
     from costeer_kernels.triton.sample import sample_triton
 
     zl, zc, zn = make_logits(2, 3000, seed=11, device=DEVICE)
-    zl2, zc2, zn2, hp, _, _, _ = prepare(zl, zc, zn, None, None, "closed_form", None)
+    zl2, zc2, zn2, hp = zl, zc, zn, SteerConfig().packed(None, zl.device)
     for tau, k in ((0.0, 0), (1.0, 0), (0.8, 20)):
         p = make_params(2, zl2.device, tau, k, 1.0, 0.0, 4, 0)
         one = sample_triton(zl2, zc2, zn2, hp, p, True, 1, num_splits=1)
@@ -351,9 +351,9 @@ def test_vector_inputs_and_default_backend():
     tok, lp = steer_sample(zl[0], zc[0], zn[0])
     assert tok.dim() == 0 and lp.dim() == 0
     assert tok.item() == steer(zl, zc, zn).argmax(-1).item()
-    from costeer_kernels.sampling import _resolve
+    from costeer_kernels.registry import resolve
 
-    assert _resolve(None, zl.device) == ("cpu" if _cpp_sampler() else "triton" if DEVICE == "cuda" else "torch")
+    assert resolve("sample", None, zl.device) == ("cpu" if _cpp_sampler() else "triton" if DEVICE == "cuda" else "torch")
 
 
 def test_kernel_compiles_for_sm90_without_spills():
