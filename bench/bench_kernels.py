@@ -39,7 +39,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def _backends(device: str):
     names = [b for b in ck.available_backends() if b != "triton" or device == "cuda"]
-    return [b for b in names if ck.dispatch._supports(b, torch.device(device))]
+    return [b for b in names if ck.registry._BACKENDS[b].runs_on(torch.device(device))]
 
 
 def bench_case(B, V, dtype_name, device, *, runs, ref, compile_ref, cold, graphs, sample=False):
@@ -138,7 +138,7 @@ def _sampling_rows(zl, zc, zn, out, device, runs, cold, copy_gbs, row_base):
         t = time_fn(fn, device, runs=runs, cold=cold)
         gbs = nbytes / (t.median_us * 1e-6) / 1e9
         extra = {"graph_us": _graph_us(fn)} if device == "cuda" else {}
-        rows.append({**extra, "op": op, "backend": name or ck.dispatch.resolve_backend(None, zl.device), "B": B, "V": V,
+        rows.append({**extra, "op": op, "backend": name or ck.registry.resolve("steer", None, zl.device), "B": B, "V": V,
                      "dtype": row_base["dtype"] if row_base else "", "cache": "cold" if cold else "warm",
                      "median_us": t.median_us, "p90_us": t.p90_us, "runs": t.runs, "GB/s": gbs,
                      "copy %": 100.0 * gbs / copy_gbs, "copy_GB/s": copy_gbs})
@@ -173,7 +173,7 @@ def bench_projection(B, V, H, dtype_name, device, *, runs):
         t = time_fn(fn, device, runs=runs)
         gbs = nbytes / (t.median_us * 1e-6) / 1e9
         extra = {"graph_us": _graph_us(fn)} if device == "cuda" else {}
-        rows.append({**extra, "op": f"{op} (H={H})", "backend": ck.dispatch.resolve_backend(None, zl.device), "B": B, "V": V,
+        rows.append({**extra, "op": f"{op} (H={H})", "backend": ck.registry.resolve("steer", None, zl.device), "B": B, "V": V,
                      "dtype": dtype_name, "cache": "warm", "median_us": t.median_us, "p90_us": t.p90_us,
                      "runs": t.runs, "GB/s": gbs})
     floor = rows[0]["median_us"]

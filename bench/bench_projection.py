@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     h2 = torch.cat([hc, hn], 0).contiguous()  # the batched baseline gets its rows pre-stacked
     zl = torch.randn(B, V, generator=g) * 3
     out = torch.empty(B, V)
-    backend = ck.dispatch.resolve_backend(None, zl.device)
+    backend = ck.registry.resolve("steer", None, zl.device)
 
     def fused():
         steer_from_hidden(zl, hc, hn, W, out=out, validate=False)

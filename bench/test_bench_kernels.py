@@ -9,7 +9,7 @@ import torch
 import costeer_kernels as ck
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = [b for b in ck.available_backends() if ck.dispatch._supports(b, torch.device(DEVICE)) and (b != "triton" or DEVICE == "cuda")]
+BACKENDS = [b for b in ck.available_backends() if ck.registry._BACKENDS[b].runs_on(torch.device(DEVICE)) and (b != "triton" or DEVICE == "cuda")]
 
 
 def _inputs(B, V, dtype):

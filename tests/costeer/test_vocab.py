@@ -239,11 +239,11 @@ def test_map_errors_and_backend_choice():
     bad[7] = -1
     assert torch.allclose(out, steer(zl, zc, zn, vocab_map=bad), atol=1e-6)
     # Backends without vocab_map support: skipped by default, an error when named.
-    unsupported = [b for b in ck.available_backends() if not ck.dispatch.supports_vocab_map(b)]
+    unsupported = [b for b in ck.available_backends() if not ck.registry.has_kernel(b, "steer_mapped")]
     for name in unsupported:
         with pytest.raises(ValueError, match=f"backend='{name}' does not support vocab_map"):
             steer(zl, zc, zn, vocab_map=idx, backend=name)
-    assert ck.dispatch.supports_vocab_map(ck.dispatch.resolve_backend(None, zl.device, vocab_map=True))
+    assert ck.registry.has_kernel(ck.registry.resolve("steer_mapped", None, zl.device), "steer_mapped")
 
 
 @pytest.mark.parametrize("backend", sorted(set(ck.available_backends()) - {"triton"}) + TRITON)

@@ -184,7 +184,7 @@ def test_argument_errors():
         steer_from_hidden(zl, hc, hn, W, mode="fast")
     with pytest.raises(ValueError, match="vocab_size"):
         steer_from_hidden(zl, hc, hn, W, vocab_size=51)
-    for name in [b for b in ck.available_backends() if not ck.dispatch.supports_vocab_map(b)]:
+    for name in [b for b in ck.available_backends() if not ck.registry.has_kernel(b, "steer_mapped")]:
         dev = device_for(name)
         args = [t.to(dev) for t in (zl, hc, hn, W)]
         with pytest.raises(ValueError, match="does not support vocab_map"):
