@@ -51,6 +51,14 @@ static void chunk_step(const Kernels& K, int64_t off, int64_t n, const float* l,
   }
 }
 
+// Asks for [off, off + n) of row r of o ahead of use. The sweep reads its three rows a chunk (a
+// page or two) at a time, and half-precision rows one row at a time while widening: the hardware
+// prefetchers, which stop at page boundaries, would leave each new page to a demand miss.
+static void prefetch_chunk(const Operand& o, int64_t r, int64_t off, int64_t n) {
+  const char* p = o.base + (r * o.row_stride + off) * o.esize;
+  for (int64_t b = 0; b < n * o.esize; b += 64) __builtin_prefetch(p + b, 0, 2);
+}
+
 // First sweep over [start, end) of row r from the steer inputs.
 static Part closed_form_segment(const Kernels& K, const Args& a, int64_t r, int64_t start, int64_t end,
                                 float c, bool keep_x, bool track_argmax, Part* llm) {
@@ -60,6 +68,12 @@ static Part closed_form_segment(const Kernels& K, const Args& a, int64_t r, int6
   float* out = a.out != nullptr && keep_x ? a.out + r * a.out_stride : nullptr;
   for (int64_t off = start; off < end; off += CHUNK) {
     const int64_t n = std::min(CHUNK, end - off);
+    if (off + n < end) {
+      const int64_t n2 = std::min(CHUNK, end - off - n);
+      prefetch_chunk(a.zl, r, off + n, n2);
+      prefetch_chunk(a.zc, r, off + n, n2);
+      if (a.has_noctx) prefetch_chunk(a.zn, r, off + n, n2);
+    }
     const float* l = load_f32(K, a.zl, r, off, n, buf[0]);
     const float* cc = load_f32(K, a.zc, r, off, n, buf[1]);
     const float* nn = a.has_noctx ? load_f32(K, a.zn, r, off, n, buf[2]) : nullptr;
