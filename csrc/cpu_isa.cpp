@@ -33,7 +33,7 @@ namespace portable {
 #include "cpu_loops.inc"
 
 const Kernels table = {
-    "portable", widen_f16, widen_bf16,    steer_chunk, chunk_max, exp_sum, subtract, store_shifted,
+    "portable", widen_f16, widen_bf16,    steer_chunk, nullptr, chunk_max, exp_sum, subtract, store_shifted,
     iterate_chunk, delta_chunk, project, count_ge, mass_ge, tempered,
 };
 }  // namespace portable
@@ -64,6 +64,7 @@ struct Avx2 {
   static constexpr const char* NAME = "avx2";
   static constexpr int W = 8;
   static constexpr int MAX_NR = 3;  // 4 x 3 accumulators + 3 h + 1 w = 16 ymm registers
+  static constexpr int EXP_LANES = 1;
   using V = __m256;
   using M = __m256;  // lane masks (all ones / zero)
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -80,8 +81,6 @@ struct Avx2 {
   static M neq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_NEQ_UQ); }
   static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static M nlt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_NLT_UQ); }
-  static M mask_none() { return _mm256_setzero_ps(); }
-  static M mask_or(M a, M b) { return _mm256_or_ps(a, b); }
   static bool any(M m) { return _mm256_movemask_ps(m) != 0; }
   static V zero_unless(M m, V v) { return _mm256_and_ps(m, v); }
   // 2^n for t = n + 1.5 * 2^23 (steer_exp's rounding trick): n sits in t's low mantissa bits.
@@ -132,6 +131,7 @@ struct Avx512 {
   static constexpr const char* NAME = "avx512";
   static constexpr int W = 16;
   static constexpr int MAX_NR = 4;  // 4 x 4 accumulators of 32 zmm registers
+  static constexpr int EXP_LANES = 2;
   using V = __m512;
   using M = __mmask16;
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -148,8 +148,6 @@ struct Avx512 {
   static M neq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ); }
   static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static M nlt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ); }
-  static M mask_none() { return 0; }
-  static M mask_or(M a, M b) { return (M)(a | b); }
   static bool any(M m) { return m != 0; }
   static V zero_unless(M m, V v) { return _mm512_maskz_mov_ps(m, v); }
   static V pow2_of_rounded(V t) {

@@ -28,19 +28,11 @@ static int64_t first_index_of(const float* x, int64_t n, float v) {
   return -1;
 }
 
-// One chunk of the first sweep: x into `x`, its statistics merged into p (and z_L's into *llm).
-static void chunk_step(const Kernels& K, int64_t off, int64_t n, const float* l, const float* cc, const float* nn,
-                       float c, float* x, Part& p, bool track_argmax, Part* llm) {
-  const float offset = p.m;
-  float sc;
-  const float mc = K.steer_chunk(l, cc, nn, x, n, c, offset, &sc, &p.flags);
+// Merges a chunk's (max mc, sum sc of exp(x - offset)) into p; x is the chunk, still in L1.
+static void chunk_merge(const Kernels& K, int64_t off, int64_t n, const float* x, float offset, float mc, float sc,
+                        Part& p, bool track_argmax) {
   // Chunks come in index order: only a strictly larger max moves the first argmax.
   if (track_argmax && mc > p.m) p.argmax = off + first_index_of(x, n, mc);
-  if (llm != nullptr) {
-    // z_L's own softmax statistics (confidence gating), from the chunk already in cache.
-    const float ml = K.chunk_max(l, n);
-    online_merge(llm->m, llm->s, ml, K.exp_sum(l, n, ml));
-  }
   if (offset == -STEER_INF || !(mc <= offset + 64.0f)) {
     // First live chunk, or exp(x - offset) may have overflowed (or lost the chunk's largest
     // terms' precision): redo the chunk's sum around its own max, from L1.
@@ -51,33 +43,66 @@ static void chunk_step(const Kernels& K, int64_t off, int64_t n, const float* l,
   }
 }
 
-// Asks for [off, off + n) of row r of o ahead of use. The sweep reads its three rows a chunk (a
-// page or two) at a time, and half-precision rows one row at a time while widening: the hardware
-// prefetchers, which stop at page boundaries, would leave each new page to a demand miss.
+// One chunk of the first sweep from float32 rows: x into `x`, its statistics merged into p (and
+// z_L's into *llm).
+static void chunk_step(const Kernels& K, int64_t off, int64_t n, const float* l, const float* cc, const float* nn,
+                       float c, float* x, Part& p, bool track_argmax, Part* llm) {
+  const float offset = p.m;
+  float sc;
+  const float mc = K.steer_chunk(l, cc, nn, x, n, c, offset, &sc, &p.flags);
+  if (llm != nullptr) {
+    // z_L's own softmax statistics (confidence gating), from the chunk already in cache.
+    const float ml = K.chunk_max(l, n);
+    online_merge(llm->m, llm->s, ml, K.exp_sum(l, n, ml));
+  }
+  chunk_merge(K, off, n, x, offset, mc, sc, p, track_argmax);
+}
+
+static const uint16_t* row16(const Operand& o, int64_t r, int64_t off) {
+  return reinterpret_cast<const uint16_t*>(o.base) + r * o.row_stride + off;
+}
+
+// Asks for [off, off + n) of row r of o ahead of use. Half-precision rows widened into float32
+// chunks are read one row (one page) at a time: the hardware prefetchers, which stop at page
+// boundaries, would leave each new page to a demand miss with nothing else in flight. (Rows read
+// in place stream together and need no help.)
 static void prefetch_chunk(const Operand& o, int64_t r, int64_t off, int64_t n) {
   const char* p = o.base + (r * o.row_stride + off) * o.esize;
   for (int64_t b = 0; b < n * o.esize; b += 64) __builtin_prefetch(p + b, 0, 2);
 }
 
-// First sweep over [start, end) of row r from the steer inputs.
+// First sweep over [start, end) of row r from the steer inputs. Three fp16 or three bf16 rows are
+// read as they are where the path can (steer_chunk16), unless z_L's own statistics are asked for.
 static Part closed_form_segment(const Kernels& K, const Args& a, int64_t r, int64_t start, int64_t end,
                                 float c, bool keep_x, bool track_argmax, Part* llm) {
   alignas(64) float buf[3][CHUNK];
   alignas(64) float xbuf[CHUNK];
   Part p;
   float* out = a.out != nullptr && keep_x ? a.out + r * a.out_stride : nullptr;
+  const bool raw16 = K.steer_chunk16 != nullptr && llm == nullptr && a.zl.dtype != F32 && a.zc.dtype == a.zl.dtype &&
+                     (!a.has_noctx || a.zn.dtype == a.zl.dtype);
   for (int64_t off = start; off < end; off += CHUNK) {
     const int64_t n = std::min(CHUNK, end - off);
-    if (off + n < end) {
+    if (!raw16 && a.zl.dtype != F32 && off + n < end) {
       const int64_t n2 = std::min(CHUNK, end - off - n);
       prefetch_chunk(a.zl, r, off + n, n2);
       prefetch_chunk(a.zc, r, off + n, n2);
       if (a.has_noctx) prefetch_chunk(a.zn, r, off + n, n2);
     }
+    float* x = out != nullptr ? out + off : xbuf;
+    if (raw16) {
+      const float offset = p.m;
+      float sc;
+      const float mc = K.steer_chunk16(row16(a.zl, r, off), row16(a.zc, r, off),
+                                       a.has_noctx ? row16(a.zn, r, off) : nullptr, a.zl.dtype, x, n, c, offset,
+                                       &sc, &p.flags);
+      chunk_merge(K, off, n, x, offset, mc, sc, p, track_argmax);
+      continue;
+    }
     const float* l = load_f32(K, a.zl, r, off, n, buf[0]);
     const float* cc = load_f32(K, a.zc, r, off, n, buf[1]);
     const float* nn = a.has_noctx ? load_f32(K, a.zn, r, off, n, buf[2]) : nullptr;
-    chunk_step(K, off, n, l, cc, nn, c, out != nullptr ? out + off : xbuf, p, track_argmax, llm);
+    chunk_step(K, off, n, l, cc, nn, c, x, p, track_argmax, llm);
   }
   return p;
 }

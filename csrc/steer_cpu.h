@@ -50,6 +50,10 @@ struct Kernels {
   // the SIMD paths leave out the terms below offset - 30).
   float (*steer_chunk)(const float* zl, const float* zc, const float* zn, float* out, int64_t n, float c,
                        float offset, float* sum, int* flags);
+  // The same for three fp16 or three bf16 rows (dtype F16 / BF16) read as they are; nullptr where
+  // a path widens them into float32 chunks first.
+  float (*steer_chunk16)(const uint16_t* zl, const uint16_t* zc, const uint16_t* zn, int dtype, float* out,
+                         int64_t n, float c, float offset, float* sum, int* flags);
   float (*chunk_max)(const float* x, int64_t n);
   // sum exp(x - m) for m the max of x (SIMD paths: terms below m - 30 left out).
   float (*exp_sum)(const float* x, int64_t n, float m);

@@ -190,6 +190,13 @@ def test_mixed_dtypes_and_given_delta(isa, mode):
     ref_mixed, _ = cpp(zl.bfloat16().float(), zc.half().float(), zn, hp, mode=mode)
     torch.testing.assert_close(mixed, ref_mixed, rtol=0, atol=0)
     assert not s.any()
+    for dt in (torch.float16, torch.bfloat16):
+        # Three half-precision rows are widened in registers on the SIMD paths: the same numbers.
+        z16 = [t.to(dt) for t in (zl, zc, zn)]
+        same, s16 = cpp(*z16, hp, mode=mode)
+        widened, _ = cpp(*(t.float() for t in z16), hp, mode=mode)
+        torch.testing.assert_close(same, widened, rtol=0, atol=0)
+        assert not s16.any()
     if mode == "closed_form":
         delta, _ = cpp(zl, zc - zn, None, hp)
         torch.testing.assert_close(delta, ref, rtol=0, atol=2e-5)
@@ -229,6 +236,9 @@ def test_status_bits_match_torch_backend(isa, mode, splits):
     assert status.tolist() == expected
     assert torch.equal(status, ref_status)
     assert torch.isnan(out).all(), "invalid rows must be written all-NaN"
+    for dt in (torch.float16, torch.bfloat16):  # NaN, +-inf and the masks survive the conversion
+        out16, status16 = cpp(zl.to(dt), zc.to(dt), zn.to(dt), hp, mode=mode, splits=splits)
+        assert status16.tolist() == expected and torch.isnan(out16).all()
     with pytest.raises(ValueError, match="row 0"):
         steer(zl, zc, zn, backend="cpu", mode=mode)
 
@@ -402,7 +412,10 @@ def test_large_T_is_invalid_and_prompt(ext):
     hp[:, 0] = torch.tensor([float(MAX_T + 1), 20.0, float(MAX_T), 7.0], dtype=torch.float64)
     out, status = cpp(zl, zc, zn, hp)
     assert status.tolist() == [st.BAD_HPARAMS, 0, 0, 0]  # fails fast on code without the bound
-    check_accuracy(out[1:], zl[1:], zc[1:], zn[1:], SteerConfig(T=torch.tensor([20, MAX_T, 7])))
+    cfg = SteerConfig(T=torch.tensor([20, MAX_T, 7]))
+    rows = (zl[1:], zc[1:], zn[1:])
+    # The float64 closed form stands in for the T = 100000 step loop (they agree to ~1e-13).
+    check_accuracy(out[1:], *rows, cfg, ref=closed_form_steer(*rows, cfg, dtype=torch.float64))
     hp[:, 0] = torch.tensor([2.0**40, 1e9, 20.0, float(MAX_T + 1)], dtype=torch.float64)
     expect = [st.BAD_HPARAMS, st.BAD_HPARAMS, 0, st.BAD_HPARAMS]
     for mode in ("closed_form", "iterative"):
