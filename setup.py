@@ -13,7 +13,7 @@ import sys
 from setuptools import setup
 
 # Same flags as the just-in-time build (costeer_kernels/_extension.py): no -march=native in a
-# prebuilt binary, the hot loops carry their own AVX2/AVX-512 clones.
+# prebuilt binary, the AVX2/AVX-512 paths are target regions chosen at run time (csrc/cpu_isa.cpp).
 CXX_FLAGS = ["-O3", "-fopenmp"]
 NVCC_FLAGS = [
     "-O3",
@@ -32,7 +32,7 @@ def _extensions():
         from torch.utils import cpp_extension
     except Exception:  # noqa: BLE001 - no torch at build time: pure-Python install, JIT later
         return [], {}
-    sources = ["csrc/steer_cpu.cpp", "csrc/sample_cpu.cpp", "csrc/bindings.cpp"]
+    sources = ["csrc/steer_cpu.cpp", "csrc/sample_cpu.cpp", "csrc/cpu_isa.cpp", "csrc/bindings.cpp"]
     cxx = list(CXX_FLAGS)
     nvcc_path = shutil.which("nvcc") or (
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None

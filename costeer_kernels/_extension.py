@@ -19,9 +19,10 @@ from . import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = ("steer_cpu.cpp", "sample_cpu.cpp", "bindings.cpp")
-HEADERS = ("steer_math.h", "steer_cpu.h", "steer_cuda.h")
-# Same flags as setup.py: no -march=native, the hot loops carry their own AVX2/AVX-512 clones.
+CPU_SOURCES = ("steer_cpu.cpp", "sample_cpu.cpp", "cpu_isa.cpp", "bindings.cpp")
+HEADERS = ("steer_math.h", "steer_cpu.h", "steer_cuda.h", "cpu_loops.inc", "cpu_simd.inc")
+# Same flags as setup.py: no -march=native, the AVX2/AVX-512 paths are target regions of
+# csrc/cpu_isa.cpp chosen at run time (cpu_isa()).
 # -fopenmp: at::parallel_for is an inline `omp parallel` (serial without it); it links torch's own
 # libgomp.so.1, already loaded by libtorch_cpu.
 CXX_FLAGS = ["-O3", "-fopenmp"]

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <cstdlib>
 #include <string>
+#include <vector>
 #include <torch/library.h>
 
 #ifdef COSTEER_WITH_CUDA
@@ -20,7 +21,8 @@ namespace costeer {
 at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
                      const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,
                      at::Tensor& out, c10::string_view mode, int64_t num_splits);
-int64_t cpu_avx512(int64_t enable);
+std::string cpu_isa(c10::string_view request);
+std::vector<std::string> cpu_isas();
 at::Tensor steer_hidden_cpu(const at::Tensor& llm, const at::Tensor& hdiff, const at::Tensor& weight,
                             const at::Tensor& hparams, at::Tensor& out, int64_t num_splits);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
@@ -141,8 +143,11 @@ TORCH_LIBRARY(costeer_ext, m) {
       "sample_hidden(Tensor llm, Tensor hdiff, Tensor weight, Tensor hparams, Tensor temperature, "
       "Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, Tensor offset, bool row_keyed, "
       "bool want_maxp, int num_samples) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Query/toggle the CPU kernel's AVX-512 path (tests cover the portable path with it off).
-  m.def("cpu_avx512(int enable=-1) -> int", &costeer::cpu_avx512);
+  // The CPU kernels' instruction-set path: request "" queries, "portable" | "avx2" | "avx512" |
+  // "auto" selects (ValueError for a path this CPU lacks); returns the path in use.
+  m.def("cpu_isa(str request='') -> str", &costeer::cpu_isa);
+  // The paths this CPU and build can run, slowest first.
+  m.def("cpu_isas() -> str[]", &costeer::cpu_isas);
 }
 
 TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) {

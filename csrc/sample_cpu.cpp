@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "steer_cpu.h"
@@ -72,51 +73,33 @@ struct SampleArgs {
   float* maxp;  // nullptr: not asked
 };
 
-// #{v : x_v >= t} via keys >= key(t); x_v >= t for floats equals key_v >= key(t).
-STEER_HD int64_t count_ge(const float* __restrict x, int64_t V, float t) {
-  int64_t c = 0;
-#pragma omp simd reduction(+ : c)
-  for (int64_t i = 0; i < V; ++i) c += x[i] >= t ? 1 : 0;
-  return c;
-}
-
-STEER_HD float mass_ge(const float* __restrict x, const float* __restrict w, int64_t V, float t) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < V; ++i) s += x[i] >= t ? w[i] : 0.0f;
-  return s;
-}
-
 // The threshold key of one sampling row (exact, as sampling.sample_torch's bisection): tokens
 // with key >= the result are allowed.
-static int32_t allowed_threshold(const float* x, int64_t V, float m, float tau, int64_t k, float top_p,
-                                 float min_p) {
+static int32_t allowed_threshold(const Kernels& K, const float* x, int64_t V, float m, float tau, int64_t k,
+                                 float top_p, float min_p) {
   const int32_t neg = ordered_key(-STEER_INF);
   const int32_t top = ordered_key(m) + 1;
   const float inv_tau = 1.0f / tau;
   // The tempered weights once, so each top-p bisection pass is a masked sum.
   std::vector<float> w((top_p > 0.0f && top_p < 1.0f) ? V : 0);
-  float* wp = w.data();
-  const int64_t nw = (int64_t)w.size();
-#pragma omp simd
-  for (int64_t i = 0; i < nw; ++i) wp[i] = steer_exp((x[i] - m) * inv_tau);
+  if (!w.empty()) K.tempered(x, w.data(), V, m, inv_tau);
   int32_t lo = neg;
   if (k > 0 && k < V) {
     // Largest t in [lo, top) with count(key >= t) >= k.
     int64_t l = lo, h = top;
     while (h - l > 1) {
       const int64_t mid = l + (h - l) / 2;
-      if (count_ge(x, V, key_to_float((int32_t)mid)) >= k) l = mid;
+      if (K.count_ge(x, V, key_to_float((int32_t)mid)) >= k) l = mid;
       else h = mid;
     }
     lo = (int32_t)l;
   }
   if (top_p > 0.0f && top_p < 1.0f) {
-    const float target = top_p * mass_ge(x, w.data(), V, key_to_float(lo));
+    const float target = top_p * K.mass_ge(x, w.data(), V, key_to_float(lo));
     int64_t l = lo, h = top;
     while (h - l > 1) {
       const int64_t mid = l + (h - l) / 2;
-      if (mass_ge(x, w.data(), V, key_to_float((int32_t)mid)) >= target) l = mid;
+      if (K.mass_ge(x, w.data(), V, key_to_float((int32_t)mid)) >= target) l = mid;
       else h = mid;
     }
     lo = (int32_t)l;
@@ -157,38 +140,31 @@ static Best gumbel_max(const float* x, int64_t start, int64_t end, float tau, in
 }
 
 static void sample_rows(const SampleArgs& a) {
+  const Kernels& K = kernels();
   const Args& st = a.steer;
   const int64_t B = st.B, V = st.V, n = a.n;
-  const int64_t nchunks = (V + CHUNK - 1) / CHUNK;
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(auto_splits(B, V), nchunks));
-  const int64_t seg = (nchunks + splits - 1) / splits * CHUNK;
   std::vector<float> tau(B);
+  // Sampling rows keep x (one row buffer each); greedy rows never write it.
+  std::unique_ptr<bool[]> keep_x(new bool[B]);
   bool any_sampling = false;
   for (int64_t r = 0; r < B; ++r) {
     const float t = a.temperature[r * a.temperature_stride];
     tau[r] = t > 0.0f ? t : 0.0f;  // NaN / <= 0: greedy
-    any_sampling = any_sampling || tau[r] > 0.0f;
+    keep_x[r] = tau[r] > 0.0f;
+    any_sampling = any_sampling || keep_x[r];
   }
-  // Sampling rows keep x (one row buffer each); greedy rows never write it.
   std::vector<float> xs(any_sampling ? B * V : 0);
   Args sw = st;
   sw.out = any_sampling ? xs.data() : nullptr;
   sw.out_stride = V;
+  const Layout L = layout(sw, 0);
+  const int64_t splits = L.splits;
+  const std::vector<RowParams> hps = all_row_params(sw);
   std::vector<Part> parts(B * splits), llm(a.maxp != nullptr ? B * splits : 0);
-  at::parallel_for(0, B * splits, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / splits, k = i % splits;
-      const int64_t start = std::min(V, k * seg), end = std::min(V, start + seg);
-      const RowParams hp = row_params(st.hp + r * st.hp_stride);
-      Args ar = sw;
-      if (tau[r] == 0.0f) ar.out = nullptr;
-      Part* lp = llm.empty() ? nullptr : &llm[i];
-      parts[i] = start < end ? closed_form_segment(ar, r, start, end, hp.cf, true, lp) : Part{};
-    }
-  });
+  first_sweep(sw, hps.data(), L, true, parts.data(), llm.empty() ? nullptr : llm.data(), keep_x.get());
   at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const RowParams hp = row_params(st.hp + r * st.hp_stride);
+      const RowParams& hp = hps[r];
       Part p = parts[r * splits];
       for (int64_t j = 1; j < splits; ++j) merge_part(p, parts[r * splits + j]);
       float lse;
@@ -214,7 +190,7 @@ static void sample_rows(const SampleArgs& a) {
       const int64_t k = a.top_k[r * a.top_k_stride];
       const float tp = a.top_p[r * a.top_p_stride], mp = a.min_p[r * a.min_p_stride];
       const bool filtered = (k > 0 && k < V) || (tp > 0.0f && tp < 1.0f) || mp > 0.0f;
-      const int32_t thr = filtered ? allowed_threshold(x, V, p.m, tau[r], k, tp, mp) : ordered_key(-STEER_INF);
+      const int32_t thr = filtered ? allowed_threshold(K, x, V, p.m, tau[r], k, tp, mp) : ordered_key(-STEER_INF);
       const uint64_t seed = (uint64_t)a.seed[r * a.seed_stride];
       const uint64_t off = (uint64_t)a.offset[r * a.offset_stride];
       for (int64_t d = 0; d < n; ++d) {

@@ -1,21 +1,19 @@
-// CPU kernel of costeer_ext::steer (closed form and iterative).
+// CPU kernel of costeer_ext::steer (closed form and iterative) and of steer_hidden.
 //
 // Rows are streamed in chunks of CHUNK elements that stay in L1: half/bfloat16 chunks are widened
-// to float32 into stack buffers (fp32 inputs are used in place), so the math below exists once, as
-// float-only loops that gcc vectorizes at -O3 (`omp simd` reductions, no -ffast-math needed).
+// to float32 into stack buffers (fp32 inputs are used in place), so the math exists once per
+// instruction-set path, as float-only loops (cpu_isa.cpp: the table `kernels()` picks).
 // Closed form, per chunk: x = z_L + c_T (z_c - z_n) is written to `out` with the chunk max and the
-// status bits, then sum exp(x - max) re-reads the chunk from L1 and is merged into the running
-// (max, sum-exp). A second sweep subtracts the log-sum-exp in place: each input is read once.
+// status bits, and sum exp(x - running max) is merged into the running (max, sum-exp). A second
+// sweep subtracts the log-sum-exp in place: each input is read once.
 // Small batches split each row into segments (one task each); the segments' partial statistics
 // are merged by every segment task of the second sweep, in segment order.
+// steer_hidden computes z_c = W (h_c - h_n) chunk by chunk: one task per vocabulary segment covers
+// every row, so W is streamed from memory once per call whatever B is.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <vector>
 
 #include "steer_math.h"
@@ -24,289 +22,112 @@
 namespace costeer {
 namespace cpu {
 
-// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (ifunc):
-// a prebuilt extension cannot use -march=native.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(COSTEER_NO_CLONES)
-#define STEER_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
-#else
-#define STEER_HOT __attribute__((noinline))
-#endif
-
-
-STEER_HOT void widen_f16(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
-}
-
-STEER_HOT void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(src[i]);
-}
-
-// Exact status bits of a chunk whose quick test fired (x already in out).
-STEER_HOT int exact_flags(const float* __restrict zl, const float* __restrict zc,
-                          const float* __restrict zn, const float* __restrict out, int64_t n) {
-  int f = 0;
-  if (zn != nullptr) {
-#pragma omp simd reduction(| : f)
-    for (int64_t i = 0; i < n; ++i) f |= element_flags(zl[i], zc[i], zn[i], true, out[i]);
-  } else {
-#pragma omp simd reduction(| : f)
-    for (int64_t i = 0; i < n; ++i) f |= element_flags(zl[i], zc[i], 0.0f, false, out[i]);
-  }
-  return f;
-}
-
-// x into out; returns the chunk max, ORs the status bits into *flags and sets *sum to
-// sum exp(x - offset). The offset is the running max of the previous chunks: the exponentials then
-// overlap the loads instead of costing a second loop (see closed_form_segment for when it is redone).
-STEER_HOT float steer_chunk(const float* __restrict zl, const float* __restrict zc,
-                            const float* __restrict zn, float* __restrict out, int64_t n, float c,
-                            float offset, float* sum, int* flags) {
-  float m = -STEER_INF, s = 0.0f;
-  int bad = 0;
-  if (zn != nullptr) {
-#pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) {
-      const float l = zl[i], a = zc[i], b = zn[i];
-      const float x = steered(l, masked_delta(a, b), c);
-      out[i] = x;
-      bad |= suspicious((l + a) + (b + x));
-      m = max_keep(m, x);
-      s += steer_exp(x - offset);
-    }
-  } else {
-#pragma omp simd reduction(max : m) reduction(| : bad) reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) {
-      const float l = zl[i], a = zc[i];
-      const float x = steered(l, a, c);
-      out[i] = x;
-      bad |= suspicious((l + a) + x);
-      m = max_keep(m, x);
-      s += steer_exp(x - offset);
-    }
-  }
-  if (bad) *flags |= exact_flags(zl, zc, zn, out, n);
-  *sum = s;
-  return m;
-}
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(COSTEER_NO_CLONES)
-#define STEER_HAVE_AVX512_PATH 1
-// steer_chunk for AVX-512 machines, with the same arithmetic (FMA as in the clones above) but
-// exponentials only for x > offset - 30: the x of a chunk are compacted (vcompressps) before the
-// exp loop. For logits most tokens lie far below the running max, so this skips most of the
-// exponentials, the cost of this kernel once its inputs are in cache. A skipped term is below
-// e^-30 of the max (<= V e^-30 < 2e-8 of the sum at V = 152k: under float32 resolution).
-__attribute__((target("avx512f,fma,popcnt"), noinline))
-float steer_chunk_avx512(const float* __restrict zl, const float* __restrict zc,
-                         const float* __restrict zn, float* __restrict out, int64_t n, float c,
-                         float offset, float* sum, int* flags) {
-  alignas(64) float kept[CHUNK + 16];
-  const __m512 vc = _mm512_set1_ps(c), voff = _mm512_set1_ps(offset);
-  const __m512 vcut = _mm512_set1_ps(offset - 30.0f), vinf = _mm512_set1_ps(STEER_INF);
-  const bool steer_on = c != 0.0f;
-  __m512 vm = _mm512_set1_ps(-STEER_INF);
-  __mmask16 bad = 0;
-  int64_t cnt = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lm = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
-    const __m512 l = _mm512_maskz_loadu_ps(lm, zl + i);
-    const __m512 a = _mm512_maskz_loadu_ps(lm, zc + i);
-    __m512 x, t;
-    if (zn != nullptr) {
-      const __m512 b = _mm512_maskz_loadu_ps(lm, zn + i);
-      // masked_delta: a == b -> 0 (NaN compares unequal, as in C).
-      const __m512 d = _mm512_maskz_sub_ps(_mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ), a, b);
-      x = steer_on ? _mm512_fmadd_ps(vc, d, l) : l;
-      t = _mm512_add_ps(_mm512_add_ps(l, a), _mm512_add_ps(b, x));
-    } else {
-      x = steer_on ? _mm512_fmadd_ps(vc, a, l) : l;
-      t = _mm512_add_ps(_mm512_add_ps(l, a), x);
-    }
-    _mm512_mask_storeu_ps(out + i, lm, x);
-    vm = _mm512_mask_max_ps(vm, lm, x, vm);  // x > m ? x : m, NaN-dropping like max_keep
-    bad |= _mm512_mask_cmp_ps_mask(lm, t, vinf, _CMP_NLT_UQ);  // suspicious()
-    const __mmask16 k = _mm512_mask_cmp_ps_mask(lm, x, vcut, _CMP_GT_OQ);
-    _mm512_storeu_ps(kept + cnt, _mm512_maskz_compress_ps(k, _mm512_sub_ps(x, voff)));
-    cnt += __builtin_popcount((unsigned)k);
-  }
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < cnt; ++i) s += steer_exp(kept[i]);
-  if (bad) *flags |= exact_flags(zl, zc, zn, out, n);
-  *sum = s;
-  return _mm512_reduce_max_ps(vm);
-}
-
-// __builtin_cpu_init: this initializer may run before libgcc's own CPU detection constructor.
-static const bool kAvx512 = [] {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
-}();
-static std::atomic<bool> use_avx512{kAvx512};
-#else
-#define STEER_HAVE_AVX512_PATH 0
-#endif
-
-STEER_HOT float chunk_max(const float* __restrict x, int64_t n) {
-  float m = -STEER_INF;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = max_keep(m, x[i]);
-  return m;
-}
-
-STEER_HOT float exp_sum(const float* __restrict x, int64_t n, float m) {
-  const float ms = safe_max(m);
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += steer_exp(x[i] - ms);
-  return s;
-}
-
-STEER_HOT void subtract(float* __restrict x, int64_t n, float v) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] - v;
-}
-
-STEER_HOT void store_shifted(const float* __restrict x, float* __restrict out, int64_t n, float v) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] - v;
-}
-
-// One iterative step over a chunk: reads p (unnormalized, lse_p) from out, updates u, writes the
-// pre-softmax values back to out; returns their max.
-STEER_HOT float iterate_chunk(const float* __restrict zl, const float* __restrict d,
-                              float* __restrict out, float* __restrict u, int64_t n, float lse_b,
-                              float lse_p, float alpha, float beta, float tlam, float inv_eta,
-                              float denom) {
-  float m = -STEER_INF;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) {
-    const float b = zl[i] - lse_b;
-    const float p = out[i] - lse_p;
-    float ui = u[i];
-    const float pre = iterate_element(b, d[i], p, ui, alpha, beta, tlam, inv_eta, denom);
-    u[i] = ui;
-    out[i] = pre;
-    m = max_keep(m, pre);
-  }
-  return m;
-}
-
-STEER_HOT void delta_chunk(const float* __restrict zc, const float* __restrict zn,
-                           float* __restrict d, int64_t n, float shift) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = shifted_delta(zc[i], zn[i], shift);
-}
-
-// H-long dot products of n weight rows with h (float32 accumulation): the projection's z_c chunk.
-STEER_HOT void gemv_rows_f32(const float* __restrict w, int64_t ws, const float* __restrict h,
-                             int64_t H, float* __restrict dst, int64_t n) {
-  int64_t i = 0;
-  // Four rows at a time: each load of h serves four rows, four independent FMA chains.
-  for (; i + 4 <= n; i += 4) {
-    const float* w0 = w + i * ws;
-    const float* w1 = w0 + ws;
-    const float* w2 = w1 + ws;
-    const float* w3 = w2 + ws;
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t k = 0; k < H; ++k) {
-      const float hk = h[k];
-      s0 += w0[k] * hk;
-      s1 += w1[k] * hk;
-      s2 += w2[k] * hk;
-      s3 += w3[k] * hk;
-    }
-    dst[i] = s0;
-    dst[i + 1] = s1;
-    dst[i + 2] = s2;
-    dst[i + 3] = s3;
-  }
-  for (; i < n; ++i) {
-    const float* w0 = w + i * ws;
-    float s0 = 0.0f;
-#pragma omp simd reduction(+ : s0)
-    for (int64_t k = 0; k < H; ++k) s0 += w0[k] * h[k];
-    dst[i] = s0;
-  }
-}
-
-template <typename Widen>
-STEER_HD void gemv_rows_half(const uint16_t* __restrict w, int64_t ws, const float* __restrict h,
-                             int64_t H, float* __restrict dst, int64_t n, Widen widen) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t* wi = w + i * ws;
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t k = 0; k < H; ++k) acc += widen(wi[k]) * h[k];
-    dst[i] = acc;
-  }
-}
-
-STEER_HOT void gemv_rows_f16(const uint16_t* w, int64_t ws, const float* h, int64_t H, float* dst, int64_t n) {
-  gemv_rows_half(w, ws, h, H, dst, n, [](uint16_t v) { return half_bits_to_float(v); });
-}
-
-STEER_HOT void gemv_rows_bf16(const uint16_t* w, int64_t ws, const float* h, int64_t H, float* dst, int64_t n) {
-  gemv_rows_half(w, ws, h, H, dst, n, [](uint16_t v) { return bf16_bits_to_float(v); });
-}
-
-static const float* projected_chunk(const Projection& p, int64_t r, int64_t off, int64_t n, float* dst) {
-  const float* h = p.h + r * p.h_stride;
-  const char* w = p.w.base + off * p.w.row_stride * p.w.esize;
-  if (p.w.dtype == F32) gemv_rows_f32(reinterpret_cast<const float*>(w), p.w.row_stride, h, p.H, dst, n);
-  else if (p.w.dtype == F16) gemv_rows_f16(reinterpret_cast<const uint16_t*>(w), p.w.row_stride, h, p.H, dst, n);
-  else gemv_rows_bf16(reinterpret_cast<const uint16_t*>(w), p.w.row_stride, h, p.H, dst, n);
-  return dst;
-}
-
 static int64_t first_index_of(const float* x, int64_t n, float v) {
   for (int64_t i = 0; i < n; ++i)
     if (x[i] == v) return i;
   return -1;
 }
 
-Part closed_form_segment(const Args& a, int64_t r, int64_t start, int64_t end, float c, bool track_argmax,
-                         Part* llm) {
+// Merges a chunk's (max mc, sum sc of exp(x - offset)) into p; x is the chunk, still in L1.
+static void chunk_merge(const Kernels& K, int64_t off, int64_t n, const float* x, float offset, float mc, float sc,
+                        Part& p, bool track_argmax) {
+  // Chunks come in index order: only a strictly larger max moves the first argmax.
+  if (track_argmax && mc > p.m) p.argmax = off + first_index_of(x, n, mc);
+  if (offset == -STEER_INF || !(mc <= offset + 64.0f)) {
+    // First live chunk, or exp(x - offset) may have overflowed (or lost the chunk's largest
+    // terms' precision): redo the chunk's sum around its own max, from L1.
+    online_merge(p.m, p.s, mc, K.exp_sum(x, n, mc));
+  } else {
+    p.s += sc;
+    online_merge(p.m, p.s, mc, 0.0f);
+  }
+}
+
+// One chunk of the first sweep from float32 rows: x into `x`, its statistics merged into p (and
+// z_L's into *llm).
+static void chunk_step(const Kernels& K, int64_t off, int64_t n, const float* l, const float* cc, const float* nn,
+                       float c, float* x, Part& p, bool track_argmax, Part* llm) {
+  const float offset = p.m;
+  float sc;
+  const float mc = K.steer_chunk(l, cc, nn, x, n, c, offset, &sc, &p.flags);
+  if (llm != nullptr) {
+    // z_L's own softmax statistics (confidence gating), from the chunk already in cache.
+    const float ml = K.chunk_max(l, n);
+    online_merge(llm->m, llm->s, ml, K.exp_sum(l, n, ml));
+  }
+  chunk_merge(K, off, n, x, offset, mc, sc, p, track_argmax);
+}
+
+static const uint16_t* row16(const Operand& o, int64_t r, int64_t off) {
+  return reinterpret_cast<const uint16_t*>(o.base) + r * o.row_stride + off;
+}
+
+// Asks for [off, off + n) of row r of o ahead of use. Half-precision rows widened into float32
+// chunks are read one row (one page) at a time: the hardware prefetchers, which stop at page
+// boundaries, would leave each new page to a demand miss with nothing else in flight. (Rows read
+// in place stream together and need no help.)
+static void prefetch_chunk(const Operand& o, int64_t r, int64_t off, int64_t n) {
+  const char* p = o.base + (r * o.row_stride + off) * o.esize;
+  for (int64_t b = 0; b < n * o.esize; b += 64) __builtin_prefetch(p + b, 0, 2);
+}
+
+// First sweep over [start, end) of row r from the steer inputs. Three fp16 or three bf16 rows are
+// read as they are where the path can (steer_chunk16), unless z_L's own statistics are asked for.
+static Part closed_form_segment(const Kernels& K, const Args& a, int64_t r, int64_t start, int64_t end,
+                                float c, bool keep_x, bool track_argmax, Part* llm) {
   alignas(64) float buf[3][CHUNK];
   alignas(64) float xbuf[CHUNK];
   Part p;
-  float* out = a.out != nullptr ? a.out + r * a.out_stride : nullptr;
+  float* out = a.out != nullptr && keep_x ? a.out + r * a.out_stride : nullptr;
+  const bool raw16 = K.steer_chunk16 != nullptr && llm == nullptr && a.zl.dtype != F32 && a.zc.dtype == a.zl.dtype &&
+                     (!a.has_noctx || a.zn.dtype == a.zl.dtype);
   for (int64_t off = start; off < end; off += CHUNK) {
     const int64_t n = std::min(CHUNK, end - off);
-    const float* l = load_f32(a.zl, r, off, n, buf[0]);
-    const float* cc = a.proj != nullptr ? projected_chunk(*a.proj, r, off, n, buf[1])
-                                        : load_f32(a.zc, r, off, n, buf[1]);
-    const float* nn = a.has_noctx ? load_f32(a.zn, r, off, n, buf[2]) : nullptr;
+    if (!raw16 && a.zl.dtype != F32 && off + n < end) {
+      const int64_t n2 = std::min(CHUNK, end - off - n);
+      prefetch_chunk(a.zl, r, off + n, n2);
+      prefetch_chunk(a.zc, r, off + n, n2);
+      if (a.has_noctx) prefetch_chunk(a.zn, r, off + n, n2);
+    }
     float* x = out != nullptr ? out + off : xbuf;
-    const float offset = p.m;
-    float sc;
-#if STEER_HAVE_AVX512_PATH
-    const float mc = use_avx512.load(std::memory_order_relaxed) && offset != -STEER_INF
-                         ? steer_chunk_avx512(l, cc, nn, x, n, c, offset, &sc, &p.flags)
-                         : steer_chunk(l, cc, nn, x, n, c, offset, &sc, &p.flags);
-#else
-    const float mc = steer_chunk(l, cc, nn, x, n, c, offset, &sc, &p.flags);
-#endif
-    // Chunks come in index order: only a strictly larger max moves the first argmax.
-    if (track_argmax && mc > p.m) p.argmax = off + first_index_of(x, n, mc);
-    if (llm != nullptr) {
-      // z_L's own softmax statistics (confidence gating), from the chunk already in cache.
-      const float ml = chunk_max(l, n);
-      online_merge(llm->m, llm->s, ml, exp_sum(l, n, ml));
+    if (raw16) {
+      const float offset = p.m;
+      float sc;
+      const float mc = K.steer_chunk16(row16(a.zl, r, off), row16(a.zc, r, off),
+                                       a.has_noctx ? row16(a.zn, r, off) : nullptr, a.zl.dtype, x, n, c, offset,
+                                       &sc, &p.flags);
+      chunk_merge(K, off, n, x, offset, mc, sc, p, track_argmax);
+      continue;
     }
-    if (offset == -STEER_INF || !(mc <= offset + 64.0f)) {
-      // First live chunk, or exp(x - offset) may have overflowed (or lost the chunk's largest
-      // terms' precision): redo the chunk's sum around its own max, from L1.
-      online_merge(p.m, p.s, mc, exp_sum(x, n, mc));
-    } else {
-      p.s += sc;
-      online_merge(p.m, p.s, mc, 0.0f);
-    }
+    const float* l = load_f32(K, a.zl, r, off, n, buf[0]);
+    const float* cc = load_f32(K, a.zc, r, off, n, buf[1]);
+    const float* nn = a.has_noctx ? load_f32(K, a.zn, r, off, n, buf[2]) : nullptr;
+    chunk_step(K, off, n, l, cc, nn, c, x, p, track_argmax, llm);
   }
   return p;
+}
+
+// First sweep over [start, end) of every row with z_c = W h: each chunk of W rows is read once
+// and projected onto all B hidden differences (d, B x chunk floats), then each row steps.
+static void projection_segment(const Kernels& K, const Args& a, const RowParams* hp, int64_t chunk,
+                               int64_t start, int64_t end, bool track_argmax, Part* parts, Part* llm,
+                               int64_t stride, const bool* keep_x) {
+  const Projection& pr = *a.proj;
+  const int64_t B = a.B;
+  std::vector<float> d(B * chunk);
+  alignas(64) float lbuf[CHUNK];
+  alignas(64) float xbuf[CHUNK];
+  for (int64_t off = start; off < end; off += chunk) {
+    const int64_t n = std::min(chunk, end - off);
+    K.project(pr.w, off, n, pr.h, pr.h_stride, B, pr.H, d.data(), chunk);
+    for (int64_t r = 0; r < B; ++r) {
+      const float* l = load_f32(K, a.zl, r, off, n, lbuf);
+      const bool keep = a.out != nullptr && (keep_x == nullptr || keep_x[r]);
+      float* x = keep ? a.out + r * a.out_stride + off : xbuf;
+      chunk_step(K, off, n, l, d.data() + r * chunk, nullptr, hp[r].cf, x, parts[r * stride], track_argmax,
+                 llm != nullptr ? &llm[r * stride] : nullptr);
+    }
+  }
 }
 
 int64_t auto_splits(int64_t B, int64_t V) {
@@ -315,55 +136,101 @@ int64_t auto_splits(int64_t B, int64_t V) {
   return std::max<int64_t>(1, std::min<int64_t>(splits, V / (8 * CHUNK)));
 }
 
-static void closed_form(const Args& a, int64_t splits) {
-  const int64_t B = a.B, V = a.V;
-  if (splits <= 0) splits = auto_splits(B, V);
-  const int64_t nchunks = (V + CHUNK - 1) / CHUNK;
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, nchunks));
-  if (splits == 1) {
-    at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const RowParams hp = row_params(a.hp + r * a.hp_stride);
-        const Part p = closed_form_segment(a, r, 0, V, hp.cf);
-        float lse;
-        a.status[r] = finish_row(p.m, p.s, p.flags, hp.ok, &lse);
-        subtract(a.out + r * a.out_stride, V, lse);
+// Projection chunks shrink with B so that d (B x chunk floats) stays within 64 KiB (L2).
+static int64_t projection_chunk(int64_t B) {
+  const int64_t c = (16384 / std::max<int64_t>(B, 1)) / 64 * 64;
+  return std::max<int64_t>(64, std::min<int64_t>(CHUNK, c));
+}
+
+Layout layout(const Args& a, int64_t num_splits) {
+  Layout L;
+  L.chunk = a.proj != nullptr ? projection_chunk(a.B) : CHUNK;
+  const int64_t nchunks = std::max<int64_t>(1, (a.V + L.chunk - 1) / L.chunk);
+  int64_t splits = num_splits;
+  if (splits <= 0) splits = a.proj != nullptr ? at::get_num_threads() : auto_splits(a.B, a.V);
+  L.splits = std::max<int64_t>(1, std::min<int64_t>(splits, nchunks));
+  // Segments are whole chunks, so chunk boundaries (and chunk maxima) do not depend on splits.
+  L.seg = (nchunks + L.splits - 1) / L.splits * L.chunk;
+  return L;
+}
+
+std::vector<RowParams> all_row_params(const Args& a) {
+  std::vector<RowParams> hp(a.B);
+  if (a.hp_stride == 0) {
+    std::fill(hp.begin(), hp.end(), row_params(a.hp));
+  } else {
+    at::parallel_for(0, a.B, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) hp[r] = row_params(a.hp + r * a.hp_stride);
+    });
+  }
+  return hp;
+}
+
+void first_sweep(const Args& a, const RowParams* hp, const Layout& L, bool track_argmax, Part* parts, Part* llm,
+                 const bool* keep_x) {
+  const Kernels& K = kernels();
+  const int64_t B = a.B, V = a.V, S = L.splits;
+  if (a.proj != nullptr) {
+    at::parallel_for(0, S, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t start = std::min(V, k * L.seg), end = std::min(V, start + L.seg);
+        projection_segment(K, a, hp, L.chunk, start, end, track_argmax, parts + k, llm != nullptr ? llm + k : nullptr,
+                           S, keep_x);
       }
     });
     return;
   }
-  // Segments are whole chunks, so chunk boundaries (and chunk maxima) do not depend on splits.
-  const int64_t seg = (nchunks + splits - 1) / splits * CHUNK;
-  std::vector<Part> parts(B * splits);
-  at::parallel_for(0, B * splits, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * S, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / splits, k = i % splits;
-      const int64_t start = std::min(V, k * seg), end = std::min(V, start + seg);
-      const RowParams hp = row_params(a.hp + r * a.hp_stride);
-      parts[i] = start < end ? closed_form_segment(a, r, start, end, hp.cf) : Part{};
+      const int64_t r = i / S, k = i % S;
+      const int64_t start = std::min(V, k * L.seg), end = std::min(V, start + L.seg);
+      const bool keep = keep_x == nullptr || keep_x[r];
+      parts[i] = start < end ? closed_form_segment(K, a, r, start, end, hp[r].cf, keep, track_argmax,
+                                                   llm != nullptr ? &llm[i] : nullptr)
+                             : Part{};
     }
   });
-  at::parallel_for(0, B * splits, 1, [&](int64_t i0, int64_t i1) {
+}
+
+static void closed_form(const Args& a, int64_t num_splits) {
+  const Kernels& K = kernels();
+  const int64_t B = a.B, V = a.V;
+  const Layout L = layout(a, num_splits);
+  const std::vector<RowParams> hp = all_row_params(a);
+  if (L.splits == 1 && a.proj == nullptr) {
+    // One task per row: the second sweep follows while the row is still in cache.
+    at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const Part p = closed_form_segment(K, a, r, 0, V, hp[r].cf, true, false, nullptr);
+        float lse;
+        a.status[r] = finish_row(p.m, p.s, p.flags, hp[r].ok, &lse);
+        K.subtract(a.out + r * a.out_stride, V, lse);
+      }
+    });
+    return;
+  }
+  const int64_t S = L.splits;
+  std::vector<Part> parts(B * S);
+  first_sweep(a, hp.data(), L, false, parts.data(), nullptr, nullptr);
+  at::parallel_for(0, B * S, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / splits, k = i % splits;
-      const int64_t start = std::min(V, k * seg), end = std::min(V, start + seg);
-      const RowParams hp = row_params(a.hp + r * a.hp_stride);
-      Part p = parts[r * splits];
-      for (int64_t j = 1; j < splits; ++j) merge_part(p, parts[r * splits + j]);
+      const int64_t r = i / S, k = i % S;
+      const int64_t start = std::min(V, k * L.seg), end = std::min(V, start + L.seg);
+      Part p = parts[r * S];
+      for (int64_t j = 1; j < S; ++j) merge_part(p, parts[r * S + j]);
       float lse;
-      const int st = finish_row(p.m, p.s, p.flags, hp.ok, &lse);
+      const int st = finish_row(p.m, p.s, p.flags, hp[r].ok, &lse);
       if (k == 0) a.status[r] = st;
-      if (start < end) subtract(a.out + r * a.out_stride + start, end - start, lse);
+      if (start < end) K.subtract(a.out + r * a.out_stride + start, end - start, lse);
     }
   });
 }
 
 // The literal T-step loop for one row (T + 3 sweeps); u is scratch of V floats.
-static void iterative_row(const Args& a, int64_t r, float* u) {
+static void iterative_row(const Kernels& K, const Args& a, const RowParams& hp, int64_t r, float* u) {
   alignas(64) float buf[3][CHUNK];
   alignas(64) float d[CHUNK];
   const int64_t V = a.V;
-  const RowParams hp = row_params(a.hp + r * a.hp_stride);
   float* out = a.out + r * a.out_stride;
   // Sweep 0: the closed form's statistics (status bits identical to closed_form) and the
   // log-sum-exp of each input row.
@@ -371,18 +238,18 @@ static void iterative_row(const Args& a, int64_t r, float* u) {
   float mb = -STEER_INF, sb = 0.0f, mc_ = -STEER_INF, sc_ = 0.0f, mn_ = -STEER_INF, sn_ = 0.0f;
   for (int64_t off = 0; off < V; off += CHUNK) {
     const int64_t n = std::min(CHUNK, V - off);
-    const float* l = load_f32(a.zl, r, off, n, buf[0]);
-    const float* cc = load_f32(a.zc, r, off, n, buf[1]);
-    const float* nn = a.has_noctx ? load_f32(a.zn, r, off, n, buf[2]) : nullptr;
-    float unused;
-    const float mc = steer_chunk(l, cc, nn, out + off, n, hp.cf, 0.0f, &unused, &x.flags);
-    online_merge(x.m, x.s, mc, exp_sum(out + off, n, mc));
-    const float ml = chunk_max(l, n);
-    online_merge(mb, sb, ml, exp_sum(l, n, ml));
+    const float* l = load_f32(K, a.zl, r, off, n, buf[0]);
+    const float* cc = load_f32(K, a.zc, r, off, n, buf[1]);
+    const float* nn = a.has_noctx ? load_f32(K, a.zn, r, off, n, buf[2]) : nullptr;
+    float unused;  // offset -inf: no running sum wanted, it is taken around the chunk max below
+    const float mc = K.steer_chunk(l, cc, nn, out + off, n, hp.cf, -STEER_INF, &unused, &x.flags);
+    online_merge(x.m, x.s, mc, K.exp_sum(out + off, n, mc));
+    const float ml = K.chunk_max(l, n);
+    online_merge(mb, sb, ml, K.exp_sum(l, n, ml));
     if (a.has_noctx) {
-      const float m1 = chunk_max(cc, n), m2 = chunk_max(nn, n);
-      online_merge(mc_, sc_, m1, exp_sum(cc, n, m1));
-      online_merge(mn_, sn_, m2, exp_sum(nn, n, m2));
+      const float m1 = K.chunk_max(cc, n), m2 = K.chunk_max(nn, n);
+      online_merge(mc_, sc_, m1, K.exp_sum(cc, n, m1));
+      online_merge(mn_, sn_, m2, K.exp_sum(nn, n, m2));
     }
   }
   const float lse_b = mb + steer_log(sb);
@@ -390,7 +257,7 @@ static void iterative_row(const Args& a, int64_t r, float* u) {
   // p_0 = b, stored with normalizer lse_p = 0; U_0 = 0.
   for (int64_t off = 0; off < V; off += CHUNK) {
     const int64_t n = std::min(CHUNK, V - off);
-    store_shifted(load_f32(a.zl, r, off, n, buf[0]), out + off, n, lse_b);
+    K.store_shifted(load_f32(K, a.zl, r, off, n, buf[0]), out + off, n, lse_b);
   }
   std::fill(u, u + V, 0.0f);
   float lse_p = 0.0f;
@@ -401,46 +268,35 @@ static void iterative_row(const Args& a, int64_t r, float* u) {
     float m = -STEER_INF, s = 0.0f;
     for (int64_t off = 0; off < V; off += CHUNK) {
       const int64_t n = std::min(CHUNK, V - off);
-      const float* l = load_f32(a.zl, r, off, n, buf[0]);
-      const float* cc = load_f32(a.zc, r, off, n, buf[1]);
+      const float* l = load_f32(K, a.zl, r, off, n, buf[0]);
+      const float* cc = load_f32(K, a.zc, r, off, n, buf[1]);
       const float* dd = cc;
       if (a.has_noctx) {
-        delta_chunk(cc, load_f32(a.zn, r, off, n, buf[2]), d, n, shift);
+        K.delta_chunk(cc, load_f32(K, a.zn, r, off, n, buf[2]), d, n, shift);
         dd = d;
       }
-      const float mc = iterate_chunk(l, dd, out + off, u + off, n, lse_b, lse_p, hp.alpha, hp.beta,
-                                     tlam, hp.inv_eta, denom);
-      online_merge(m, s, mc, exp_sum(out + off, n, mc));
+      const float mc = K.iterate_chunk(l, dd, out + off, u + off, n, lse_b, lse_p, hp.alpha, hp.beta,
+                                       tlam, hp.inv_eta, denom);
+      online_merge(m, s, mc, K.exp_sum(out + off, n, mc));
     }
     lse_p = m + steer_log(s);
   }
   float lse_x;
   const int st = finish_row(x.m, x.s, x.flags, hp.ok, &lse_x);
   a.status[r] = st;
-  subtract(out, V, st != 0 ? __builtin_nanf("") : lse_p);
+  K.subtract(out, V, st != 0 ? __builtin_nanf("") : lse_p);
 }
 
 static void iterative(const Args& a) {
+  const Kernels& K = kernels();
+  const std::vector<RowParams> hp = all_row_params(a);
   at::parallel_for(0, a.B, 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> u(a.V);
-    for (int64_t r = r0; r < r1; ++r) iterative_row(a, r, u.data());
+    for (int64_t r = r0; r < r1; ++r) iterative_row(K, a, hp[r], r, u.data());
   });
 }
 
 }  // namespace cpu
-
-// Tests switch the AVX-512 path off to cover the portable one: enable < 0 queries, 0 disables,
-// 1 enables (when the CPU has it). Returns whether the path was in use before the call.
-int64_t cpu_avx512(int64_t enable) {
-#if STEER_HAVE_AVX512_PATH
-  const bool before = cpu::use_avx512.load();
-  if (enable >= 0) cpu::use_avx512.store(enable > 0 && cpu::kAvx512);
-  return before ? 1 : 0;
-#else
-  (void)enable;
-  return 0;
-#endif
-}
 
 // The per-row part of Args both entry points share: hparams, out and status, [B, V] rows.
 static void set_rows(cpu::Args& a, const at::Tensor& hp, at::Tensor& out, at::Tensor& status) {

@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include <vector>
+
 #include "steer_math.h"
 
 namespace costeer {
@@ -15,10 +17,6 @@ namespace cpu {
 // Elements per chunk: three float32 input chunks plus x stay in L1.
 constexpr int64_t CHUNK = 2048;
 enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2 };
-
-void widen_f16(const uint16_t* __restrict src, float* __restrict dst, int64_t n);
-void widen_bf16(const uint16_t* __restrict src, float* __restrict dst, int64_t n);
-float exp_sum(const float* __restrict x, int64_t n, float m);
 
 struct Operand {
   const char* base = nullptr;
@@ -40,12 +38,49 @@ inline Operand operand(const at::Tensor& t, const char* op = "costeer_ext::steer
   return o;
 }
 
+// The loops of one instruction-set path (cpu_isa.cpp): "portable" (baseline x86-64 or whatever
+// the compiler targets, auto-vectorized), "avx2" (AVX2 + FMA + F16C) and "avx512" (AVX-512F).
+// All paths compute the same quantities; only rounding and the skipped exponentials differ.
+struct Kernels {
+  const char* name;
+  void (*widen_f16)(const uint16_t* src, float* dst, int64_t n);
+  void (*widen_bf16)(const uint16_t* src, float* dst, int64_t n);
+  // x = z_L + c (z_c - z_n) into out (zn nullptr: z_c is the delta); returns the chunk max, ORs
+  // the status bits into *flags and sets *sum to sum exp(x - offset) (unused when offset is -inf;
+  // the SIMD paths leave out the terms below offset - 30).
+  float (*steer_chunk)(const float* zl, const float* zc, const float* zn, float* out, int64_t n, float c,
+                       float offset, float* sum, int* flags);
+  // The same for three fp16 or three bf16 rows (dtype F16 / BF16) read as they are; nullptr where
+  // a path widens them into float32 chunks first.
+  float (*steer_chunk16)(const uint16_t* zl, const uint16_t* zc, const uint16_t* zn, int dtype, float* out,
+                         int64_t n, float c, float offset, float* sum, int* flags);
+  float (*chunk_max)(const float* x, int64_t n);
+  // sum exp(x - m) for m the max of x (SIMD paths: terms below m - 30 left out).
+  float (*exp_sum)(const float* x, int64_t n, float m);
+  void (*subtract)(float* x, int64_t n, float v);
+  void (*store_shifted)(const float* x, float* out, int64_t n, float v);
+  float (*iterate_chunk)(const float* zl, const float* d, float* out, float* u, int64_t n, float lse_b,
+                         float lse_p, float alpha, float beta, float tlam, float inv_eta, float denom);
+  void (*delta_chunk)(const float* zc, const float* zn, float* d, int64_t n, float shift);
+  // d[r * ds + i] = sum_k W[row0 + i][k] h[r * hs + k] for i < n, r < B, in float32: weight rows
+  // are read once for all B rows.
+  void (*project)(const Operand& w, int64_t row0, int64_t n, const float* h, int64_t hs, int64_t B,
+                  int64_t H, float* d, int64_t ds);
+  int64_t (*count_ge)(const float* x, int64_t n, float t);
+  float (*mass_ge)(const float* x, const float* w, int64_t n, float t);
+  // w = exp((x - m) * inv_tau): the tempered weights of top-p.
+  void (*tempered)(const float* x, float* w, int64_t n, float m, float inv_tau);
+};
+
+// The path in use: the best this CPU runs, COSTEER_CPU_ISA at first use, or cpu_isa(request).
+const Kernels& kernels();
+
 // Elements [off, off + n) of row r as float32: in place for fp32, widened into buf otherwise.
-inline const float* load_f32(const Operand& o, int64_t r, int64_t off, int64_t n, float* buf) {
+inline const float* load_f32(const Kernels& K, const Operand& o, int64_t r, int64_t off, int64_t n, float* buf) {
   const char* p = o.base + (r * o.row_stride + off) * o.esize;
   if (o.dtype == F32) return reinterpret_cast<const float*>(p);
-  if (o.dtype == F16) widen_f16(reinterpret_cast<const uint16_t*>(p), buf, n);
-  else widen_bf16(reinterpret_cast<const uint16_t*>(p), buf, n);
+  if (o.dtype == F16) K.widen_f16(reinterpret_cast<const uint16_t*>(p), buf, n);
+  else K.widen_bf16(reinterpret_cast<const uint16_t*>(p), buf, n);
   return buf;
 }
 
@@ -85,15 +120,23 @@ inline void merge_part(Part& p, const Part& q) {
   p.flags |= q.flags;
 }
 
-// The closed form's first sweep over [start, end) of row r: x = z_L + c (z_c - z_n) into
-// a.out (when set) and the segment's statistics; with track_argmax the first index of the max;
-// with llm set, also z_L's own (max, sum-exp) merged into *llm.
-Part closed_form_segment(const Args& a, int64_t r, int64_t start, int64_t end, float c,
-                         bool track_argmax = false, Part* llm = nullptr);
+// How rows are cut into segments (one task each, whole chunks of `chunk` elements): the steer
+// inputs split only when there are fewer rows than threads, never below 8 chunks a segment; the
+// projection (every task covers all rows, so W is read once) always splits over the threads.
+struct Layout {
+  int64_t chunk, splits, seg;
+};
+Layout layout(const Args& a, int64_t num_splits);
 
-// Row segments per row for B rows over V: split only when there are fewer rows than threads,
-// and never below 8 chunks a segment.
-int64_t auto_splits(int64_t B, int64_t V);
+// Each row's parameters, once per call (the c_T recurrence is O(T)).
+std::vector<RowParams> all_row_params(const Args& a);
+
+// The closed form's first sweep: x = z_L + c_T (z_c - z_n) into a.out (rows with keep_x[r], or
+// all rows when keep_x is nullptr; nothing when a.out is nullptr) and the statistics of segment k
+// of row r into parts[r * L.splits + k]; with track_argmax the first index of the max; with llm,
+// z_L's own (max, sum-exp) into llm[r * L.splits + k].
+void first_sweep(const Args& a, const RowParams* hp, const Layout& L, bool track_argmax, Part* parts,
+                 Part* llm, const bool* keep_x);
 
 }  // namespace cpu
 }  // namespace costeer

@@ -151,6 +151,12 @@ STEER_HD int finish_row(float m, float s, int flags, bool hp_ok, float* lse) {
 
 STEER_HD bool finite64(double x) { return (x - x) == 0.0; }
 
+// The largest step count a row may ask for (SteerConfig checks the same bound in
+// costeer_kernels/config.py): the c_T recurrence costs O(T) per row and call (and the iterative
+// form O(T) sweeps), so an unbounded T could stall a kernel for hours. Rows with a larger T are
+// invalid (BAD_HPARAMS).
+#define STEER_MAX_T 100000
+
 struct RowParams {
   double c;      // c_T of the closed form (0 for an invalid row)
   float cf;      // c_T in float32 for the kernels' x = z_L + c_T d
@@ -165,7 +171,7 @@ STEER_HD RowParams row_params(const double* hp) {
   const double T = hp[0], alpha = hp[1], beta = hp[2], lam = hp[3], eta = hp[4];
   RowParams r;
   r.ok = finite64(T) && finite64(alpha) && finite64(beta) && finite64(lam) && finite64(eta) &&
-         T >= 0.0 && T == floor(T) && lam > 0.0 && eta > 0.0;
+         T >= 0.0 && T <= (double)STEER_MAX_T && T == floor(T) && lam > 0.0 && eta > 0.0;
   r.T = r.ok ? (long long)T : 0;
   const double inv_eta = 1.0 / (r.ok ? eta : 1.0);
   const double lam_ok = r.ok ? lam : 1.0;

@@ -1,25 +1,62 @@
-"""The C++ backends (csrc/): build, CPU kernel against the float64 reference, status bits, the
-row-split path, and the CUDA kernel's compile (nvcc, sm_80 + sm_90, no register spills)."""
+"""The C++ backends (csrc/): build, CPU kernel against the float64 reference on every
+instruction-set path this CPU runs (test ids name it: portable, avx2, avx512), status bits, the
+row-split path, the fused sampler and projection, the bound on T, and the CUDA kernel's compile
+(nvcc, sm_80 + sm_90, no register spills)."""
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import costeer_kernels as ck
-from costeer_kernels import SteerConfig, steer
+from costeer_kernels import SteerConfig, closed_form_steer, reference_steer, steer
 from costeer_kernels import status as st
 from costeer_kernels._extension import build_status
+from costeer_kernels.sampling import gumbel_noise
 from costeer_kernels.torch_backend import steer_torch
 
 from ..conftest import HAS_CUDA
-from .helpers import check_accuracy, make_logits
+from .helpers import make_logits, masked_err
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ISAS = ["portable", "avx2", "avx512"]
+EPS32 = torch.finfo(torch.float32).eps
+MAX_T = 100000  # STEER_MAX_T of csrc/steer_math.h
+
+
+def ulp_term(ref64: torch.Tensor) -> float:
+    """A few float32 ulps of the reference's magnitude: 4 eps_f32 max|ref| over its finite entries
+    (a log-softmax in float32 is off by about ulp(|x| + |lse|) whatever the eager error is)."""
+    fin = ref64[torch.isfinite(ref64)]
+    return 4 * EPS32 * (fin.abs().max().item() if fin.numel() else 0.0)
+
+
+def check_accuracy(out, zl, zc, zn, cfg=None, mode="closed_form", ref=None, base=None):
+    """The accuracy rule on any CPU: error against float64 of the same inputs <= 2 x the eager
+    float32 formula's error + 1e-6 + 4 eps_f32 max|ref| (the eager error can be accidentally tiny),
+    no NaN, and the argmax of the float64 reference (up to ties)."""
+    if ref is None:
+        ref = reference_steer(zl, zc, zn, cfg, dtype=torch.float64)
+    if base is None:
+        if mode == "closed_form":
+            base = closed_form_steer(zl, zc, zn, cfg, dtype=torch.float32)
+        else:
+            base = reference_steer(zl, zc, zn, cfg, dtype=torch.float32)
+    e_out, e_base = masked_err(out, ref), masked_err(base, ref)
+    bound = 2 * e_base + 1e-6 + ulp_term(ref)
+    assert e_out <= bound, f"error {e_out:.3g} > 2 x eager fp32 error {e_base:.3g} + 1e-6 + ulps = {bound:.3g}"
+    assert not torch.isnan(out).any()
+    a_out = out.double().cpu().argmax(-1)
+    ref_c = ref.cpu()
+    picked = ref_c.gather(-1, a_out.unsqueeze(-1)).squeeze(-1)
+    assert torch.all(picked >= ref_c.max(-1).values - 1e-5)
+    return e_out, e_base
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +81,59 @@ def test_extension_loads_and_registers(ext):
     assert steer(z, z, z).shape == (1, 3)  # backend=None on CPU picks "cpu"
 
 
-@pytest.fixture(params=["avx512", "portable"])
+@pytest.fixture(params=ISAS)
 def isa(ext, request):
-    """Runs a test with the CPU kernel's AVX-512 path (where the CPU has it) and without."""
-    if request.param == "avx512" and not torch.ops.costeer_ext.cpu_avx512(-1):
-        pytest.skip("no AVX-512 path on this CPU/build")
-    before = torch.ops.costeer_ext.cpu_avx512(1 if request.param == "avx512" else 0)
+    """Runs a test on one instruction-set path of the CPU kernels (skipped where the CPU lacks it)."""
+    if request.param not in torch.ops.costeer_ext.cpu_isas():
+        pytest.skip(f"the {request.param} path needs CPU features this machine lacks")
+    before = torch.ops.costeer_ext.cpu_isa()
+    assert torch.ops.costeer_ext.cpu_isa(request.param) == request.param
     yield request.param
-    torch.ops.costeer_ext.cpu_avx512(before)
+    torch.ops.costeer_ext.cpu_isa(before)
+
+
+def test_isa_selection(ext):
+    paths = list(torch.ops.costeer_ext.cpu_isas())
+    assert paths[0] == "portable" and set(paths) <= set(ISAS)
+    before = torch.ops.costeer_ext.cpu_isa()
+    try:
+        for p in paths:
+            assert torch.ops.costeer_ext.cpu_isa(p) == p
+            assert torch.ops.costeer_ext.cpu_isa() == p
+        assert torch.ops.costeer_ext.cpu_isa("auto") == paths[-1]
+        with pytest.raises(ValueError, match="expected .*portable.*got \"sse9\""):
+            torch.ops.costeer_ext.cpu_isa("sse9")
+        for p in set(ISAS) - set(paths):
+            with pytest.raises(ValueError, match=f"\"{p}\" path needs"):
+                torch.ops.costeer_ext.cpu_isa(p)
+    finally:
+        torch.ops.costeer_ext.cpu_isa(before)
+
+
+def _python(code: str, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_isa_environment_variable(ext):
+    """COSTEER_CPU_ISA picks the path at first use; a bad value raises naming the variable."""
+    code = ("import torch; from costeer_kernels._extension import build_status; assert build_status()['loaded'];"
+            "print(torch.ops.costeer_ext.cpu_isa())")
+    res = _python(code, COSTEER_CPU_ISA="portable")
+    assert res.returncode == 0 and res.stdout.split()[-1] == "portable", res.stderr
+    code_bad = ("import torch; from costeer_kernels._extension import build_status; assert build_status()['loaded'];"
+                "z = torch.zeros(1, 3); hp = torch.tensor([[20.0, 2, 1, 2, 10]], dtype=torch.float64)\n"
+                "try:\n torch.ops.costeer_ext.steer(z, z, z, hp, torch.empty(1, 3), 'closed_form', 0)\n"
+                "except ValueError as e:\n print('VALUEERROR', e)")
+    res = _python(code_bad, COSTEER_CPU_ISA="fastest")
+    assert "VALUEERROR COSTEER_CPU_ISA" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("mode", ["closed_form", "iterative"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3, 2047), (2, 2049), (5, 4099), (1, 33333)], ids=str)
-def test_cpu_matches_reference(ext, shape, dtype, mode):
+def test_cpu_matches_reference(isa, shape, dtype, mode):
     zl, zc, zn = make_logits(*shape, dtype=dtype, seed=shape[1])
     cfg = SteerConfig(T=7) if mode == "iterative" else None
     check_accuracy(steer(zl, zc, zn, cfg, backend="cpu", mode=mode), zl, zc, zn, cfg, mode)
@@ -66,7 +142,8 @@ def test_cpu_matches_reference(ext, shape, dtype, mode):
 @pytest.mark.parametrize("scale", [1.0, 3.0, 30.0])
 @pytest.mark.parametrize("shape", [(3, 5000), (1, 152064)], ids=str)
 def test_cpu_paths_match_reference(isa, shape, scale):
-    """Closed form through both first-sweep paths (compacted AVX-512 and portable), with masks."""
+    """Closed form with masks and a late, much larger max (the running offset jumps by > 64, so
+    the skipped-exponential bookkeeping must redo the chunk)."""
     zl, zc, zn = make_logits(*shape, scale=scale, mask_frac=0.05, seed=int(scale))
     zl[0, -1] = 60.0 * scale  # a late, much larger max: the running offset moves by > 64
     check_accuracy(steer(zl, zc, zn, backend="cpu"), zl, zc, zn)
@@ -77,14 +154,14 @@ def test_cpu_paths_match_reference(isa, shape, scale):
     ((2, 151936), torch.bfloat16, "closed_form"),
     ((1, 152064), torch.float16, "iterative"),
 ], ids=str)
-def test_cpu_full_vocabulary(ext, shape, dtype, mode):
+def test_cpu_full_vocabulary(isa, shape, dtype, mode):
     zl, zc, zn = make_logits(*shape, dtype=dtype, mask_frac=0.01, seed=3)
     cfg = SteerConfig(T=4) if mode == "iterative" else None
     check_accuracy(steer(zl, zc, zn, cfg, backend="cpu", mode=mode), zl, zc, zn, cfg, mode)
 
 
 @pytest.mark.parametrize("mode", ["closed_form", "iterative"])
-def test_per_row_hparams_masks_and_strides(ext, mode):
+def test_per_row_hparams_masks_and_strides(isa, mode):
     B, V = 5, 3001
     zl, zc, zn = make_logits(B, V, dtype=torch.float32, mask_frac=0.2, row_stride=V + 13, seed=5)
     zc[1, 10:20] = float("-inf")  # small-model ban (c_T > 0 drives these to -inf)
@@ -105,7 +182,7 @@ def test_per_row_hparams_masks_and_strides(ext, mode):
 
 
 @pytest.mark.parametrize("mode", ["closed_form", "iterative"])
-def test_mixed_dtypes_and_given_delta(ext, mode):
+def test_mixed_dtypes_and_given_delta(isa, mode):
     zl, zc, zn = make_logits(3, 1537, seed=9)
     hp = SteerConfig(T=5).packed(None, "cpu")
     ref, _ = cpp(zl, zc, zn, hp, mode=mode)
@@ -113,6 +190,13 @@ def test_mixed_dtypes_and_given_delta(ext, mode):
     ref_mixed, _ = cpp(zl.bfloat16().float(), zc.half().float(), zn, hp, mode=mode)
     torch.testing.assert_close(mixed, ref_mixed, rtol=0, atol=0)
     assert not s.any()
+    for dt in (torch.float16, torch.bfloat16):
+        # Three half-precision rows are widened in registers on the SIMD paths: the same numbers.
+        z16 = [t.to(dt) for t in (zl, zc, zn)]
+        same, s16 = cpp(*z16, hp, mode=mode)
+        widened, _ = cpp(*(t.float() for t in z16), hp, mode=mode)
+        torch.testing.assert_close(same, widened, rtol=0, atol=0)
+        assert not s16.any()
     if mode == "closed_form":
         delta, _ = cpp(zl, zc - zn, None, hp)
         torch.testing.assert_close(delta, ref, rtol=0, atol=2e-5)
@@ -152,11 +236,14 @@ def test_status_bits_match_torch_backend(isa, mode, splits):
     assert status.tolist() == expected
     assert torch.equal(status, ref_status)
     assert torch.isnan(out).all(), "invalid rows must be written all-NaN"
+    for dt in (torch.float16, torch.bfloat16):  # NaN, +-inf and the masks survive the conversion
+        out16, status16 = cpp(zl.to(dt), zc.to(dt), zn.to(dt), hp, mode=mode, splits=splits)
+        assert status16.tolist() == expected and torch.isnan(out16).all()
     with pytest.raises(ValueError, match="row 0"):
         steer(zl, zc, zn, backend="cpu", mode=mode)
 
 
-def test_status_mixed_with_valid_rows(ext):
+def test_status_mixed_with_valid_rows(isa):
     zl, zc, zn = make_logits(4, 5000, seed=2)
     zc[2, 4321] = float("nan")
     out, status = cpp(zl, zc, zn, SteerConfig().packed(None, "cpu"), splits=2)
@@ -164,7 +251,7 @@ def test_status_mixed_with_valid_rows(ext):
     assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
 
 
-def test_overflow_is_reported(ext):
+def test_overflow_is_reported(isa):
     zl, zc, zn = make_logits(1, 100, seed=1)
     zc[0, 3] = 3e38
     zn[0, 3] = -3e38
@@ -172,7 +259,7 @@ def test_overflow_is_reported(ext):
     assert status.tolist() == [st.NOCTX_MASK]
 
 
-def test_coefficient_below_float32_still_steers_infinities(ext):
+def test_coefficient_below_float32_still_steers_infinities(isa):
     """c_T = 8.6e-90 rounds to 0 in float32, but a lone noctx -inf must still be reported and a
     small-model ban must still ban; finite deltas change nothing."""
     cfg = SteerConfig(T=1, alpha=0.0, beta=1.7e-89, lam=1.0, eta=1.0)
@@ -187,14 +274,16 @@ def test_coefficient_below_float32_still_steers_infinities(ext):
 
 @pytest.mark.parametrize("V", [1, 2048, 4097, 151936])
 def test_split_rows_equal_whole_rows(isa, V):
-    """B=1 split across tasks (num_splits > 1) against the same row processed whole in a batch."""
+    """B=1 split across tasks (num_splits > 1) against the same row processed whole in a batch.
+    Split and whole rows sum their exponentials in different orders, so the log-sum-exp may differ
+    by a few float32 ulps of its magnitude (this row's lse is below max |log-prob|)."""
     zl, zc, zn = make_logits(6, V, seed=V, mask_frac=0.05)
     hp = SteerConfig().packed(None, "cpu")
     whole, s_whole = cpp(zl, zc, zn, hp, splits=1)
     for splits in (0, 2, 3, 7):
         for r in (0, 5):
             one, s_one = cpp(zl[r : r + 1], zc[r : r + 1], zn[r : r + 1], hp, splits=splits)
-            torch.testing.assert_close(one[0], whole[r], rtol=0, atol=2e-6)
+            torch.testing.assert_close(one[0], whole[r], rtol=0, atol=ulp_term(whole[r].double()))
             assert s_one.item() == s_whole[r].item() == 0
     threads = torch.get_num_threads()
     try:
@@ -203,6 +292,144 @@ def test_split_rows_equal_whole_rows(isa, V):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(serial, whole, rtol=0, atol=0)
+
+
+def sample_op(zl, zc, zn, hp, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, offset=0, num_samples=1,
+              want_maxp=True, hidden=None):
+    """torch.ops.costeer_ext.sample (or sample_hidden with hidden=(hdiff, W)): parameters as [1]
+    tensors, one RNG stream per row (row_keyed)."""
+    params = (torch.tensor([temperature], dtype=torch.float32), torch.tensor([top_k], dtype=torch.int32),
+              torch.tensor([top_p], dtype=torch.float32), torch.tensor([min_p], dtype=torch.float32),
+              torch.tensor([seed], dtype=torch.int64), torch.tensor([offset], dtype=torch.int64))
+    if hidden is not None:
+        return torch.ops.costeer_ext.sample_hidden(zl, hidden[0], hidden[1], hp, *params, True, want_maxp, num_samples)
+    return torch.ops.costeer_ext.sample(zl, zc, zn, hp, *params, True, want_maxp, num_samples)
+
+
+def gumbel_oracle(x64, temperature, top_k, seed, num_samples):
+    """Gumbel-max in float64 over the steered log-probs x64 [B, V] with the kernels' Philox noise
+    (row key r * n + d): the token each draw should pick, and the winning margin."""
+    B, V = x64.shape
+    rkey = torch.arange(B * num_samples, dtype=torch.int64)
+    g = gumbel_noise(V, rkey, torch.tensor([seed]), torch.tensor([0])).double().reshape(B, num_samples, V)
+    allowed = torch.ones(B, V, dtype=torch.bool)
+    if 0 < top_k < V:
+        kth = x64.topk(top_k, dim=-1).values[:, -1:]
+        allowed = x64 >= kth
+    key = torch.where(allowed[:, None, :], x64[:, None, :] + temperature * g, torch.tensor(float("-inf"), dtype=torch.float64))
+    top2 = key.topk(2, dim=-1)
+    return top2.indices[..., 0], top2.values[..., 0] - top2.values[..., 1]
+
+
+def check_sampled(tok, lp, x64, temperature, top_k, seed):
+    want, margin = gumbel_oracle(x64, temperature, top_k, seed, tok.shape[1])
+    # A draw whose two best keys lie within float32 rounding may go either way.
+    close = margin < 1e-4
+    assert torch.equal(tok[~close], want[~close]), (tok, want)
+    torch.testing.assert_close(lp.double(), x64.gather(1, tok), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 3])
+def test_sampler_matches_float64(isa, dtype, B):
+    """The fused sampler sweep on each path: greedy token and log-prob, Gumbel draws (plain and
+    top-k) and the LLM's max probability, against float64 of the same inputs."""
+    V = 20011
+    zl, zc, zn = make_logits(B, V, dtype=dtype, mask_frac=0.02, seed=B)
+    hp = SteerConfig().packed(None, "cpu")
+    x64 = reference_steer(zl, zc, zn, None, dtype=torch.float64)
+    tok, lp, maxp, status = sample_op(zl, zc, zn, hp)
+    assert not status.any()
+    ref_best = x64.max(-1).values
+    assert torch.all(x64.gather(1, tok)[:, 0] >= ref_best - 1e-5)
+    torch.testing.assert_close(lp[:, 0].double(), ref_best, rtol=0, atol=1e-5)
+    torch.testing.assert_close(maxp.double(), torch.softmax(zl.double(), -1).max(-1).values, rtol=1e-5, atol=0)
+    for top_k in (0, 40):
+        tok, lp, _, status = sample_op(zl, zc, zn, hp, temperature=0.8, top_k=top_k, seed=7, num_samples=4)
+        assert not status.any()
+        check_sampled(tok, lp, x64, 0.8, top_k, 7)
+
+
+def projection_inputs(B, V, H, dtype, seed=0):
+    """llm logits, float32 hdiff [B, H] and a weight of dtype with more rows than V and a row stride
+    wider than H (a slice), like a padded lm_head."""
+    g = torch.Generator().manual_seed(seed)
+    zl = torch.randn(B, V, generator=g) * 3
+    hdiff = torch.randn(B, H, generator=g)
+    W = (torch.randn(V + 5, H + 3, generator=g) / H**0.5 * 3).to(dtype)[:, :H]
+    return zl, hdiff, W
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 2, 3, 5, 17])
+def test_projection_matches_float64(isa, dtype, B):
+    """steer_hidden and sample_hidden for any B (W read once for all rows), every weight dtype:
+    float32 accumulation of W hdiff, against float64 of the same input values."""
+    V, H = 5003, 129
+    zl, hdiff, W = projection_inputs(B, V, H, dtype, seed=B)
+    d64 = hdiff.double() @ W[:V].double().T
+    zero = torch.zeros(B, V)
+    ref = closed_form_steer(zl, d64, None, None, dtype=torch.float64)
+    base = closed_form_steer(zl, hdiff @ W[:V].float().T, None, None, dtype=torch.float32)
+    hp = SteerConfig().packed(None, "cpu")
+    for splits in (0, 1, 3):
+        out = torch.empty(B, V)
+        status = torch.ops.costeer_ext.steer_hidden(zl, hdiff, W, hp, out, splits)
+        assert not status.any()
+        check_accuracy(out, zl, d64, zero, ref=ref, base=base)
+    tok, lp, maxp, status = sample_op(zl, None, None, hp, hidden=(hdiff, W))
+    assert not status.any()
+    assert torch.all(ref.gather(1, tok)[:, 0] >= ref.max(-1).values - 1e-5)
+    tok, lp, _, status = sample_op(zl, None, None, hp, temperature=1.3, top_k=50, seed=3, num_samples=2,
+                                   hidden=(hdiff, W))
+    assert not status.any()
+    check_sampled(tok, lp, ref, 1.3, 50, 3)
+
+
+def test_projection_strided_hidden_rows(isa):
+    """hdiff rows with a stride wider than H, and per-row settings."""
+    B, V, H = 4, 3001, 40
+    zl, hdiff, W = projection_inputs(B, V, H, torch.float32, seed=11)
+    wide = torch.zeros(B, H + 9)
+    wide[:, :H] = hdiff
+    cfg = SteerConfig(T=torch.tensor([0, 3, 20, 7]))
+    hp = cfg.packed(B, "cpu")
+    out = torch.empty(B, V)
+    status = torch.ops.costeer_ext.steer_hidden(zl, wide[:, :H], W, hp, out, 0)
+    assert not status.any()
+    d64 = hdiff.double() @ W[:V].double().T
+    check_accuracy(out, zl, d64, torch.zeros(B, V), cfg,
+                   ref=closed_form_steer(zl, d64, None, cfg, dtype=torch.float64),
+                   base=closed_form_steer(zl, hdiff @ W[:V].T, None, cfg, dtype=torch.float32))
+
+
+def test_large_T_is_invalid_and_prompt(ext):
+    """T > STEER_MAX_T = 100000 is BAD_HPARAMS in every C++ entry point (the c_T recurrence and the
+    iterative form cost O(T)): T = 2**40 or 1e9 used to run for hours or seconds."""
+    zl, zc, zn = make_logits(4, 257, seed=4)
+    row = [20.0, 2.0, 1.0, 2.0, 10.0]
+    hp = torch.tensor([row] * 4, dtype=torch.float64)
+    hp[:, 0] = torch.tensor([float(MAX_T + 1), 20.0, float(MAX_T), 7.0], dtype=torch.float64)
+    out, status = cpp(zl, zc, zn, hp)
+    assert status.tolist() == [st.BAD_HPARAMS, 0, 0, 0]  # fails fast on code without the bound
+    cfg = SteerConfig(T=torch.tensor([20, MAX_T, 7]))
+    rows = (zl[1:], zc[1:], zn[1:])
+    # The float64 closed form stands in for the T = 100000 step loop (they agree to ~1e-13).
+    check_accuracy(out[1:], *rows, cfg, ref=closed_form_steer(*rows, cfg, dtype=torch.float64))
+    hp[:, 0] = torch.tensor([2.0**40, 1e9, 20.0, float(MAX_T + 1)], dtype=torch.float64)
+    expect = [st.BAD_HPARAMS, st.BAD_HPARAMS, 0, st.BAD_HPARAMS]
+    for mode in ("closed_form", "iterative"):
+        for splits in (0, 1, 2):
+            out, status = cpp(zl, zc, zn, hp, mode=mode, splits=splits)
+            assert status.tolist() == expect
+            assert torch.isnan(out[[0, 1, 3]]).all() and torch.isfinite(out[2]).all()
+    *_, status = sample_op(zl, zc, zn, hp, temperature=1.0)
+    assert status.tolist() == expect
+    hdiff, W = torch.randn(4, 8), torch.randn(257, 8)
+    status = torch.ops.costeer_ext.steer_hidden(zl, hdiff, W, hp, torch.empty(4, 257), 0)
+    assert status.tolist() == expect
+    *_, status = sample_op(zl, None, None, hp, hidden=(hdiff, W))
+    assert status.tolist() == expect
 
 
 # ---------------------------------------------------------------------------------------------

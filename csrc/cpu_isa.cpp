@@ -1,0 +1,263 @@
+// The CPU kernels' instruction-set paths and the choice between them at run time.
+//
+// "portable": cpu_loops.inc at the compiler's baseline target (x86-64 SSE2 here, whatever the
+// platform is elsewhere), auto-vectorized. "avx2" (AVX2 + FMA + F16C) and "avx512" (AVX-512F):
+// the same loops compiled under `#pragma GCC target`, with the exponential-heavy ones and the
+// projection replaced by cpu_simd.inc on 8 / 16 lanes. A prebuilt extension cannot use
+// -march=native, and per-file flags are unavailable to the just-in-time build: target regions
+// keep all paths in one binary. The active path is the best this CPU runs unless COSTEER_CPU_ISA
+// (read at first use) or torch.ops.costeer_ext.cpu_isa(request) names another.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define STEER_X86_PATHS 1
+#include <immintrin.h>
+#else
+#define STEER_X86_PATHS 0
+#endif
+
+#include "steer_cpu.h"
+#include "steer_math.h"
+
+namespace costeer {
+namespace cpu {
+
+namespace portable {
+#include "cpu_loops.inc"
+
+const Kernels table = {
+    "portable", widen_f16, widen_bf16,    steer_chunk, nullptr, chunk_max, exp_sum, subtract, store_shifted,
+    iterate_chunk, delta_chunk, project, count_ge, mass_ge, tempered,
+};
+}  // namespace portable
+
+#if STEER_X86_PATHS
+
+// Bytes j of entry m: the index of the j-th set bit of m (vpermps indices of AVX2's left-pack).
+struct PackTable {
+  uint64_t idx[256];
+  constexpr PackTable() : idx() {
+    for (int m = 0; m < 256; ++m) {
+      uint64_t v = 0;
+      int k = 0;
+      for (int b = 0; b < 8; ++b)
+        if (m & (1 << b)) v |= (uint64_t)b << (8 * k++);
+      idx[m] = v;
+    }
+  }
+};
+constexpr PackTable kPack{};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,popcnt")
+namespace avx2 {
+#include "cpu_loops.inc"
+
+struct Avx2 {
+  static constexpr const char* NAME = "avx2";
+  static constexpr int W = 8;
+  static constexpr int MAX_NR = 3;  // 4 x 3 accumulators + 3 h + 1 w = 16 ymm registers
+  static constexpr int EXP_LANES = 1;
+  using V = __m256;
+  using M = __m256;  // lane masks (all ones / zero)
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }    // a b + c
+  static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+  static V vmax(V x, V c) { return _mm256_max_ps(x, c); }               // x > c ? x : c
+  static V max_keep(V m, V x) { return _mm256_max_ps(x, m); }           // as steer_math max_keep
+  static M neq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_NEQ_UQ); }
+  static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static M nlt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_NLT_UQ); }
+  static bool any(M m) { return _mm256_movemask_ps(m) != 0; }
+  static V zero_unless(M m, V v) { return _mm256_and_ps(m, v); }
+  // 2^n for t = n + 1.5 * 2^23 (steer_exp's rounding trick): n sits in t's low mantissa bits.
+  static V pow2_of_rounded(V t) {
+    const __m256i e = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+  // The lanes of v under m packed to dst[0..count) (W floats written); returns count.
+  static int compress_store(float* dst, M m, V v) {
+    const unsigned bits = (unsigned)_mm256_movemask_ps(m);
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kPack.idx[bits])));
+    _mm256_storeu_ps(dst, _mm256_permutevar8x32_ps(v, idx));
+    return __builtin_popcount(bits);
+  }
+  static V first_n(V v, int n) {  // lanes >= n zeroed (bitwise: NaN lanes too)
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane)), v);
+  }
+  static float hsum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float hmax(V v) {  // v holds no NaN (max_keep drops them)
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static V load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static V load_bf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+using S = Avx2;
+#include "cpu_simd.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c,popcnt")
+namespace avx512 {
+#include "cpu_loops.inc"
+
+struct Avx512 {
+  static constexpr const char* NAME = "avx512";
+  static constexpr int W = 16;
+  static constexpr int MAX_NR = 4;  // 4 x 4 accumulators of 32 zmm registers
+  static constexpr int EXP_LANES = 2;
+  using V = __m512;
+  using M = __mmask16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V vmax(V x, V c) { return _mm512_max_ps(x, c); }
+  static V max_keep(V m, V x) { return _mm512_max_ps(x, m); }
+  static M neq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ); }
+  static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static M nlt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_NLT_UQ); }
+  static bool any(M m) { return m != 0; }
+  static V zero_unless(M m, V v) { return _mm512_maskz_mov_ps(m, v); }
+  static V pow2_of_rounded(V t) {
+    const __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
+  // Compress in a register, then a plain store (vcompressps to memory is slow on AMD).
+  static int compress_store(float* dst, M m, V v) {
+    _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(m, v));
+    return __builtin_popcount((unsigned)m);
+  }
+  static V first_n(V v, int n) { return _mm512_maskz_mov_ps((M)((1u << n) - 1u), v); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static V load_bf16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+};
+using S = Avx512;
+#include "cpu_simd.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+
+#endif  // STEER_X86_PATHS
+
+namespace {
+
+enum Isa : int { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_COUNT = 3 };
+const char* const kNames[ISA_COUNT] = {"portable", "avx2", "avx512"};
+
+const Kernels* table_of(int isa) {
+#if STEER_X86_PATHS
+  if (isa == ISA_AVX512) return &avx512::table;
+  if (isa == ISA_AVX2) return &avx2::table;
+#endif
+  (void)isa;
+  return &portable::table;
+}
+
+bool supported(int isa) {
+  if (isa == ISA_PORTABLE) return true;
+#if STEER_X86_PATHS
+  // __builtin_cpu_init: this may run before libgcc's own CPU detection constructor. The checks
+  // include the OS's saving of the AVX / AVX-512 register state (XGETBV).
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
+  if (isa == ISA_AVX2) return avx2;
+  if (isa == ISA_AVX512) return avx2 && __builtin_cpu_supports("avx512f");
+#endif
+  return false;
+}
+
+int best() {
+  for (int isa = ISA_COUNT - 1; isa > 0; --isa)
+    if (supported(isa)) return isa;
+  return ISA_PORTABLE;
+}
+
+// "auto" is the best path this CPU runs; names are the ones cpu_isas() lists.
+int parse(c10::string_view name, const char* what) {
+  if (name == "auto") return best();
+  for (int isa = 0; isa < ISA_COUNT; ++isa) {
+    if (name != kNames[isa]) continue;
+    TORCH_CHECK_VALUE(supported(isa), what, ": the \"", kNames[isa], "\" path needs ",
+                      isa == ISA_AVX512 ? "AVX-512F (and AVX2, FMA, F16C)" : "AVX2, FMA and F16C",
+                      ", which this CPU or build lacks; available: ",
+                      supported(ISA_AVX2) ? (supported(ISA_AVX512) ? "portable, avx2, avx512" : "portable, avx2")
+                                          : "portable");
+    return isa;
+  }
+  TORCH_CHECK_VALUE(false, what, ": expected \"portable\", \"avx2\", \"avx512\" or \"auto\", got \"",
+                    std::string(name), "\"");
+  return ISA_PORTABLE;
+}
+
+std::atomic<int> g_isa{-1};  // -1: not chosen yet (COSTEER_CPU_ISA is read at first use)
+
+int active() {
+  int isa = g_isa.load(std::memory_order_acquire);
+  if (isa >= 0) return isa;
+  const char* env = std::getenv("COSTEER_CPU_ISA");
+  // A bad value raises at every use (and never silently runs another path than asked for).
+  isa = env != nullptr && *env != '\0' ? parse(env, "COSTEER_CPU_ISA") : best();
+  int expected = -1;
+  g_isa.compare_exchange_strong(expected, isa, std::memory_order_acq_rel);
+  return g_isa.load(std::memory_order_acquire);
+}
+
+}  // namespace
+
+const Kernels& kernels() { return *table_of(active()); }
+
+}  // namespace cpu
+
+// torch.ops.costeer_ext.cpu_isa: request "" queries; a name (or "auto") selects that path for the
+// whole process and overrides COSTEER_CPU_ISA. Returns the path in use after the call.
+std::string cpu_isa(c10::string_view request) {
+  if (!request.empty()) cpu::g_isa.store(cpu::parse(request, "costeer_ext::cpu_isa"), std::memory_order_release);
+  return cpu::kNames[cpu::active()];
+}
+
+// The paths this CPU and build run, slowest first.
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> out;
+  for (int isa = 0; isa < cpu::ISA_COUNT; ++isa)
+    if (cpu::supported(isa)) out.emplace_back(cpu::kNames[isa]);
+  return out;
+}
+
+}  // namespace costeer
