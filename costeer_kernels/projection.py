@@ -10,8 +10,7 @@ and W, the largest read of the step, is read once for both passes; the bias canc
 
 - backend "triton" (the default on CUDA): one launch computes the delta tile by tile, steers and
   normalizes (``triton/projection.py``).
-- "cpu" (the C++ extension, the default on CPU), closed form, up to ``FUSED_CPU_MAX_ROWS`` rows:
-  one sweep computes the delta W (h_c - h_n) chunk by chunk in L1 (fp32 accumulation) and steers
+- "cpu" (the C++ extension, the default on CPU), closed form, any B: one sweep computes the delta W (h_c - h_n) chunk by chunk in L1 (fp32 accumulation) and steers
   it at once; the small model's logits never exist in memory (``csrc/steer_cpu.cpp``,
   ``steer_hidden``).
 - otherwise: the delta by one product (``delta_from_hidden``: fp32 accumulation of fp32 products
@@ -43,9 +42,6 @@ _RENAMED = (
     ("banned by slm_ctx_logits", "banned by a -inf small-model delta"),
 )
 
-# Rows up to which the CPU takes the fused C++ kernel (W streamed once per row in it); past that
-# one GEMM reads W once for all rows.
-FUSED_CPU_MAX_ROWS = 1
 # Rows of W converted to float32 at a time by the CPU fallback for fp16/bf16 weights.
 _CPU_CHUNK_ROWS = 8192
 
@@ -88,12 +84,14 @@ def delta_from_hidden(hc: torch.Tensor, hn: torch.Tensor, W: torch.Tensor) -> to
 def _fused(name: str, mode: str, B: int, mapped: bool, explicit: bool) -> bool:
     """Whether backend ``name`` runs the projection fused into the steer pass. Triton: by default
     for one row only; H200, V=151936, H=1536, bf16, B=16, CUDA-graph time: fused 1256 us,
-    GEMM + steer 148 us (bench/GPU_REPORT.md). The C++ kernel: up to FUSED_CPU_MAX_ROWS rows."""
+    GEMM + steer 148 us (bench/GPU_REPORT.md). The C++ kernel: every B (it reads each block of W
+    once for all rows; AMD EPYC avx2 path, fp32: 0.13-0.43 of a torch.matmul's time from B=1 to
+    16, bench/RESULTS.md), without a vocabulary map."""
     if mode != "closed_form" or not registry.has_kernel(name, "steer_hidden"):
         return False
     if name == "triton":
         return explicit or B == 1
-    return not mapped and B <= FUSED_CPU_MAX_ROWS
+    return not mapped
 
 
 def _project_steer(zl, hc, hn, W, hp, slm_index, drop, out, mode, fused, backend) -> torch.Tensor:
@@ -240,7 +238,7 @@ def steer_from_hidden(
         Padded widths, as in :func:`costeer_kernels.steer` (W's rows past it unused).
     backend : str, optional
         ``"triton"`` (fused, one launch; the default on CUDA for one row), ``"cpu"`` (the C++
-        kernel: fused for up to ``FUSED_CPU_MAX_ROWS`` rows; the default on CPU) or any steer
+        kernel, fused for every B; the default on CPU) or any steer
         backend (one product for the delta, then that backend's steer op).
     sample : bool or dict, optional
         ``None`` (return the log-probs), or pick the next token instead, as
