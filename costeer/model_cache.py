@@ -522,7 +522,8 @@ def list_entries(cache_dir: Optional[os.PathLike | str] = None) -> List[Dict[str
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         info = entry_info(d) or {}
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        out.append({"path": d, "name": info.get("name", d.name.split("-")[0]), "size": size,
+        name = info.get("name") or re.sub(r"-[0-9a-f]{16}-tf.*$", "", d.name)
+        out.append({"path": d, "name": name, "size": size,
                     "problem": check_entry(d), "info": info})
     return out
 

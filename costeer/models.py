@@ -120,9 +120,13 @@ def _assemble(spec: str, emb: EmbeddedModel) -> Tuple[str, str]:
     """The chunked package's GGUF file, joined on first use (then only stat-ed)."""
     import importlib
 
-    package = importlib.import_module(emb.package)
-    target = package.default_output_path()
-    expected = sum(os.path.getsize(p) for p in package.chunk_paths())
+    try:
+        package = importlib.import_module(emb.package)
+        target = package.default_output_path()
+        expected = sum(os.path.getsize(p) for p in package.chunk_paths())
+    except (ImportError, OSError) as exc:  # a chunk package missing or broken
+        raise ModelNotFoundError(f"model {spec!r}: the {emb.description} GGUF chunks are incomplete ({exc}). "
+                                 f"Reinstall with: {emb.install_hint}") from None
     if not (target.is_file() and target.stat().st_size == expected):
         # assemble() writes its target in place: join into a private file, then rename, so a
         # concurrent start never reads a half-written GGUF file.
