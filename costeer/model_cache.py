@@ -207,7 +207,7 @@ def check_entry(path: os.PathLike | str) -> Optional[str]:
         if info.get("format") != FORMAT_VERSION or not isinstance(files, dict) or WEIGHTS_FILE not in files:
             return f"{INFO_FILE} is from another cache format"
     except FileNotFoundError:
-        return f"{INFO_FILE} is missing (an unfinished build)"
+        return f"{INFO_FILE} is missing (not written by the model cache, or damaged)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{INFO_FILE} is unreadable ({type(exc).__name__})"
     for rel, size in files.items():
@@ -601,7 +601,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print("other entries (another GGUF file or library version; `costeer models rm NAME` deletes them):")
             for e in others:
                 print(f"  {e['name']:<{widths[0]}}  {_mb(e['size']):>8}  {e['path']}"
-                      + (f"  (damaged: {e['problem']})" if e["problem"] else ""))
+                      + (f"  (not usable: {e['problem']})" if e["problem"] else ""))
         return 0
     except (ModelNotFoundError, ValueError, TypeError, ModelCacheError, OSError) as exc:
         print(f"costeer: error: {exc}", file=sys.stderr)
