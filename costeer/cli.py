@@ -77,6 +77,9 @@ def _build_generate_parser(sub):
     g.add_argument("--resume", action="store_true",
                    help="continue the generation recorded in --output FILE (same prompt, context and settings)")
     g.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    g.add_argument("--model-cache", default=None, metavar="DIR",
+                   help="model cache folder for de-quantized GGUF models (default: $COSTEER_MODEL_CACHE or "
+                        "~/.cache/costeer/models; see `costeer models`)")
 
 
 def _side_by_side(columns: List[tuple], width: Optional[int] = None) -> str:
@@ -221,6 +224,10 @@ def _generate(args) -> int:
     from .models import ModelNotFoundError
     from .streams import StreamError
 
+    if args.model_cache:
+        from .model_cache import ENV_VAR
+
+        os.environ[ENV_VAR] = args.model_cache  # read wherever a GGUF model is loaded
     if args.threads:
         import torch
 
@@ -372,14 +379,20 @@ def _generate(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="costeer", description="CoSteer: a cloud LLM steered by a local small model that reads a private context.")
-    sub = ap.add_subparsers(dest="command", metavar="{generate,serve}")
+    sub = ap.add_subparsers(dest="command", metavar="{generate,serve,models}")
     _build_generate_parser(sub)
     sub.add_parser("serve", help="serve an LLM's next-token logits over WebSocket (see `costeer serve -h`)", add_help=False)
+    sub.add_parser("models", help="the model cache: list, build (`models path ALIAS`), remove (see `costeer models -h`)",
+                   add_help=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         from .server import main as serve_main
 
         return serve_main(argv[1:])
+    if argv and argv[0] == "models":
+        from .model_cache import main as models_main
+
+        return models_main(argv[1:])
     args = ap.parse_args(argv)
     if args.command is None:
         ap.print_help()

