@@ -295,7 +295,9 @@ def _sample_from_hidden(llm_logits, zl, hc, hn, W, cfg, sample, name, mode, out,
         zl_s, d = zl[:, :n], delta[:, :n]
     else:
         d = delta
-    backend = name if name in sampling.available_samplers() else None
+    # The map is applied above: any sampler takes the gathered rows, so a steer backend without
+    # vocab_map support (which ``name`` skipped) must not push the sampling to torch.
+    backend = name if (idx is None and name in sampling.available_samplers()) else None
     try:
         res = sampling.steer_sample(zl_s, d, None, cfg, backend=backend, validate=validate, num_samples=num_samples,
                                     return_llm_max_prob=want, **opts)
