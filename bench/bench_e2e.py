@@ -1,5 +1,5 @@
-"""End-to-end decoding benchmark: LLM alone, the plain reference loop, CoSteer in process and through
-`costeer serve` on loopback (and speculative steering when ``costeer.speculative`` exists). Same
+"""End-to-end decoding benchmark: LLM alone, the plain reference loop, CoSteer in process (batch 1 and a
+batch of --batch requests, aggregate tokens/s) and through `costeer serve` on loopback (and speculative steering when ``costeer.speculative`` exists). Same
 models, same prompts, same run.
 
     python bench/bench_e2e.py                      # SmolLM2-135M-Instruct in both roles
