@@ -1,5 +1,5 @@
-"""End-to-end decoding benchmark: LLM alone, the plain reference loop, CoSteer in process and through
-`costeer serve` on loopback (and speculative steering when ``costeer.speculative`` exists). Same
+"""End-to-end decoding benchmark: LLM alone, the plain reference loop, CoSteer in process (batch 1 and a
+batch of --batch requests, aggregate tokens/s) and through `costeer serve` on loopback (and speculative steering when ``costeer.speculative`` exists). Same
 models, same prompts, same run.
 
     python bench/bench_e2e.py                      # SmolLM2-135M-Instruct in both roles
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-server", action="store_true")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--speculative", type=int, default=4, help="draft length k of the speculative row (0: skip)")
+    ap.add_argument("--batch", type=int, default=8, help="requests of the batched row (aggregate tokens/s; 0: skip)")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
     ap.add_argument("--name", default="e2e", help="file stem of the report")
     args = ap.parse_args(argv)
@@ -188,6 +189,17 @@ def main(argv=None) -> int:
             return n, mean
         return run
 
+    def batch_fn(gen, B):
+        from costeer import Request
+
+        reqs = [Request(prompt=CASES[i % len(CASES)][0], context=CASES[i % len(CASES)][1], max_new_tokens=N)
+                for i in range(B)]
+
+        def run():
+            res = gen.generate(reqs)
+            return sum(len(r.token_ids) for r in res), res[0].timing_summary()
+        return run
+
     def ref_fn():
         n = 0
         for p, c in CASES:
@@ -203,6 +215,8 @@ def main(argv=None) -> int:
         ("CoSteer in process (co-batched, 1 forward/step)", gen_fn(inproc)),
         ("CoSteer in process (separate LLM forward)", gen_fn(separate)),
     ]
+    if args.batch > 1:
+        configs.append((f"CoSteer in process, batch {args.batch} (co-batched, aggregate)", batch_fn(inproc, args.batch)))
     spec_fn = _speculative_config(model, cfg, N, args.speculative)
     if spec_fn is not None:
         configs.append((f"speculative CoSteer in process (k={args.speculative})", spec_fn))

@@ -40,6 +40,11 @@ def _build_generate_parser(sub):
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely steered tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="keep tokens with probability >= min-p x the top one (0 = off)")
+    g.add_argument("--unmapped", choices=("keep", "drop"), default="keep",
+                   help="LLM and small model with different tokenizers: LLM tokens without a small-model "
+                        "counterpart keep their LLM logit (keep) or are excluded (drop)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--speculative", default=None, metavar="K",
                    help="speculative steering: draft K tokens on the device per cloud round trip "
@@ -212,7 +217,7 @@ def _output_key(args, context: str) -> str:
 
     fields = {k: getattr(args, k) for k in ("prompt", "llm", "slm", "T", "alpha", "beta", "lam", "eta", "temperature",
                                              "top_p", "seed", "stop", "response_format", "transport_dtype", "topk",
-                                             "topk_policy")}
+                                             "topk_policy", "top_k", "min_p", "unmapped")}
     fields["context"] = context
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -291,7 +296,12 @@ def _generate(args) -> int:
                         llm_url=args.llm_url, remote_model=args.remote_model, cfg=cfg, device=args.device,
                         response_format=args.response_format, transport_dtype=args.transport_dtype, topk=args.topk,
                         topk_policy=args.topk_policy, timeout=args.timeout, gate=gate, token=args.token,
-                        reconnect_timeout=args.reconnect_timeout)
+                        reconnect_timeout=args.reconnect_timeout, unmapped=args.unmapped)
+        if gen.coverage is not None:
+            cov = gen.coverage
+            say(f"different tokenizers: {cov['matched']} of {cov['llm_size']} LLM tokens ({100 * cov['llm_coverage']:.1f}%) "
+                f"have a small-model counterpart ({100 * cov['slm_coverage']:.1f}% of the small model's "
+                f"{cov['slm_size']}); the others: {args.unmapped}")
         say(f"ready in {time.perf_counter() - t0:.1f} s; steering c_T = {cfg.coefficient:.3f} (T={cfg.T}); "
             f"context: {len(context)} characters, never sent to the LLM")
     except (ModelNotFoundError, ValueError, TypeError, StreamError) as exc:
@@ -323,7 +333,8 @@ def _generate(args) -> int:
         try:
             for chunk in gen.stream(args.prompt, context=context, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                    stop=args.stop or (), mode=mode, prefix=[out.prefix] if out else None):
+                                    stop=args.stop or (), mode=mode, prefix=[out.prefix] if out else None,
+                                    top_k=args.top_k, min_p=args.min_p):
                 text = out.write_text(chunk.text) if out is not None else chunk.text
                 if text:
                     sys.stdout.write(text)

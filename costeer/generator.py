@@ -2,22 +2,33 @@
 
 Per step, for a batch of B requests:
 
-    llm.send(tokens)              # the remote request for step t+1 leaves (does not wait)
-    local = slm.step(tokens)      # with- and without-context passes: ONE batched forward (2B rows)
-    z_L = llm.recv().logits       # the LLM's logits for step t+1
-    logp = steer_step(z_L, local) # costeer_kernels.steer: log_softmax(z_L + c_T (z_c - z_n))
-    tokens = choose(logp)         # greedy or seeded sampling, per request
+    llm.send(tokens)           # the remote request for step t+1 leaves (does not wait)
+    local = slm.step(tokens)   # with- and without-context passes: ONE batched forward (2B rows),
+                               # final hidden states only (no vocabulary projection)
+    z_L = llm.recv().logits    # the LLM's logits for step t+1
+    tokens = pick(z_L, local)  # ONE fused op: costeer_kernels.steer_from_hidden(..., sample=...)
+                               # (W read once, the bias cancels) or steer_sample; steering, per-row
+                               # temperature / top_k / top_p / min_p, seeded Philox draws
+    tokens.tolist()            # the step's only read-back: B token ids (+ the gate's state)
 
 The LLM only ever receives the public prompt's token ids and the chosen tokens. The private
 context is read by the small model alone (it goes into the user message of the with-context pass).
 
 When the LLM is the very same in-process model object as the small model (the embedded default
 with one model in both roles), its rows join the small model's batch (3B rows, one forward per
-step: "co-batching"); ``cobatch=False`` keeps the three passes apart.
+step: "co-batching") and one GEMM projects [h_llm; h_ctx - h_noctx] (W read once) before
+``steer_sample``; ``cobatch=False`` keeps the three passes apart.
+
+Different tokenizers (``costeer.vocab.build_vocab_map``): the LLM's prompt ids come from its own
+tokenizer, the small model's from its own; the kernel gathers the small model's delta through the
+map (``unmapped="keep" | "drop"``), and after each chosen token the small model reads the same
+text through ``costeer.retokenize.TailRetokenizer`` (a short re-tokenized tail, KV rollback when
+its tokens change).
 """
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -29,19 +40,22 @@ from costeer_kernels import SteerConfig
 
 from .gating import ConfidenceGate
 from .models import DEFAULT_MODEL, LoadedModel, load_model, load_tokenizer, same_vocabulary
+from .retokenize import TailRetokenizer
 from .slm import LocalOutput, LocalRunner
 from .streams import InProcessLLMStream, LLMStream, OpenAICompletionsStream, WebSocketLLMStream
 
 MODES = ("costeer", "llm", "slm")
+UNMAPPED = ("keep", "drop")
+# c_T = 0: the op's input rows pass through unsteered (the LLM alone, the small model alone, or a
+# gated-off row), so every mode picks its tokens with the same kernel and the same RNG.
+_UNSTEERED = SteerConfig(T=0)
 DEFAULT_CONTEXT_TEMPLATE = "Here is some information about me:\n{context}\n\n{prompt}"
 
 
 def steer_step(llm_logits: torch.Tensor, local: LocalOutput, cfg: SteerConfig) -> torch.Tensor:
-    """THE steering call of the loop (one place to swap in ``steer_from_hidden`` / ``steer_sample``).
-
-    ``local.hidden["ctx"]`` / ``local.hidden["noctx"]`` hold the final hidden states for
-    ``costeer_kernels.steer_from_hidden(llm_logits, h_ctx, h_noctx, lm_head_weight, cfg)``.
-    """
+    """Steered log-probs [B, V] of one local step's logits (``costeer_kernels.steer``): what
+    speculative verification compares. The decoding loop itself never materializes them: it picks
+    tokens with one fused op (``Generator``'s module docstring)."""
     return costeer_kernels.steer(llm_logits, local.logits["ctx"], local.logits["noctx"], cfg)
 
 
@@ -60,6 +74,8 @@ class Request:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: Sequence[str] = ()
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
 
 
 @dataclass
@@ -71,8 +87,8 @@ class StepTiming:
     llm_compute_s: float  # the LLM's own compute (server-side for costeer serve; 0 if unknown)
     transport_s: float  # round trip minus LLM compute (remote streams)
     local_s: float  # small-model passes (and the co-batched LLM rows)
-    steer_s: float
-    sample_s: float  # token choice, detokenization, stop checks
+    steer_s: float  # the fused op: projection of the delta, steering and the token choice
+    sample_s: float  # the token ids' read-back, detokenization, stop checks
     total_s: float
 
 
@@ -179,6 +195,151 @@ class _Text:
 
 
 # ---------------------------------------------------------------------------------------------
+# The token choice: one fused op per step
+
+
+def _sampling_args(reqs: Sequence[Request]) -> dict:
+    """``steer_sample``'s per-row options for a batch (Python scalars when every row is greedy).
+
+    Every request samples from its own Philox stream (a per-row seed tensor: the row index is not
+    part of the counter), so its tokens do not depend on its slot in the batch; a request without
+    a seed gets a random one."""
+    if all(r.temperature == 0 for r in reqs):
+        return {"temperature": 0.0}
+
+    def seed64(r):
+        v = (r.seed if r.seed is not None else secrets.randbits(63)) & (2**64 - 1)
+        return v - 2**64 if v >= 2**63 else v
+
+    return {
+        "temperature": torch.tensor([float(r.temperature) for r in reqs], dtype=torch.float32),
+        "top_k": torch.tensor([int(r.top_k) for r in reqs], dtype=torch.int32),
+        "top_p": torch.tensor([float(r.top_p) for r in reqs], dtype=torch.float32),
+        "min_p": torch.tensor([float(r.min_p) for r in reqs], dtype=torch.float32),
+        "seed": torch.tensor([seed64(r) for r in reqs], dtype=torch.int64),
+    }
+
+
+class _Picker:
+    """Picks every row's next token with ONE ``costeer_kernels`` call per step.
+
+    - small model split into base + head, LLM rows from a stream: ``steer_from_hidden(z_L, h_ctx,
+      h_noctx, W, sample=...)``: W is read once for both passes and the bias cancels (with a
+      vocabulary map for different tokenizers);
+    - co-batched (one model in both roles): the LLM's logits need W h_llm anyway, so ONE GEMM
+      projects [h_llm; h_ctx - h_noctx] (W read once) and ``steer_sample(z_L, delta, None)``
+      picks; a second sweep over W (``steer_from_hidden`` after the LLM's GEMV) would cost more;
+    - small model without hidden states: ``steer_sample(z_L, z_ctx, z_noctx)``;
+    - the LLM alone, the small model alone, steering gated off: the same ops with c_T = 0.
+
+    Rows whose steering is off (gating) get c_T = 0 through a per-row config: the same call.
+    """
+
+    def __init__(self, gen: "Generator", mode: str, local: Optional[LocalRunner], llm_out, stream, cobatched: bool,
+                 cross: bool, sampling: dict):
+        self.gen, self.mode, self.cobatched, self.cross = gen, mode, cobatched, cross
+        head = local.kv.head if local is not None else None
+        self.W = head.weight if head is not None else None
+        self.bias = getattr(head, "bias", None) if head is not None else None
+        self.sampling = sampling
+        self._on = None  # the sampling tensors on the logits' device
+        self._cfgs: Dict[tuple, SteerConfig] = {}
+        slm_width = gen.slm.vocab_size
+        llm_width = llm_out.logits.shape[1] if llm_out is not None else slm_width
+        self.vocab_map, self.vocab_size = None, None
+        if cross:
+            vm = gen.vocab_map
+            if vm.llm_size < llm_width:
+                vm = vm.padded(llm_width)
+            self.vocab_map = vm
+            self.vocab_size = llm_width if vm.llm_size > llm_width else None
+            self.N = llm_width
+        else:
+            N = min(slm_width, llm_width) if mode != "slm" else slm_width
+            if stream is not None and stream.vocab_size and mode != "slm":
+                N = min(N, stream.vocab_size)
+            self.N = N
+
+    def _kw(self, device, step: int, want_maxp: bool) -> dict:
+        if self._on is None or self._on[0] != device:
+            self._on = (device, {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.sampling.items()})
+        kw = dict(self._on[1], offset=step)
+        if want_maxp:
+            kw["return_llm_max_prob"] = True
+        return kw
+
+    def _cfg(self, active: Sequence[bool]) -> SteerConfig:
+        if all(active):
+            return self.gen.cfg
+        if not any(active):
+            return _UNSTEERED
+        key = tuple(active)
+        cfg = self._cfgs.get(key)
+        if cfg is None:
+            c = self.gen.cfg
+            T = c.T if isinstance(c.T, torch.Tensor) else torch.full((len(active),), int(c.T))
+            T = torch.where(torch.tensor(key, device=T.device), T, torch.zeros_like(T))
+            cfg = self._cfgs[key] = SteerConfig(T=T, alpha=c.alpha, beta=c.beta, lam=c.lam, eta=c.eta)
+        return cfg
+
+    def _project(self, h: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.linear(h, self.W)
+        return out if self.bias is None else out + self.bias
+
+    def llm_logits(self, zl, lo: Optional[LocalOutput]) -> torch.Tensor:
+        """The LLM's logits of this step (computed from its hidden states when co-batched)."""
+        if zl is not None:
+            return zl[:, :self.N]
+        if "llm" in lo.logits:
+            return lo.logits["llm"][:, :self.N]
+        with torch.inference_mode():
+            return self._project(lo.hidden["llm"])[:, :self.N]
+
+    def __call__(self, zl, lo: Optional[LocalOutput], active: Sequence[bool], step: int, want_maxp: bool = False):
+        """(token ids int64 [B] (-1: invalid row), the LLM's max probability float32 [B] or None)."""
+        N = self.N
+        if self.mode == "slm":
+            zl = lo.logits["ctx"][:, :N]
+        with torch.inference_mode():
+            if self.mode != "costeer" or lo is None or not any(active):
+                if zl is None:
+                    zl = self.llm_logits(None, lo)
+                zl = zl[:, :N]
+                kw = self._kw(zl.device, step, want_maxp)
+                return self._unpack(costeer_kernels.steer_sample(zl, zl, zl, _UNSTEERED, validate=False, **kw), want_maxp)
+            cfg = self._cfg(active)
+            hc, hn = lo.hidden.get("ctx"), lo.hidden.get("noctx")
+            if self.cobatched and hc is not None:
+                B = hc.shape[0]
+                proj = torch.nn.functional.linear(torch.cat([lo.hidden["llm"], hc - hn]), self.W)
+                zl, delta = proj[:B], proj[B:]
+                if self.bias is not None:
+                    zl = zl + self.bias
+                kw = self._kw(zl.device, step, want_maxp)
+                return self._unpack(costeer_kernels.steer_sample(zl[:, :N], delta[:, :N], None, cfg, validate=False, **kw),
+                                    want_maxp)
+            if self.cobatched:
+                zl = lo.logits["llm"]
+            kw = self._kw(zl.device, step, want_maxp)
+            if hc is not None and self.W is not None:
+                if self.cross:
+                    res = costeer_kernels.steer_from_hidden(zl, hc, hn, self.W, cfg, vocab_map=self.vocab_map,
+                                                            unmapped=self.gen.unmapped, vocab_size=self.vocab_size,
+                                                            validate=False, sample=kw)
+                else:
+                    n = N if self.W.shape[0] != N else None
+                    res = costeer_kernels.steer_from_hidden(zl[:, :N], hc, hn, self.W, cfg, vocab_size=n, validate=False,
+                                                            sample=kw)
+                return self._unpack(res, want_maxp)
+            zc, zn = lo.logits["ctx"][:, :N], lo.logits["noctx"][:, :N]
+            return self._unpack(costeer_kernels.steer_sample(zl[:, :N], zc, zn, cfg, validate=False, **kw), want_maxp)
+
+    @staticmethod
+    def _unpack(res, want_maxp: bool):
+        return (res[0], res[2]) if want_maxp else (res[0], None)
+
+
+# ---------------------------------------------------------------------------------------------
 # The generator
 
 
@@ -194,7 +355,8 @@ class Generator:
         slm: the small model (same forms). Default: the embedded SmolLM2-135M-Instruct.
         llm_url: ``ws://...`` of a ``costeer serve``, or ``http(s)://...`` of an OpenAI-compatible
             completions endpoint (then ``remote_model`` names the model there).
-        llm_stream: any ready ``LLMStream`` (overrides ``llm`` / ``llm_url``).
+        llm_stream: any ready ``LLMStream`` (overrides ``llm`` / ``llm_url``); it must share the
+            small model's tokenizer.
         cfg: ``SteerConfig`` (the op's default is the paper's T=20; see ``docs/defaults_sweep.md``
             for settings that suit one model in both roles).
         response_format / transport_dtype / topk / topk_policy: how a remote LLM answers
@@ -212,6 +374,11 @@ class Generator:
         token / reconnect_timeout: for ``costeer serve`` (``ws://``): the server's token (default
             ``$COSTEER_TOKEN``) and how long to keep reconnecting (bounded backoff) when the
             connection breaks mid-generation; the stream then resumes from its token prefix.
+        unmapped: an LLM and a small model with different tokenizers (matched by
+            ``costeer.vocab.build_vocab_map``, see ``vocab_map`` / ``coverage``): LLM tokens
+            without a small-model counterpart keep their LLM logit (``"keep"``) or are excluded
+            (``"drop"``, the paper's intersection variant). With a remote LLM, ``llm`` names the
+            model whose tokenizer makes its prompt ids.
     """
 
     def __init__(self, llm: Union[str, LoadedModel, None] = DEFAULT_MODEL, slm: Union[str, LoadedModel] = DEFAULT_MODEL, *,
@@ -220,13 +387,16 @@ class Generator:
                  transport_dtype: str = "float16", topk: int = 20, topk_policy: str = "restrict",
                  context_template: str = DEFAULT_CONTEXT_TEMPLATE, system_prompt: Optional[str] = None,
                  cobatch: bool = True, gate: Optional[GateFn] = None, timeout: float = 60.0,
-                 token: Optional[str] = None, reconnect_timeout: float = 30.0):
+                 token: Optional[str] = None, reconnect_timeout: float = 30.0, unmapped: str = "keep"):
         if cfg is not None and not isinstance(cfg, SteerConfig):
             raise TypeError(f"cfg must be a SteerConfig or None, got {type(cfg).__name__}")
         if not isinstance(context_template, str) or "{context}" not in context_template or "{prompt}" not in context_template:
             raise ValueError("context_template must be a string containing {context} and {prompt}")
         if gate is not None and not callable(gate) and not isinstance(gate, ConfidenceGate):
             raise TypeError(f"gate must be a ConfidenceGate, a callable or None, got {type(gate).__name__}")
+        if unmapped not in UNMAPPED:
+            raise ValueError(f"unmapped must be one of {UNMAPPED}, got {unmapped!r}")
+        self.unmapped = unmapped
         self.cfg = cfg if cfg is not None else SteerConfig()
         self.context_template = context_template
         self.system_prompt = system_prompt
@@ -245,7 +415,7 @@ class Generator:
         elif llm_url is not None:
             if not isinstance(llm_url, str):
                 raise TypeError(f"llm_url must be a string, got {type(llm_url).__name__}")
-            # A remote LLM must share the small model's tokenizer: its prompt ids are made here.
+            # The remote LLM's prompt ids are made here, with the tokenizer that ``llm`` names.
             self.llm_tokenizer = self.slm.tokenizer if llm is None or llm == DEFAULT_MODEL or isinstance(llm, LoadedModel) and llm is self.slm \
                 else (llm.tokenizer if isinstance(llm, LoadedModel) else load_tokenizer(llm))
             if llm_url.startswith(("ws://", "wss://")):
@@ -276,13 +446,31 @@ class Generator:
             self._stream_factory = lambda: InProcessLLMStream(self.llm)
             self._reuse_stream = False
             self.llm_name = self.llm.name
+        self.vocab_map = None  # costeer.vocab.VocabMap when the tokenizers differ
         if not same_vocabulary(self.llm_tokenizer, self.slm.tokenizer):
-            raise ValueError("llm and slm must share one tokenizer (same token strings and ids); "
-                             "CoSteer with different tokenizers is not supported here")
+            if llm_stream is not None:
+                raise ValueError("llm_stream must share the small model's tokenizer; for an LLM with another "
+                                 "tokenizer pass llm= (in process) or llm_url= with llm= naming its tokenizer")
+            from .vocab import build_vocab_map, token_bytes
+
+            n_llm = max(self.llm.vocab_size if self.llm is not None else 0, len(self.llm_tokenizer),
+                        max(self.llm_tokenizer.get_vocab().values()) + 1)
+            self.vocab_map = build_vocab_map(self.llm_tokenizer, self.slm.tokenizer, llm_size=n_llm,
+                                             slm_size=max(self.slm.vocab_size, max(self.slm.tokenizer.get_vocab().values()) + 1))
+            self._llm_bytes = token_bytes(self.llm_tokenizer, n_llm)
+            self._slm_bytes = token_bytes(self.slm.tokenizer, self.vocab_map.slm_size)
+            if self.vocab_map.matched == 0:
+                raise ValueError("the LLM's and the small model's vocabularies share no token: nothing to steer")
+
+    @property
+    def coverage(self) -> Optional[dict]:
+        """Vocabulary coverage of a pair with different tokenizers (``VocabMap.coverage``), else None."""
+        return None if self.vocab_map is None else self.vocab_map.coverage
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _requests(self, requests, context, max_new_tokens, temperature, top_p, seed, stop) -> List[Request]:
+    def _requests(self, requests, context, max_new_tokens, temperature, top_p, seed, stop, top_k=None,
+                  min_p=None) -> List[Request]:
         if isinstance(requests, (str, Request)):
             requests = [requests]
         if not isinstance(requests, (list, tuple)) or not requests:
@@ -297,7 +485,7 @@ class Generator:
                 raise TypeError(f"requests[{i}] must be a str, dict or Request, got {type(r).__name__}")
             kw = {}
             for name, v in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
-                            ("seed", seed), ("stop", stop)):
+                            ("seed", seed), ("stop", stop), ("top_k", top_k), ("min_p", min_p)):
                 if v is not None:
                     kw[name] = v
             r = Request(**{**r.__dict__, **kw})
@@ -311,8 +499,14 @@ class Generator:
                 raise ValueError(f"temperature must be a finite number >= 0 (request {i}), got {r.temperature!r}")
             if not isinstance(r.top_p, (int, float)) or not 0 < r.top_p <= 1:
                 raise ValueError(f"top_p must be in (0, 1] (request {i}), got {r.top_p!r}")
+            if isinstance(r.top_k, bool) or not isinstance(r.top_k, int) or not 0 <= r.top_k < 2**31:
+                raise ValueError(f"top_k must be an int >= 0 (0 = off) (request {i}), got {r.top_k!r}")
+            if isinstance(r.min_p, bool) or not isinstance(r.min_p, (int, float)) or not 0 <= r.min_p <= 1:
+                raise ValueError(f"min_p must be in [0, 1] (0 = off) (request {i}), got {r.min_p!r}")
             if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int)):
                 raise TypeError(f"seed must be an int or None (request {i})")
+            if r.seed is not None and not -(2**63) <= r.seed < 2**64:
+                raise ValueError(f"seed must fit in 64 bits (request {i}), got {r.seed}")
             if isinstance(r.stop, str):
                 r.stop = [r.stop]
             if not all(isinstance(s, str) and s for s in r.stop):
@@ -326,11 +520,16 @@ class Generator:
                  temperature: Optional[float] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                  stop: Optional[Sequence[str]] = None, mode: str = "costeer",
                  on_text: Optional[Callable[[int, str], None]] = None, raise_on_error: bool = True,
-                 prefix: Optional[Sequence[Sequence[int]]] = None):
+                 prefix: Optional[Sequence[Sequence[int]]] = None, top_k: Optional[int] = None,
+                 min_p: Optional[float] = None):
         """Generate for one prompt (returns a ``Result``) or a list of requests (list of ``Result``).
 
         ``mode``: ``"costeer"`` (steered), ``"llm"`` (the LLM alone) or ``"slm"`` (the small model
-        with the context alone). ``on_text(index, new_text)`` receives text as it is produced.
+        with the context alone). ``temperature`` (0 = greedy), ``top_k`` (0 = off), ``top_p``
+        (1 = off), ``min_p`` (0 = off) and ``seed`` override the requests' own (``Request``); they
+        mean what ``costeer_kernels.steer_sample`` says, and a seed gives the same tokens on every
+        run (request i draws from its own Philox stream, offset = its step).
+        ``on_text(index, new_text)`` receives text as it is produced.
         On a failure part way, raises ``GenerationError`` whose ``results`` keep the text so far
         (or returns them with ``finish_reason="error"`` when ``raise_on_error=False``).
         ``prefix`` (resume): per request, token ids already generated by an identical earlier run;
@@ -340,7 +539,8 @@ class Generator:
         single = isinstance(requests, (str, Request))
         results = None
         it = self.stream(requests, context, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         seed=seed, stop=stop, mode=mode, raise_on_error=raise_on_error, prefix=prefix)
+                         seed=seed, stop=stop, mode=mode, raise_on_error=raise_on_error, prefix=prefix, top_k=top_k,
+                         min_p=min_p)
         finals: Dict[int, Result] = {}
         for chunk in it:
             if on_text is not None and chunk.text:
@@ -353,22 +553,26 @@ class Generator:
     def stream(self, requests, context: Optional[str] = None, *, max_new_tokens: Optional[int] = None,
                temperature: Optional[float] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
                stop: Optional[Sequence[str]] = None, mode: str = "costeer", raise_on_error: bool = True,
-               prefix: Optional[Sequence[Sequence[int]]] = None) -> Iterator[TextChunk]:
+               prefix: Optional[Sequence[Sequence[int]]] = None, top_k: Optional[int] = None,
+               min_p: Optional[float] = None) -> Iterator[TextChunk]:
         """Iterator of ``TextChunk``: text as it is produced, then one ``done`` chunk per request.
 
         ``prefix``: see ``generate``."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        reqs = self._requests(requests, context, max_new_tokens, temperature, top_p, seed, stop)
-        forced = self._prefix(prefix, len(reqs))
+        reqs = self._requests(requests, context, max_new_tokens, temperature, top_p, seed, stop, top_k, min_p)
+        forced = self._prefix(prefix, len(reqs), mode)
         return self._run(reqs, mode, raise_on_error, forced)
 
-    def _prefix(self, prefix, B: int) -> List[List[int]]:
+    def _prefix(self, prefix, B: int, mode: str = "costeer") -> List[List[int]]:
         if prefix is None:
             return [[] for _ in range(B)]
         if not isinstance(prefix, (list, tuple)) or len(prefix) != B:
             raise ValueError(f"prefix must be a list of {B} token-id lists (one per request)")
-        V, eos = self.slm.vocab_size, set(self.slm.eos_token_ids)
+        if self.vocab_map is not None and mode != "slm":
+            V, eos = self.vocab_map.llm_size, set(self._llm_eos())
+        else:
+            V, eos = self.slm.vocab_size, set(self.slm.eos_token_ids)
         out = []
         for i, p in enumerate(prefix):
             if not isinstance(p, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
@@ -380,11 +584,19 @@ class Generator:
 
     # -- the loop -------------------------------------------------------------------------------
 
+    def _llm_eos(self) -> List[int]:
+        """End-of-sequence ids of the LLM side (a pair with different tokenizers ends on the LLM's)."""
+        if self.llm is not None:
+            return list(self.llm.eos_token_ids)
+        eos = self.llm_tokenizer.eos_token_id
+        return [int(eos)] if eos is not None else []
+
     def _run(self, reqs: List[Request], mode: str, raise_on_error: bool,
              forced: Optional[List[List[int]]] = None) -> Iterator[TextChunk]:
         B = len(reqs)
         forced = forced or [[] for _ in range(B)]
         slm = self.slm
+        cross = self.vocab_map is not None and mode != "slm"
         prompts = [build_prompts(self.llm_tokenizer, slm.tokenizer, r.prompt, r.context,
                                  context_template=self.context_template, system_prompt=self.system_prompt) for r in reqs]
         for i, (pub, ctx, noctx) in enumerate(prompts):
@@ -395,15 +607,16 @@ class Generator:
         timings: List[StepTiming] = []
         for r in results:
             r.timings = timings
-        eos = set(slm.eos_token_ids)
-        pad = slm.eos_token_ids[0] if slm.eos_token_ids else slm.pad_token_id
-        texts = [_Text(slm.tokenizer, r.stop) for r in reqs]
-        gens = []
-        for r in reqs:
-            g = None
-            if r.temperature > 0:
-                g = torch.Generator().manual_seed(r.seed if r.seed is not None else int(torch.randint(0, 2**62, (1,))))
-            gens.append(g)
+        if cross:  # tokens, text and end of sequence are the LLM's
+            eos = set(self._llm_eos())
+            pad = self.llm.pad_token_id if self.llm is not None else (self.llm_tokenizer.pad_token_id or 0)
+            out_tok = self.llm_tokenizer
+        else:
+            eos = set(slm.eos_token_ids)
+            pad = slm.eos_token_ids[0] if slm.eos_token_ids else slm.pad_token_id
+            out_tok = slm.tokenizer
+        texts = [_Text(out_tok, r.stop) for r in reqs]
+        sampling = _sampling_args(reqs)
         done = [False] * B
         active = [mode == "costeer"] * B  # "steering active" per request (the gating hook's flag)
         if isinstance(self.gate, ConfidenceGate):
@@ -411,19 +624,17 @@ class Generator:
         t_start = time.perf_counter()
         stream: Optional[LLMStream] = None
         local: Optional[LocalRunner] = None
-        cobatched = False
         step = 0
         try:
             # Per-request caps so that no unfinished row outgrows a window.
             caps = []
             for r, (pub, ctx, noctx) in zip(reqs, prompts):
                 cap = r.max_new_tokens
-                if mode != "llm":
+                if mode != "llm" and not cross:
                     cap = min(cap, slm.max_len - max(len(ctx), len(noctx)))
                 caps.append(cap)
             use_llm = mode in ("costeer", "llm")
-            cobatched = (use_llm and self.cobatch and self.llm is not None and self.llm.model is slm.model
-                         and mode == "costeer")
+            cobatched = (mode == "costeer" and self.cobatch and self.llm is not None and self.llm.model is slm.model)
             groups: Dict[str, List[List[int]]] = {}
             if cobatched:
                 groups["llm"] = [p[0] for p in prompts]
@@ -443,53 +654,52 @@ class Generator:
             t0 = time.perf_counter()
             local_out = None
             if groups:
-                local = LocalRunner(slm.model, groups, slm.pad_token_id)
+                # Steering needs only the hidden states: the op projects their difference itself.
+                local = LocalRunner(slm.model, groups, slm.pad_token_id, max_len=slm.max_len if cross else None,
+                                    head=mode == "slm")
+                if cross and local.kv.head is None:
+                    raise ValueError("a small model with another tokenizer than the LLM's must expose its final hidden "
+                                     "states and head (base model + lm_head without logit soft-capping)")
                 local_out = local.prefill()  # ... while the local prefill runs
             llm_out = stream.recv() if stream is not None else None
             for r in results:
                 r.prefill_s = time.perf_counter() - t0
-            V = slm.vocab_size if llm_out is None else min(slm.vocab_size, llm_out.logits.shape[1])
-            if llm_out is not None and stream is not None and stream.vocab_size and stream.vocab_size != slm.vocab_size:
-                V = min(V, stream.vocab_size)
+            pick = _Picker(self, mode, local, llm_out, stream, cobatched, cross, sampling)
+            tails = [TailRetokenizer(self._llm_bytes, slm.tokenizer, self._slm_bytes) for _ in range(B)] if cross else None
+            gated = isinstance(self.gate, ConfidenceGate)
             while True:
                 ts = time.perf_counter()
-                # -- choose the distribution
-                if mode == "llm":
-                    logp = torch.log_softmax(llm_out.logits[:, :V].float(), -1)
-                elif mode == "slm":
-                    logp = torch.log_softmax(local_out.logits["ctx"][:, :V].float(), -1)
+                zl = llm_out.logits if llm_out is not None else None
+                if self.gate is not None and not gated and mode == "costeer":
+                    # The hook sees the LLM's log-probs before the token is chosen (its documented input).
+                    lp_llm = torch.log_softmax(pick.llm_logits(zl, local_out).float(), -1)
+                    for i in range(B):
+                        if active[i] and not done[i] and not self.gate(i, step, lp_llm[i]):
+                            active[i] = False
+                # -- ONE fused op picks every row's token
+                tok, maxp = pick(zl, local_out, active, step, want_maxp=gated)
+                if gated:
+                    needs = self.gate.update(maxp, active=torch.tensor([not d for d in done]))
+                    host = torch.cat([tok.to(torch.float64), needs.to(torch.float64)]).tolist()
+                    tokens, on = [int(t) for t in host[:B]], [bool(x) for x in host[B:]]
+                    now = [on[i] if not done[i] else active[i] for i in range(B)]
+                    if now != active:
+                        # A row's gate changed with this step's LLM confidence: it applies to this
+                        # step's token already (the paper's rule), so those rows pick again.
+                        active = now
+                        tokens = [int(t) for t in pick(zl, local_out, active, step)[0].tolist()]
                 else:
-                    zl = local_out.logits["llm"] if cobatched else llm_out.logits
-                    zl = zl[:, :V]
-                    lp_llm = None
-                    if self.gate is not None or not all(active):
-                        lp_llm = torch.log_softmax(zl.float(), -1)
-                    if isinstance(self.gate, ConfidenceGate):
-                        # max softmax(z_L) per row; rows already finished keep their state.
-                        needs = self.gate.update(lp_llm.amax(-1).exp(), active=torch.tensor([not d for d in done]))
-                        for i, on in enumerate(needs.tolist()):
-                            if not done[i]:
-                                active[i] = on
-                    elif self.gate is not None:
-                        for i in range(B):
-                            if active[i] and not done[i] and not self.gate(i, step, lp_llm[i]):
-                                active[i] = False
-                    if any(active) and local_out is not None:
-                        lo = local_out if local_out.logits["ctx"].shape[1] == V else LocalOutput(
-                            {k: v[:, :V] for k, v in local_out.logits.items()}, local_out.hidden)
-                        logp = steer_step(zl, lo, self.cfg)
-                        if not all(active):
-                            keep = torch.tensor(active)[:, None]
-                            logp = torch.where(keep, logp, lp_llm)
-                    else:
-                        logp = lp_llm if lp_llm is not None else torch.log_softmax(zl.float(), -1)
+                    tokens = [int(t) for t in tok.tolist()]  # the step's only read-back
                 t_steer = time.perf_counter()
-                # -- pick tokens
-                tokens = self._choose(logp, reqs, gens, done, pad)
-                for i in range(B):  # resume: the earlier run's tokens (the sampler has drawn as it did)
+                for i in range(B):
+                    if done[i]:
+                        tokens[i] = pad
+                    elif tokens[i] < 0:
+                        raise ValueError(f"request {i}: the steered distribution is invalid at step {step} "
+                                         f"(NaN or +inf in the logits, or no allowed token)")
                     n = len(results[i].token_ids)
                     if not done[i] and n < len(forced[i]):
-                        tokens[i] = forced[i][n]
+                        tokens[i] = forced[i][n]  # resume: the earlier run's tokens (the RNG is counter-based)
                 chunks = []
                 for i in range(B):
                     if done[i]:
@@ -528,9 +738,13 @@ class Generator:
                 if stream is not None:
                     stream.send(fed)
                 tl = time.perf_counter()
-                reenable = isinstance(self.gate, ConfidenceGate) and self.gate.reenable
+                reenable = gated and self.gate.reenable
                 if local is not None and (mode != "costeer" or any(active) or cobatched or reenable):
-                    local_out = local.step(fed)
+                    if cross:
+                        edits = [tails[i].push(fed[i]) if not done[i] else (0, []) for i in range(B)]
+                        local_out = local.edit([e[0] for e in edits], [e[1] for e in edits])
+                    else:
+                        local_out = local.step(fed)
                 elif local is not None:
                     local, local_out = None, None  # no request steers any more: stop the local passes
                 t_local = time.perf_counter()
@@ -567,25 +781,6 @@ class Generator:
         finally:
             if stream is not None and not self._reuse_stream:
                 stream.finish()  # ends the session; a WebSocket connection stays open for the next call
-
-    @staticmethod
-    def _choose(logp: torch.Tensor, reqs: List[Request], gens, done, pad) -> List[int]:
-        greedy = logp.argmax(-1).tolist()
-        out = []
-        for i, r in enumerate(reqs):
-            if done[i]:
-                out.append(pad)
-            elif r.temperature == 0:
-                out.append(int(greedy[i]))
-            else:
-                probs = torch.softmax(logp[i].double() / r.temperature, -1)
-                if r.top_p < 1.0:
-                    sp, si = torch.sort(probs, descending=True)
-                    cut = (sp.cumsum(0) - sp) >= r.top_p
-                    sp[cut] = 0
-                    probs = torch.zeros_like(probs).scatter_(0, si, sp)
-                out.append(int(torch.multinomial(probs, 1, generator=gens[i])))
-        return out
 
     def close(self):
         """Close a persistent connection to a remote LLM (if any)."""

@@ -25,6 +25,7 @@ holds ``custom_generate/generate.py``, which forwards here:
 from __future__ import annotations
 
 import os
+import secrets
 from typing import Optional
 
 import torch
@@ -96,7 +97,7 @@ def generate(model, input_ids: torch.LongTensor, logits_processor=None, stopping
     top_k = int(gc.top_k or 0) if sample else 0
     top_p = float(gc.top_p if gc.top_p is not None else 1.0) if sample else 1.0
     min_p = float(gc.min_p or 0.0) if sample else 0.0
-    seed = int(costeer_seed) if costeer_seed is not None else int(torch.randint(0, 2**62, (1,)))
+    seed = int(costeer_seed) if costeer_seed is not None else secrets.randbits(62)
 
     costeer.reset()
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -21,7 +21,7 @@ import torch
 
 @dataclass
 class StepOutput:
-    logits: torch.Tensor  # float32 [R, V]
+    logits: Optional[torch.Tensor]  # float32 [R, V]; None when the head was skipped (head=False)
     hidden: Optional[torch.Tensor]  # [R, H] final hidden states (post final norm), or None
 
 
@@ -83,27 +83,34 @@ class KVBatch:
     def rows(self) -> int:
         return self._rows
 
-    def _forward(self, ids, mask, pos) -> StepOutput:
+    @property
+    def head(self) -> Optional[torch.nn.Module]:
+        """The vocabulary projection applied to ``hidden`` (None when the model is not split)."""
+        return self._head if self._split else None
+
+    def _forward(self, ids, mask, pos, head: bool = True) -> StepOutput:
         kw = {self._kw: self.cache, "use_cache": True, "attention_mask": mask, "position_ids": pos}
         with torch.inference_mode():
             if self._split:
                 h = self._base(input_ids=ids, **kw).last_hidden_state[:, -1]
-                logits = self._head(h)
+                logits = self._head(h).float() if head else None
             else:
                 out = self.model(input_ids=ids, logits_to_keep=1, **kw)
-                logits, h = out.logits[:, -1], None
-        return StepOutput(logits=logits.float(), hidden=h)
+                logits, h = out.logits[:, -1].float(), None
+        return StepOutput(logits=logits, hidden=h)
 
-    def prefill(self) -> StepOutput:
+    def prefill(self, head: bool = True) -> StepOutput:
+        """Run the prompts. ``head=False``: return the hidden states only (split models), the
+        vocabulary projection is left to the caller (``steer_from_hidden``)."""
         if self._prefilled:
             raise RuntimeError("KVBatch.prefill called twice")
         self._prefilled = True
-        out = self._forward(self._ids, self._mask, self._pos)
+        out = self._forward(self._ids, self._mask, self._pos, head)
         self._next_pos = self._pos[:, -1] + 1
         self._ids = None
         return out
 
-    def step(self, tokens) -> StepOutput:
+    def step(self, tokens, head: bool = True) -> StepOutput:
         """Append one token per row (int list or LongTensor [R]) and return the next logits."""
         if not self._prefilled:
             raise RuntimeError("KVBatch.step called before prefill")
@@ -114,9 +121,65 @@ class KVBatch:
             raise ValueError(f"sequence would exceed the model's window of {self.max_len} tokens")
         self._mask = torch.cat([self._mask, torch.ones((self.rows, 1), dtype=self._mask.dtype, device=self.device)], 1)
         pos = self._next_pos[:, None]
-        out = self._forward(t[:, None], self._mask, pos)
+        out = self._forward(t[:, None], self._mask, pos, head)
         self._next_pos = self._next_pos + 1
         self.lengths += 1
+        return out
+
+    def edit(self, rollback: Sequence[int], tokens: Sequence[Sequence[int]], head: bool = True) -> StepOutput:
+        """Per row: forget its last ``rollback[r]`` tokens, then append ``tokens[r]`` (any counts).
+
+        For a small model that follows another model's text (different tokenizers): a re-tokenized
+        tail changes a few tokens per row. Rows advance by different counts, so the forgotten
+        positions and the shorter rows' padding become masked holes in the cache (attention skips
+        them; position ids count real tokens only) instead of re-running any prefix. One forward
+        of max(len(tokens[r])) positions; a row with no new tokens keeps its position.
+
+        Returns the outputs at each row's last appended token ([R, V] / [R, H]); rows that
+        appended nothing get zeros there (the caller keeps their previous output).
+        """
+        if not self._prefilled:
+            raise RuntimeError("KVBatch.edit called before prefill")
+        if len(rollback) != self.rows or len(tokens) != self.rows:
+            raise ValueError(f"rollback and tokens need one entry per row ({self.rows})")
+        lengths = self.lengths.tolist()
+        for r, (k, t) in enumerate(zip(rollback, tokens)):
+            if k < 0 or lengths[r] - k < 1:
+                raise ValueError(f"row {r}: cannot roll back {k} of its {lengths[r]} tokens")
+            if self.max_len is not None and lengths[r] - k + len(t) > self.max_len:
+                raise ValueError(f"sequence would exceed the model's window of {self.max_len} tokens")
+        if any(rollback):
+            mask = self._mask.clone()
+            for r, k in enumerate(rollback):
+                if k:
+                    real = torch.nonzero(mask[r]).flatten()
+                    mask[r, real[-k:]] = 0
+            self._mask = mask
+        n = max(len(t) for t in tokens)
+        back = torch.as_tensor(list(rollback), dtype=torch.long, device=self.device)
+        self._next_pos = self._next_pos - back
+        self.lengths -= back.cpu()
+        if n == 0:
+            return StepOutput(logits=None, hidden=None)
+        ids = torch.full((self.rows, n), 0, dtype=torch.long)
+        new = torch.zeros((self.rows, n), dtype=self._mask.dtype)
+        for r, t in enumerate(tokens):
+            if t:  # right-aligned: the last column is every appending row's newest token
+                ids[r, n - len(t):] = torch.as_tensor(list(t), dtype=torch.long)
+                new[r, n - len(t):] = 1
+        new = new.to(self.device)
+        counts = new.sum(1)
+        # Real tokens continue the row's positions; holes take the row's next position (masked anyway).
+        pos = self._next_pos[:, None] + (new.cumsum(1) - 1).clamp(min=0)
+        self._mask = torch.cat([self._mask, new], 1)
+        out = self._forward(ids.to(self.device), self._mask, pos, head)
+        self._next_pos = self._next_pos + counts
+        self.lengths += counts.cpu()
+        keep = (counts > 0)[:, None]
+        if out.logits is not None:
+            out.logits = torch.where(keep, out.logits, torch.zeros_like(out.logits))
+        if out.hidden is not None:
+            out.hidden = torch.where(keep.to(out.hidden.device), out.hidden, torch.zeros_like(out.hidden))
         return out
 
     # -- speculative steering (costeer/speculative.py): several tokens per row, and rollback
@@ -188,9 +251,13 @@ class LocalRunner:
     """Several groups of B prompts each (e.g. "ctx", "noctx"; optionally "llm") in ONE KV batch.
 
     ``step(tokens)`` takes one token per request and feeds it to every row of that request.
+    ``head=False`` returns the final hidden states only (``logits`` stays empty) when the model
+    splits into base + vocabulary projection: the caller projects (``steer_from_hidden`` reads
+    the head's weight once for both passes).
     """
 
-    def __init__(self, model, groups: Dict[str, List[List[int]]], pad_token_id: int, max_len: Optional[int] = None):
+    def __init__(self, model, groups: Dict[str, List[List[int]]], pad_token_id: int, max_len: Optional[int] = None,
+                 head: bool = True):
         if not groups:
             raise ValueError("groups must name at least one group of prompts")
         sizes = {name: len(p) for name, p in groups.items()}
@@ -202,22 +269,45 @@ class LocalRunner:
         for name in self.names:
             rows.extend(groups[name])
         self.kv = KVBatch(model, rows, pad_token_id, max_len=max_len)
+        # Without a split there are no hidden states: the full model's logits are the output.
+        self.head = bool(head) or self.kv.head is None
         self.last: Optional[LocalOutput] = None
 
     def _split(self, out: StepOutput) -> LocalOutput:
         B = self.batch
         logits, hidden = {}, {}
         for g, name in enumerate(self.names):
-            logits[name] = out.logits[g * B:(g + 1) * B]
+            if out.logits is not None:
+                logits[name] = out.logits[g * B:(g + 1) * B]
             hidden[name] = None if out.hidden is None else out.hidden[g * B:(g + 1) * B]
         self.last = LocalOutput(logits, hidden)
         return self.last
 
     def prefill(self) -> LocalOutput:
-        return self._split(self.kv.prefill())
+        return self._split(self.kv.prefill(self.head))
 
     def step(self, tokens: Sequence[int]) -> LocalOutput:
         t = torch.as_tensor(list(tokens), dtype=torch.long)
         if t.numel() != self.batch:
             raise ValueError(f"tokens has {t.numel()} entries, expected one per request ({self.batch})")
-        return self._split(self.kv.step(t.repeat(len(self.names))))
+        return self._split(self.kv.step(t.repeat(len(self.names)), self.head))
+
+    def edit(self, rollback: Sequence[int], tokens: Sequence[Sequence[int]]) -> LocalOutput:
+        """Per request: forget its last ``rollback[i]`` tokens and append ``tokens[i]`` in every
+        group (``KVBatch.edit``). A request that appends nothing keeps its previous output."""
+        if len(rollback) != self.batch or len(tokens) != self.batch:
+            raise ValueError(f"rollback and tokens need one entry per request ({self.batch})")
+        G = len(self.names)
+        out = self.kv.edit(list(rollback) * G, [list(t) for t in tokens] * G, self.head)
+        prev = self.last
+        if prev is not None and any(not t for t in tokens):
+            keep = torch.tensor([bool(t) for t in tokens] * G)[:, None]
+            old_l = torch.cat([prev.logits[n] for n in self.names]) if prev.logits else None
+            old_h = torch.cat([prev.hidden[n] for n in self.names]) if prev.hidden.get(self.names[0]) is not None else None
+            if out.logits is None and out.hidden is None:  # nobody appended anything
+                return prev
+            if old_l is not None and out.logits is not None:
+                out.logits = torch.where(keep, out.logits, old_l)
+            if old_h is not None and out.hidden is not None:
+                out.hidden = torch.where(keep.to(old_h.device), out.hidden, old_h)
+        return self._split(out)

@@ -14,6 +14,8 @@ distribution p at every position with the same ``steer_step`` call the normal lo
                 bonus token p_{k+1} when all k were accepted)
       sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); on the first rejection
                 emit a token from normalize(max(0, p_i - q_i)); if all k were accepted, sample p_{k+1}
+      (steering, accept / reject and the residual draw: ONE op, costeer_kernels.verify; drafts are
+      drawn with costeer_kernels.steer_sample: no sampling code here)
       rollback: the k - j rejected positions leave every KV cache (local now; the cloud's at the
                 start of its next request, piggybacked: no extra round trip)
 
@@ -30,25 +32,35 @@ Proposals (``proposal=``):
 ``E(k) / (t_round + (k + 1) t_local)`` with ``E(k) = (1 - a^(k+1)) / (1 - a)``, from the running
 acceptance rate ``a`` (exponentially weighted) and the measured cloud-round and local-step times.
 
-Scope: one request at a time (batch size 1), greedy or temperature / top-p sampling, EOS, stop
-strings, ``max_new_tokens``. The gating hook of ``Generator`` is not applied here. The LLM is in
+Random numbers: Philox streams keyed by the request's seed (``steer_sample``'s contract): the first
+token is drawn as the normal loop draws it (offset 0), the drafts from a second key, the
+verification of a round with the offset of its first draft's position.
+
+Scope: one request at a time (batch size 1), greedy or temperature / top-k / top-p / min-p
+sampling, EOS, stop strings, ``max_new_tokens``. The gating hook of ``Generator`` is not applied here. The LLM is in
 process (``InProcessScorer``) or a ``costeer serve`` (``RemoteScorer``, ops "score" with
 "rollback", see ``costeer/spec_server.py``); OpenAI-compatible endpoints cannot score several
 positions of a token list and are refused.
 """
 from __future__ import annotations
 
-import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+import costeer_kernels
+from costeer_kernels import SteerConfig
+from costeer_kernels.verify import speculative_verify
+
 from .generator import GenerationError, Generator, Result, StepTiming, _Text, build_prompts, steer_step
 from .slm import KVBatch, LocalOutput, LocalRunner
 
 PROPOSALS = ("ctx", "proxy")
+_DRAFT_KEY = 0x9E3779B97F4A7C15  # drafts draw from the request's seed XOR this: a stream of their own
+_UNSTEERED = SteerConfig(T=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,50 +197,6 @@ class RemoteScorer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributions and the accept / reject rule
-
-
-def target_probs(logp: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution the normal loop samples from (``Generator._choose``), float64, last dim V."""
-    probs = torch.softmax(logp.double() / temperature, -1)
-    if top_p < 1.0:
-        sp, si = torch.sort(probs, descending=True, dim=-1)
-        cut = (sp.cumsum(-1) - sp) >= top_p
-        sp = sp.masked_fill(cut, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def verify(drafts: Sequence[int], logp: torch.Tensor, q: Optional[torch.Tensor], *, temperature: float = 0.0,
-           top_p: float = 1.0, generator: Optional[torch.Generator] = None):
-    """(number of accepted drafts j, the token emitted after them).
-
-    ``logp``: steered log-probs [k+1, V] at the k draft positions and the bonus position.
-    ``q``: the proposal's probabilities [k, V] the drafts were sampled from (sampling only).
-    """
-    k = len(drafts)
-    if temperature == 0:
-        best = logp.argmax(-1).tolist()
-        j = 0
-        while j < k and drafts[j] == best[j]:
-            j += 1
-        return j, int(best[j])
-    p = target_probs(logp, temperature, top_p)
-    for i in range(k):
-        d = drafts[i]
-        pi, qi = float(p[i, d]), float(q[i, d])
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
-        if qi > 0 and u * qi < pi:  # accept with probability min(1, p/q)
-            continue
-        resid = (p[i] - q[i]).clamp(min=0.0)
-        if float(resid.sum()) <= 0.0:  # p == q up to rounding: the rejection had probability ~0
-            resid = p[i]
-        return i, int(torch.multinomial(resid / resid.sum(), 1, generator=generator))
-    return k, int(torch.multinomial(p[k], 1, generator=generator))
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -259,22 +227,24 @@ class SpeculativeGenerator:
                              f"(in process or `costeer serve`); {type(stream).__name__} cannot")
         return RemoteScorer(stream)
 
-    def _q(self, lo: LocalOutput, V: int, temperature: float, top_p: float) -> torch.Tensor:
-        """Proposal log-probs [V] (greedy) or probabilities (sampling) from one local step."""
-        zc = lo.logits["ctx"][0, :V]
+    def _q(self, lo: LocalOutput, V: int) -> torch.Tensor:
+        """The proposal's logits [1, V] (or log-probs: the same distribution) from one local step."""
+        zc = lo.logits["ctx"][:, :V]
         if self.proposal == "proxy":
-            zn = lo.logits["noctx"][0, :V]
-            lp = steer_step(zn[None], LocalOutput({"ctx": zc[None], "noctx": zn[None]}, {}), self.gen.cfg)[0]
-        else:
-            lp = torch.log_softmax(zc.float(), -1)
-        return lp if temperature == 0 else target_probs(lp, temperature, top_p)
+            zn = lo.logits["noctx"][:, :V]
+            return steer_step(zn, LocalOutput({"ctx": zc, "noctx": zn}, {}), self.gen.cfg)
+        return zc
 
     def generate(self, prompt: str, context: str = "", *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (),
                  on_text: Optional[Callable[[int, str], None]] = None,
-                 on_token: Optional[Callable[[Optional[int], str, bool], None]] = None) -> SpecResult:
+                 on_token: Optional[Callable[[Optional[int], str, bool], None]] = None, top_k: int = 0,
+                 min_p: float = 0.0) -> SpecResult:
         g = self.gen
-        req = g._requests(prompt, context, max_new_tokens, temperature, top_p, seed, stop)[0]
+        if g.vocab_map is not None:
+            raise ValueError("speculative steering needs an LLM and a small model with one tokenizer (the drafts are "
+                             "small-model tokens the LLM scores)")
+        req = g._requests(prompt, context, max_new_tokens, temperature, top_p, seed, stop, top_k, min_p)[0]
         slm = g.slm
         pub, ctx, noctx = build_prompts(g.llm_tokenizer, slm.tokenizer, req.prompt, req.context,
                                         context_template=g.context_template, system_prompt=g.system_prompt)
@@ -282,10 +252,12 @@ class SpeculativeGenerator:
             raise ValueError(f"context is too long: the small model's prompt with the context has {len(ctx)} "
                              f"tokens but its window is {slm.max_len}; shorten the context")
         res = SpecResult(prompt_tokens=len(pub), context_tokens=len(ctx))
-        T, P = float(req.temperature), float(req.top_p)
-        rng = None
-        if T > 0:
-            rng = torch.Generator().manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**62, (1,))))
+        T = float(req.temperature)
+        seed = (req.seed if req.seed is not None else secrets.randbits(63)) & (2**64 - 1)
+        seed = seed - 2**64 if seed >= 2**63 else seed
+        draft_seed = seed ^ _DRAFT_KEY
+        draft_seed = draft_seed - 2**64 if draft_seed >= 2**63 else draft_seed
+        opts = dict(temperature=T, top_k=int(req.top_k), top_p=float(req.top_p), min_p=float(req.min_p))
         eos = set(slm.eos_token_ids)
         text = _Text(slm.tokenizer, req.stop)
         ctrl = AdaptiveK(4 if self.k == "auto" else self.k, self.k_max) if self.k == "auto" else None
@@ -332,10 +304,9 @@ class SpeculativeGenerator:
             res.llm_calls += 1
             res.cloud_tokens += 1
             V = min(slm.vocab_size, zl.shape[-1], scorer.vocab_size or zl.shape[-1])
-            lo = LocalOutput({n: v[:, :V] for n, v in lo.logits.items()}, lo.hidden)
-            logp = steer_step(zl[:, :V], lo, g.cfg)
-            first = int(logp[0].argmax()) if T == 0 else int(torch.multinomial(target_probs(logp[0], T, P), 1, generator=rng))
-            done = emit(first)
+            first = costeer_kernels.steer_sample(zl[:, :V], lo.logits["ctx"][:, :V], lo.logits["noctx"][:, :V], g.cfg,
+                                                 seed=seed, offset=0, **opts)[0]
+            done = emit(int(first))
             pending, llm_rollback = first, 0
             while not done:
                 k = ctrl.k if ctrl is not None else self.k
@@ -345,9 +316,10 @@ class SpeculativeGenerator:
                 outs = [local.step([pending])]
                 drafts: List[int] = []
                 qs = []
+                pos = len(res.token_ids)
                 for i in range(k):
-                    q = self._q(outs[-1], V, T, P)
-                    d = int(q.argmax()) if T == 0 else int(torch.multinomial(q, 1, generator=rng))
+                    q = self._q(outs[-1], V)
+                    d = int(costeer_kernels.steer_sample(q, q, q, _UNSTEERED, seed=draft_seed, offset=pos + i, **opts)[0])
                     drafts.append(d)
                     qs.append(q)
                     if d in eos or i == k - 1:
@@ -370,12 +342,13 @@ class SpeculativeGenerator:
                 res.local_steps += len(outs)
                 res.ks.append(k)
                 # -- the exact steered distribution at the k+1 positions, one steer call
-                lo = LocalOutput({n: torch.cat([o.logits[n][:, :V] for o in outs]) for n in ("ctx", "noctx")}, {})
+                zc = torch.cat([o.logits["ctx"][:, :V] for o in outs])
+                zn = torch.cat([o.logits["noctx"][:, :V] for o in outs])
                 t_steer = time.perf_counter()
-                logp = steer_step(zl[:, :V], lo, g.cfg)
+                j, y = speculative_verify(zl[:, :V], zc, zn, torch.tensor(drafts, dtype=torch.int64), g.cfg,
+                                          draft_logits=torch.cat(qs) if (qs and T > 0) else None, seed=seed,
+                                          offset=pos + 1, **opts)
                 t_steer = time.perf_counter() - t_steer
-                j, y = verify(drafts, logp, torch.stack(qs) if (qs and T > 0) else None,
-                              temperature=T, top_p=P, generator=rng)
                 res.drafted += k
                 res.accepted += j
                 for d in drafts[:j]:

@@ -257,3 +257,22 @@ def build_vocab_map(llm_tokenizer, slm_tokenizer, *, llm_scheme: Optional[str] =
     for i, key in _keys(lv, ls, llm_scheme).items():
         idx[i] = slm_by_key.get(key, -1)
     return VocabMap(torch.tensor(idx, dtype=torch.int32), n_slm, llm_scheme, slm_scheme)
+
+
+def token_bytes(tokenizer, size: Optional[int] = None, scheme: Optional[str] = None) -> list:
+    """The bytes each token id stands for (``normalize_token``), ``b""`` for special tokens and ids
+    without a token; a list of ``size`` entries (default: largest id + 1).
+
+    What a small model must read after an LLM token (``costeer.retokenize``): byte-fallback tokens
+    (``<0xNN>``) give single bytes, so a UTF-8 character split across tokens is reassembled there.
+    """
+    vocab, specials, backend = _vocab_and_specials(tokenizer)
+    scheme = scheme or detect_scheme(vocab, backend)
+    n = max(vocab.values()) + 1 if size is None else int(size)
+    out = [b""] * n
+    for token, i in vocab.items():
+        if i >= n or token in specials:
+            continue
+        b = normalize_token(token, scheme)
+        out[int(i)] = b if b is not None else token.encode("utf-8")
+    return out

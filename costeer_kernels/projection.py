@@ -163,7 +163,10 @@ def sample_from_hidden_op(
             zl = zl.masked_fill(~has, float("-inf"))
     else:
         d = d[:, :zl.shape[1]]
-    name = backend if registry.has_kernel(backend, "sample") else registry.resolve("sample", None, zl.device)
+    # The map is applied above: any sampler takes the gathered rows, so a steer backend without
+    # vocab_map support (which ``backend`` skipped) must not push the sampling to torch.
+    keep = slm_index is None and registry.has_kernel(backend, "sample")
+    name = backend if keep else registry.resolve("sample", None, zl.device)
     fn = registry.kernel(name, "sample")
     return _outputs(fn(zl, d, None, hparams, params, want_max_prob, num_samples), zl)
 

@@ -10,8 +10,9 @@ from costeer import Generator
 from costeer.cli import CLI_DEFAULTS
 from costeer.models import LoadedModel
 from costeer.slm import KVBatch
-from costeer.speculative import AdaptiveK, SpeculativeGenerator, target_probs, verify
-from costeer_kernels import SteerConfig, steer
+from costeer.speculative import AdaptiveK, SpeculativeGenerator
+from costeer_kernels import SteerConfig, steer, steer_sample
+from costeer_kernels.verify import speculative_verify
 
 CASES = [
     ("Suggest a weekend activity.", "I love hiking in the mountains and I live in Zurich."),
@@ -142,30 +143,37 @@ def test_rollback_equals_fresh_prefill(smol):
 
 
 def test_verify_rule_preserves_the_target_distribution():
-    """Synthetic rows: position-independent p_i and q_i, drafts from q; the first emitted token
-    is distributed as p_1 and the second (when the first draft was accepted) as p_2."""
+    """Synthetic rows: position-independent p_i and q_i, drafts drawn from q with steer_sample; the
+    first token the verification op emits is distributed as p_1 and the second (when the first
+    draft was accepted) as p_2."""
     g = torch.Generator().manual_seed(0)
     V, k, n = 6, 2, 6000
-    logp = torch.log_softmax(torch.randn(k + 1, V, generator=g) * 1.5, -1)
-    q = torch.softmax(torch.randn(k, V, generator=g) * 1.5, -1).double()
-    p = target_probs(logp, 1.0, 1.0)
+    zl = torch.randn(k + 1, V, generator=g) * 1.5
+    zero = torch.zeros(k + 1, V)
+    y = torch.randn(k, V, generator=g) * 1.5  # the proposal's logits
+    p = torch.softmax(zl.double(), -1)
     first = torch.zeros(V)
     second = torch.zeros(V)
-    for _ in range(n):
-        drafts = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(k)]
-        j, y = verify(drafts, logp, q, temperature=1.0, generator=g)
-        out = drafts[:j] + [y]
+    for s in range(n):
+        drafts = steer_sample(y, y, y, SteerConfig(T=0), temperature=1.0, seed=10**6 + s)[0]
+        j, tok = speculative_verify(zl, zero, None, drafts, SteerConfig(T=0), draft_logits=y, temperature=1.0, seed=s)
+        out = drafts.tolist()[:j] + [tok]
         first[out[0]] += 1
         if len(out) > 1:
             second[out[1]] += 1
     for counts, probs in ((first, p[0]), (second, p[1])):
         stat, df = chi2(counts, probs)
         assert stat < chi2_critical(df), (stat, df)
+    # the same seed and offset give the same decision
+    d = steer_sample(y, y, y, SteerConfig(T=0), temperature=1.0, seed=3)[0]
+    assert speculative_verify(zl, zero, None, d, draft_logits=y, temperature=1.0, seed=7, offset=2) == \
+        speculative_verify(zl, zero, None, d, draft_logits=y, temperature=1.0, seed=7, offset=2)
     # greedy rule: accept while the draft is the argmax, then the argmax
-    best = logp.argmax(-1).tolist()
-    assert verify(best[:k], logp, None) == (k, best[k])
+    best = zl.argmax(-1).tolist()
+    cfg0 = SteerConfig(T=0)
+    assert speculative_verify(zl, zero, None, torch.tensor(best[:k]), cfg0) == (k, best[k])
     wrong = (best[0] + 1) % V
-    assert verify([wrong, best[1]], logp, None) == (0, best[0])
+    assert speculative_verify(zl, zero, None, torch.tensor([wrong, best[1]]), cfg0) == (0, best[0])
 
 
 class _CharTok:
@@ -227,7 +235,7 @@ def test_sampling_distribution_tiny_model(proposal):
             return
         lp = steer(last(llm.model, pub + prefix)[None], last(slm.model, ctx + prefix)[None],
                    last(slm.model, noctx + prefix)[None], cfg)[0]
-        p = target_probs(lp, 1.0, 1.0)
+        p = torch.softmax(lp.double(), -1)
         for t in range(V):
             fill(prefix + [t], prob * float(p[t]))
 
