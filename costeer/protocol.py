@@ -72,6 +72,8 @@ def decode(frame) -> Tuple[Dict[str, Any], memoryview]:
         header = json.loads(bytes(mv[4:4 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # a deeply nested header: refused like any other malformed one
+        raise ProtocolError("header nests too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise ProtocolError("header must be a JSON object with a string 'op'")
     return header, mv[4 + n:]

@@ -418,18 +418,24 @@ class LLMServer:
             payload = P.pack_topk(logits, min(sess["k"], int(logits.shape[1])))
         return P.encode(header, payload)
 
-    async def _compute(self, steps, sess: dict, reply_rows: int, positions: int, what: str):
-        """Charge the session's KV growth to ``positions`` and one reply of ``reply_rows`` rows,
-        run the generator ``steps`` on the model thread, and answer ``(logits, compute s, reply
-        charge)``; refuses with Busy before any work when the budget cannot take it."""
+    def _reserve(self, sess: dict, reply_rows: int, positions: int, what: str) -> int:
+        """Charge the session's KV growth to ``positions`` and one reply of ``reply_rows`` rows
+        (returns the reply's charge), or refuse with Busy and charge nothing."""
         before = sess["charge"]
         self._charge_kv(sess, positions, what)
         try:
-            reply = self.budget.charge(self.reply_bytes(reply_rows, sess), f"{what}'s answer")
+            return self.budget.charge(self.reply_bytes(reply_rows, sess), f"{what}'s answer")
         except Busy:
             self.budget.release(sess["charge"] - before)
             sess["charge"] = before
             raise
+
+    async def _compute(self, steps, sess: dict, reply_rows: int, positions: int, what: str,
+                       reply: Optional[int] = None):
+        """Run the generator ``steps`` on the model thread after ``_reserve`` (unless ``reply``
+        says it was done) and answer ``(logits, compute s, reply charge)``."""
+        if reply is None:
+            reply = self._reserve(sess, reply_rows, positions, what)
         sess["busy"], sess["last"] = True, time.monotonic()
         future = self.pool.submit(steps)
         try:
@@ -545,7 +551,7 @@ class LLMServer:
                 "busy": False, "last": time.monotonic(), "charge": 0}
         positions = max(rows) + replay
         what = f"open ({len(rows)} rows x {positions} positions)"
-        self._charge_kv(sess, positions, what)  # refused here, before any work, when it does not fit
+        reply = self._reserve(sess, len(rows), positions, what)  # refused here, before any work
         kv = self._kv_class(self.loaded.model, prompts, self.loaded.pad_token_id, max_len=self.loaded.max_len)
         sess["kv"] = kv
         sessions[sid] = sess
@@ -571,7 +577,7 @@ class LLMServer:
             return out
 
         try:
-            logits, dt, charge = await self._compute(prefill_and_replay(), sess, len(rows), positions, what)
+            logits, dt, charge = await self._compute(prefill_and_replay(), sess, len(rows), positions, what, reply)
         except BaseException:
             self.drop(sessions, sid)
             raise
@@ -624,15 +630,25 @@ def _auth_hook(token: Optional[str]):
     return process_request
 
 
-def bind_host(host: str):
-    """The ``host`` argument for binding: brackets stripped (``[::1]``), ``::`` as both stacks
-    (asyncio binds ``::`` as IPv6 only)."""
+def bind_host(host: str) -> str:
+    """The ``host`` argument for binding: brackets stripped (``[::1]``)."""
     h = host.strip()
-    if h.startswith("[") and h.endswith("]"):
-        h = h[1:-1]
-    if h == "::":
-        return ["::", "0.0.0.0"]
-    return h
+    return h[1:-1] if h.startswith("[") and h.endswith("]") else h
+
+
+def _dual_stack_socket(port: int):
+    """A listening socket on ``::`` that also takes IPv4 (asyncio would bind ``::`` as IPv6 only)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def url_host(host: str) -> str:
@@ -705,7 +721,8 @@ async def serve_forever(server: LLMServer, host: str, port: int, *, max_frame_by
                     asyncio.ensure_future(ws.close(1001, "idle timeout"))
 
     stop = stop or asyncio.Event()
-    async with serve(handler, bind_host(host), port, max_size=max_frame_bytes, max_queue=INPUT_FRAMES - 1,
+    where = {"sock": _dual_stack_socket(port)} if bind_host(host) == "::" else {"host": bind_host(host), "port": port}
+    async with serve(handler, **where, max_size=max_frame_bytes, max_queue=INPUT_FRAMES - 1,
                      compression=None, ping_interval=20, ping_timeout=60, process_request=_auth_hook(token),
                      ssl=ssl_context) as ws_server:
         sock = next(iter(ws_server.sockets))
@@ -723,22 +740,26 @@ def _unbindable(host: str, port: int) -> Optional[str]:
     """Why ``host``:``port`` cannot be bound (None if it can): a probe bind before the model loads."""
     import socket
 
-    for h in (bind_host(host) if isinstance(bind_host(host), list) else [bind_host(host)]):
+    h = bind_host(host)
+    if h == "::":
         try:
-            infos = socket.getaddrinfo(h or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            return f"{h!r} is not an address or host name of this machine ({exc})"
-        for family, kind, proto, _, addr in infos[:1]:
-            s = socket.socket(family, kind, proto)
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                s.bind(addr)
-            except OSError as exc:
-                return str(exc)
-            finally:
-                s.close()
+            _dual_stack_socket(port).close()
+        except OSError as exc:
+            return str(exc)
+        return None
+    try:
+        infos = socket.getaddrinfo(h or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"{h!r} is not an address or host name of this machine ({exc})"
+    family, kind, proto, _, addr = infos[0]
+    s = socket.socket(family, kind, proto)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+    except OSError as exc:
+        return str(exc)
+    finally:
+        s.close()
     return None
 
 
