@@ -54,9 +54,10 @@ class ProtocolError(ValueError):
     """A malformed frame."""
 
 
-def encode(header: Dict[str, Any], payload: bytes = b"") -> bytes:
+def encode(header: Dict[str, Any], payload=b"") -> bytes:
+    """One frame; ``payload`` is any bytes-like object, copied once (into the frame)."""
     h = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return struct.pack("<I", len(h)) + h + payload
+    return b"".join((struct.pack("<I", len(h)), h, payload))
 
 
 def decode(frame) -> Tuple[Dict[str, Any], memoryview]:
@@ -92,11 +93,13 @@ def pack_int32(values) -> bytes:
     return np.asarray(values, dtype="<i4").tobytes()
 
 
-def pack_full(logits: torch.Tensor, dtype: str) -> bytes:
+def pack_full(logits: torch.Tensor, dtype: str) -> memoryview:
+    """The payload of a "full" answer: a view of ``logits`` in the wire dtype (for ``encode``, which
+    copies it into the frame; no third copy of a large answer)."""
     t = logits.detach().to("cpu", WIRE_DTYPES[dtype]).contiguous()
     if dtype == "bfloat16":
-        return t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
-    return t.numpy().astype("<f4" if dtype == "float32" else "<f2", copy=False).tobytes()
+        return memoryview(t.view(torch.int16).numpy().astype("<i2", copy=False)).cast("B")
+    return memoryview(t.numpy().astype("<f4" if dtype == "float32" else "<f2", copy=False)).cast("B")
 
 
 def unpack_full(payload: memoryview, rows: int, vocab: int, dtype: str) -> torch.Tensor:

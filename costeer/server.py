@@ -71,6 +71,10 @@ DEFAULT_PREFILL_CHUNK = 64  # tokens per forward, all rows counted (docs/reliabi
 # Frames a connection may have buffered before the server reads them (websockets' ``max_queue``):
 # with one queued and one being received, a connection holds at most two frames of input.
 INPUT_FRAMES = 2
+SEND_FRAGMENT = 2**20  # bytes per fragment of a large answer
+# Budget bytes an answer holds beyond its frame while it is sent: one fragment serialized by
+# websockets, one in the transport's buffer, and the header.
+SEND_SLACK = 2 * SEND_FRAGMENT + 4096
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
@@ -162,10 +166,25 @@ class MemoryBudget:
             self.used -= int(n)
 
 
-class _Reply(bytes):
-    """An encoded answer and the budget bytes it holds until the socket took it."""
+def _timed(steps):
+    """Run the generator ``steps`` slice by slice (yielding between), return ``(its value, seconds
+    spent in its own slices)``."""
+    spent = 0.0
+    while True:
+        t0 = time.perf_counter()
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value, spent + time.perf_counter() - t0
+        spent += time.perf_counter() - t0
+        yield
 
-    charge = 0
+
+def _fragments(frame: bytes):
+    """A large answer as SEND_FRAGMENT-byte fragments of one message: websockets then serializes and
+    buffers one fragment at a time (waiting for the socket between), not a copy of the whole frame."""
+    view = memoryview(frame)
+    return [view[i:i + SEND_FRAGMENT] for i in range(0, len(view), SEND_FRAGMENT)]
 
 
 class _Job:
@@ -351,10 +370,16 @@ class LLMServer:
     # -- memory ---------------------------------------------------------------------------------
 
     def reply_bytes(self, rows: int, sess: dict) -> int:
-        """Budget for one answer of ``rows`` rows: the float32 logits and the encoded frame."""
+        """Budget for one answer of ``rows`` rows while it is made: the float32 logits, their copy in
+        the wire dtype (full) or their log-softmax (top-k), and the encoded frame."""
         V = self.loaded.vocab_size
-        wire = rows * V * P.WIRE_DTYPES[sess["dtype"]].itemsize if sess["format"] == "full" else rows * sess["k"] * 8
-        return rows * V * 4 + wire + 4096
+        logits = rows * V * 4
+        if sess["format"] == "full":
+            wire = rows * V * P.WIRE_DTYPES[sess["dtype"]].itemsize
+            converted = 0 if sess["dtype"] == "float32" else wire
+        else:
+            wire, converted = rows * sess["k"] * 8, logits
+        return logits + converted + wire + SEND_SLACK
 
     def _charge_kv(self, sess: dict, positions: int, what: str) -> None:
         """Grow the session's KV charge to ``positions`` cached positions per row (refuses with Busy)."""
@@ -430,16 +455,25 @@ class LLMServer:
             sess["charge"] = before
             raise
 
-    async def _compute(self, steps, sess: dict, reply_rows: int, positions: int, what: str,
+    async def _compute(self, steps, sess: dict, reply_rows: int, positions: int, what: str, frame_of,
                        reply: Optional[int] = None):
         """Run the generator ``steps`` on the model thread after ``_reserve`` (unless ``reply``
-        says it was done) and answer ``(logits, compute s, reply charge)``."""
+        says it was done), then, as one more slice there, ``frame_of(logits, compute_s)``; answers
+        ``(frame, its budget charge)``. The event loop never touches the big tensors."""
         if reply is None:
             reply = self._reserve(sess, reply_rows, positions, what)
+
+        def job():
+            out, spent = yield from _timed(steps)
+            if out is None:  # the session went away while it computed
+                return None
+            yield  # encoding a large answer is a slice of its own
+            return frame_of(out.logits, spent)
+
         sess["busy"], sess["last"] = True, time.monotonic()
-        future = self.pool.submit(steps)
+        future = self.pool.submit(job())
         try:
-            out, dt = await future
+            frame, _ = await future
         except BaseException:
             future.cancel()
             self.budget.release(reply)
@@ -448,21 +482,21 @@ class LLMServer:
             sess["busy"], sess["last"] = False, time.monotonic()
             if sess.get("dead"):
                 self._release(sess)
-        if out is None:  # the session went away while it computed
+        if frame is None:
             self.budget.release(reply)
             raise P.ProtocolError(f"{what}: the session was closed while it computed")
-        return out.logits, dt, reply
-
-    def _answer(self, frame: bytes, charge: int) -> "_Reply":
-        """The encoded answer holding ``charge`` budget bytes, less the float32 logits just freed."""
-        reply = _Reply(frame)
-        keep = min(charge, len(frame) + 4096)
-        self.budget.release(charge - keep)
-        reply.charge = keep
-        return reply
+        keep = min(reply, len(frame) + SEND_SLACK)  # the logits are gone; the frame waits for the socket
+        self.budget.release(reply - keep)
+        return frame, keep
 
     async def handle(self, frame, sessions: Dict[int, dict], max_frame_bytes: int) -> bytes:
         """Answer one received frame (never raises: errors become error frames)."""
+        reply, charge = await self.handle_charged(frame, sessions, max_frame_bytes)
+        self.budget.release(charge)
+        return reply
+
+    async def handle_charged(self, frame, sessions: Dict[int, dict], max_frame_bytes: int):
+        """``(answer, budget bytes it holds)``: release them once the socket took the answer."""
         sid = None
         self.record.frame(frame)
         try:
@@ -473,11 +507,12 @@ class LLMServer:
             if name is None:
                 raise P.ProtocolError(f"unknown op {op!r}: expected one of {sorted(self.OPS)}")
             self._frame_limit = max_frame_bytes
-            return await getattr(self, name)(frame, header, payload, sessions)
+            out = await getattr(self, name)(frame, header, payload, sessions)
+            return out if isinstance(out, tuple) else (out, 0)
         except Exception as exc:  # a refusal, never a crash: the client gets the reason
             code = getattr(exc, "code", "bad_request" if isinstance(exc, ValueError) else "internal")
             return P.encode({"op": "error", "sid": sid if isinstance(sid, int) and not isinstance(sid, bool) else None,
-                             "code": code, "message": str(exc)})
+                             "code": code, "message": str(exc)}), 0
 
     async def _op_hello(self, frame, header, payload, sessions):
         return P.encode(self.hello(self._frame_limit))
@@ -577,11 +612,12 @@ class LLMServer:
             return out
 
         try:
-            logits, dt, charge = await self._compute(prefill_and_replay(), sess, len(rows), positions, what, reply)
+            return await self._compute(prefill_and_replay(), sess, len(rows), positions, what,
+                                       lambda logits, dt: self._logits_frame(sid, replay, sess, logits, dt,
+                                                                             {"session": gid}), reply)
         except BaseException:
             self.drop(sessions, sid)
             raise
-        return self._answer(self._logits_frame(sid, replay, sess, logits, dt, {"session": gid}), charge)
 
     async def _step(self, frame, header, payload, sessions):
         sid = header.get("sid")
@@ -599,9 +635,11 @@ class LLMServer:
             yield from ()  # a job of one forward
             return kv.step(tokens)
 
-        logits, dt, charge = await self._compute(one_step(), sess, sess["rows"], kv.cached + 1, f"step of session {sid}")
-        sess["step"] += 1
-        return self._answer(self._logits_frame(sid, sess["step"], sess, logits, dt), charge)
+        step = sess["step"] + 1
+        out = await self._compute(one_step(), sess, sess["rows"], kv.cached + 1, f"step of session {sid}",
+                                  lambda logits, dt: self._logits_frame(sid, step, sess, logits, dt))
+        sess["step"] = step
+        return out
 
     async def _score(self, frame, header, payload, sessions):
         """Speculative steering: roll back, then score n tokens per row in one forward
@@ -693,12 +731,14 @@ async def serve_forever(server: LLMServer, host: str, port: int, *, max_frame_by
         try:
             async for frame in ws:
                 state["busy"] = True
-                reply = await server.handle(frame, sessions, max_frame_bytes)
+                reply, charge = await server.handle_charged(frame, sessions, max_frame_bytes)
                 try:
                     # a client that does not read its answers is cut off (its sessions are freed below)
-                    await asyncio.wait_for(ws.send(reply), send_timeout)
+                    await asyncio.wait_for(ws.send(reply if len(reply) <= SEND_FRAGMENT else _fragments(reply)),
+                                           send_timeout)
                 finally:
-                    server.budget.release(getattr(reply, "charge", 0))
+                    del reply
+                    server.budget.release(charge)
                 state["busy"], state["last"] = False, time.monotonic()
         except asyncio.TimeoutError:
             ws.transport.abort()

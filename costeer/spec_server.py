@@ -37,8 +37,9 @@ def score_frame(sid: int, tokens: Sequence[Sequence[int]], rollback: int = 0) ->
     return {"op": "score", "sid": sid, "n": n, "rollback": rollback}, P.pack_int32([int(x) for t in tokens for x in t])
 
 
-async def handle_score(server, header: dict, payload, sessions: Dict[int, dict]) -> bytes:
-    """Answer a "score" frame for ``LLMServer`` ``server`` (raises ProtocolError on a bad request)."""
+async def handle_score(server, header: dict, payload, sessions: Dict[int, dict]):
+    """Answer a "score" frame for ``LLMServer`` ``server``: ``(frame, its budget charge)`` (raises
+    ProtocolError on a bad request, Busy when the memory budget cannot take it)."""
     sid = header.get("sid")
     sess = server._session("score", sid, sessions)  # the step op's checks, expiry included
     n, r = header.get("n"), header.get("rollback", 0)
@@ -65,15 +66,22 @@ async def handle_score(server, header: dict, payload, sessions: Dict[int, dict])
         # usual few drafts), so a large score never holds the model thread for long
         yield from ()
         kv.rollback(r)
-        parts = []
-        for a in range(0, n, columns):
-            if a:
-                yield
-            parts.append(kv.extend(grid[:, a:a + columns].tolist()).logits)
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if n <= columns:
+            logits = kv.extend(grid.tolist()).logits
+        else:  # filled in place: one [rows, n, V] tensor, not the chunks and their concatenation
+            logits = None
+            for a in range(0, n, columns):
+                if a:
+                    yield
+                part = kv.extend(grid[:, a:a + columns].tolist()).logits
+                if logits is None:
+                    logits = torch.empty((rows, n, part.shape[-1]), dtype=part.dtype)
+                logits[:, a:a + part.shape[1]] = part
         return SimpleNamespace(logits=logits.reshape(rows * n, logits.shape[-1]))
 
     positions = kv.cached - r + n
-    logits, dt, charge = await server._compute(run(), sess, rows * n, max(positions, kv.cached), f"score of session {sid}")
-    sess["step"] += 1
-    return server._answer(server._logits_frame(sid, sess["step"], sess, logits, dt), charge)
+    step = sess["step"] + 1
+    out = await server._compute(run(), sess, rows * n, max(positions, kv.cached), f"score of session {sid}",
+                                lambda logits, dt: server._logits_frame(sid, step, sess, logits, dt))
+    sess["step"] = step
+    return out

@@ -78,10 +78,10 @@ def test_parse_bytes_and_kv_size(tiny):
 def test_budget_refuses_before_work_and_is_released(tiny):
     kvb = kv_bytes_per_token(tiny.model)
     conn = 2 * FRAME
-    with ServerThread(tiny, memory_budget=2 * 2**20, max_frame_bytes=FRAME, idle_timeout=0.5, tick=0.05) as st:
+    with ServerThread(tiny, memory_budget=8 * 2**20, max_frame_bytes=FRAME, idle_timeout=0.5, tick=0.05) as st:
         ws = _conn(st.url)
         assert _wait_used(st, conn) == conn  # the connection's input buffer
-        # 16 rows x 400 positions of KV and a 16-row float32 answer do not fit in 2 MiB: busy, no work done
+        # 16 rows x 400 positions of KV and a 16-row float32 answer (+ send slack) do not fit in 8 MiB: busy, no work
         h, _ = _ask(ws, _open(1, [[5] * 400] * 16, fmt="full", dtype="float32"))
         assert h["op"] == "error" and h["code"] == "busy" and "memory budget" in h["message"], h
         assert "--memory-budget" in h["message"]
