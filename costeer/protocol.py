@@ -60,6 +60,16 @@ def encode(header: Dict[str, Any], payload=b"") -> bytes:
     return b"".join((struct.pack("<I", len(h)), h, payload))
 
 
+def frame_buffer(header: Dict[str, Any], payload_bytes: int) -> Tuple[bytearray, memoryview]:
+    """A frame of ``header`` with room for ``payload_bytes``: ``(frame, its payload view)``, so a large
+    payload can be written in place, piece by piece."""
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    frame = bytearray(4 + len(h) + payload_bytes)
+    struct.pack_into("<I", frame, 0, len(h))
+    frame[4:4 + len(h)] = h
+    return frame, memoryview(frame)[4 + len(h):]
+
+
 def decode(frame) -> Tuple[Dict[str, Any], memoryview]:
     if isinstance(frame, str):
         raise ProtocolError("text frames are not accepted: send binary frames")
@@ -118,10 +128,16 @@ def unpack_full(payload: memoryview, rows: int, vocab: int, dtype: str) -> torch
     return torch.from_numpy(arr.copy()).view(torch.bfloat16).float()
 
 
-def pack_topk(logits: torch.Tensor, k: int) -> bytes:
+def topk_arrays(logits: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most likely ids (int32) and their log-probs (float32) of every row, descending."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     vals, ids = torch.topk(lp, k, dim=-1)
-    return pack_int32(ids.cpu().numpy()) + vals.cpu().numpy().astype("<f4").tobytes()
+    return ids.cpu().numpy().astype("<i4"), vals.cpu().numpy().astype("<f4")
+
+
+def pack_topk(logits: torch.Tensor, k: int) -> bytes:
+    ids, vals = topk_arrays(logits, k)
+    return ids.tobytes() + vals.tobytes()
 
 
 def unpack_topk(payload: memoryview, rows: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

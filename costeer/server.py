@@ -72,6 +72,7 @@ DEFAULT_PREFILL_CHUNK = 64  # tokens per forward, all rows counted (docs/reliabi
 # with one queued and one being received, a connection holds at most two frames of input.
 INPUT_FRAMES = 2
 SEND_FRAGMENT = 2**20  # bytes per fragment of a large answer
+ENCODE_BLOCK = 2**21  # logits (rows x vocabulary) encoded per slice of the model thread
 # Budget bytes an answer holds beyond its frame while it is sent: one fragment serialized by
 # websockets, one in the transport's buffer, and the header.
 SEND_SLACK = 2 * SEND_FRAGMENT + 4096
@@ -431,17 +432,31 @@ class LLMServer:
 
     # -- frames ---------------------------------------------------------------------------------
 
-    def _logits_frame(self, sid, step, sess, logits, compute_s, extra=None) -> bytes:
-        header = {"op": "logits", "sid": sid, "step": step, "rows": int(logits.shape[0]),
-                  "vocab_size": int(logits.shape[1]), "format": sess["format"], "dtype": sess["dtype"],
-                  "k": sess["k"], "compute_ms": compute_s * 1e3}
+    def _logits_frame(self, sid, step, sess, logits, compute_s, extra=None):
+        """Generator (model thread): the "logits" answer, encoded in place ``ENCODE_BLOCK`` logits
+        at a time with a yield between blocks; returns the frame (a bytearray)."""
+        rows, V = int(logits.shape[0]), int(logits.shape[1])
+        header = {"op": "logits", "sid": sid, "step": step, "rows": rows, "vocab_size": V,
+                  "format": sess["format"], "dtype": sess["dtype"], "k": sess["k"], "compute_ms": compute_s * 1e3}
         if extra:
             header.update(extra)
-        if sess["format"] == "full":
-            payload = P.pack_full(logits, sess["dtype"])
-        else:
-            payload = P.pack_topk(logits, min(sess["k"], int(logits.shape[1])))
-        return P.encode(header, payload)
+        full = sess["format"] == "full"
+        item = P.WIRE_DTYPES[sess["dtype"]].itemsize
+        k = min(sess["k"], V)
+        frame, payload = P.frame_buffer(header, rows * V * item if full else rows * k * 8)
+        block = max(1, ENCODE_BLOCK // V)
+        for a in range(0, rows, block):
+            if a:
+                yield
+            part = logits[a:a + block]
+            b = a + int(part.shape[0])
+            if full:
+                payload[a * V * item:b * V * item] = P.pack_full(part, sess["dtype"])
+            else:  # layout: every row's ids, then every row's log-probs
+                ids, vals = P.topk_arrays(part, k)
+                payload[a * k * 4:b * k * 4] = memoryview(ids).cast("B")
+                payload[(rows + a) * k * 4:(rows + b) * k * 4] = memoryview(vals).cast("B")
+        return frame
 
     def _reserve(self, sess: dict, reply_rows: int, positions: int, what: str) -> int:
         """Charge the session's KV growth to ``positions`` and one reply of ``reply_rows`` rows
@@ -467,8 +482,8 @@ class LLMServer:
             out, spent = yield from _timed(steps)
             if out is None:  # the session went away while it computed
                 return None
-            yield  # encoding a large answer is a slice of its own
-            return frame_of(out.logits, spent)
+            yield  # encoding an answer takes slices of its own
+            return (yield from frame_of(out.logits, spent))
 
         sess["busy"], sess["last"] = True, time.monotonic()
         future = self.pool.submit(job())
