@@ -14,7 +14,9 @@ Hostile clients (issue 18): a victim session's step latency (send to answer, top
 beside clients that keep opening long prompts (--open-tokens), replaying full-size sessions
 (--replay-rows x --replay-steps), opening at every limit (max rows x max prompt tokens: refused by
 the memory budget) and leaving score answers unread (16 rows x 64 tokens, float32). Reports the
-victim's p50/p99 both ways and the server's peak RSS against budget + model size + 10%.
+victim's p50/p99 alone, beside ONE client alternating maximum-size opens and replays (the fairness
+target: p99 < 3x alone), and beside all of them at once; and the server's peak RSS (VmHWM) against
+budget + model size (RSS after loading) + 10%.
 """
 import argparse
 import json
@@ -83,7 +85,7 @@ def hostile(args, url, proc, report, samples):
     prompt = chat_ids(tok, "Tell me about rivers in 40 words.")
 
     def victim(n):
-        s = WebSocketLLMStream(url, response_format="topk", k=5)
+        s = WebSocketLLMStream(url, response_format="topk", k=5, timeout=3600)
         s.open([prompt])
         out = s.recv()
         lat = []
@@ -99,6 +101,7 @@ def hostile(args, url, proc, report, samples):
 
     solo = victim(args.victim_steps)
     stop = threading.Event()
+    phase = {"name": "fairness"}
     counts = {"long_opens": 0, "replays": 0, "limit_opens_busy": 0, "busy": 0, "unread_scores_sent": 0}
     rng = random.Random(0)
 
@@ -106,18 +109,17 @@ def hostile(args, url, proc, report, samples):
         ws.send(P.encode(header, payload))
         return P.decode(ws.recv(timeout=3600))[0]
 
-    def long_opens():
-        with connect(url, compression=None, max_size=None) as ws:
-            while not stop.is_set():
+    def opens_and_replays(done):
+        """ONE connection alternating a long open and a full-size replay, until ``done`` is set."""
+        R, n = args.replay_rows, args.replay_steps
+        with connect(url, compression=None, max_size=None, ping_interval=None) as ws:
+            while not done.is_set():
                 ids = [rng.randrange(V) for _ in range(args.open_tokens)]
                 h = ask(ws, {"op": "open", "sid": 1, "rows": [len(ids)], "format": "topk", "k": 5}, P.pack_int32(ids))
                 counts["long_opens" if h["op"] == "logits" else "busy"] += 1
                 ask(ws, {"op": "close", "sid": 1})
-
-    def replays():
-        R, n = args.replay_rows, args.replay_steps
-        with connect(url, compression=None, max_size=None) as ws:
-            while not stop.is_set():
+                if done.is_set():
+                    break
                 flat = prompt * R + [rng.randrange(V) for _ in range(R * n)]
                 h = ask(ws, {"op": "open", "sid": 1, "rows": [len(prompt)] * R, "format": "topk", "k": 5, "replay": n},
                         P.pack_int32(flat))
@@ -126,7 +128,7 @@ def hostile(args, url, proc, report, samples):
 
     def at_the_limits():
         R, L = limits["max_rows"], limits["max_prompt_tokens"]
-        with connect(url, compression=None, max_size=None) as ws:
+        with connect(url, compression=None, max_size=None, ping_interval=None) as ws:
             while not stop.is_set():
                 h = ask(ws, {"op": "open", "sid": 1, "rows": [L] * R, "format": "full", "dtype": "float32"},
                         P.pack_int32([7] * (R * L)))
@@ -139,7 +141,7 @@ def hostile(args, url, proc, report, samples):
     unread = []
 
     def unread_scores():  # never reads: each answer (16 x 64 x V float32) waits on the server
-        ws = connect(url, compression=None, max_size=None, max_queue=1).__enter__()
+        ws = connect(url, compression=None, max_size=None, max_queue=1, ping_interval=None).__enter__()
         unread.append(ws)
         ws.send(P.encode({"op": "open", "sid": 1, "rows": [len(prompt)] * 16, "format": "full", "dtype": "float32"},
                          P.pack_int32(prompt * 16)))
@@ -147,21 +149,37 @@ def hostile(args, url, proc, report, samples):
             ws.send(P.encode(*score_frame(1, [[5] * 64] * 16)))
             counts["unread_scores_sent"] += 1
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (long_opens, replays, at_the_limits)]
-    threads += [threading.Thread(target=unread_scores, daemon=True) for _ in range(args.unread_clients)]
-    for t in threads:
-        t.start()
+    def ms(lat):
+        return {"p50": round(_pct(lat, 50), 1), "p99": round(_pct(lat, 99), 1), "max": round(max(lat), 1)}
+
+    # 1) fairness: the victim beside one client doing maximum-size opens and replays
+    done = threading.Event()
+    t = threading.Thread(target=opens_and_replays, args=(done,), daemon=True)
+    t.start()
     time.sleep(args.hostile_warmup)
     beside = victim(args.victim_steps)
+    done.set()
+    fair_counts = dict(counts)
+    # 2) memory: every hostile client at once (the fairness client too), RSS sampled all along
+    done2 = threading.Event()
+    threads = [threading.Thread(target=opens_and_replays, args=(done2,), daemon=True),
+               threading.Thread(target=at_the_limits, daemon=True)]
+    threads += [threading.Thread(target=unread_scores, daemon=True) for _ in range(args.unread_clients)]
+    for th in threads:
+        th.start()
+    time.sleep(args.hostile_warmup)
+    all_hostile = victim(args.victim_steps)
     stop.set()
+    done2.set()
     for ws in unread:
         ws.close()
     # the hostile threads are daemons blocked on their current request: the server's exit ends them
     report.update(victim_steps=args.victim_steps, open_tokens=args.open_tokens,
-                  replay=f"{args.replay_rows} rows x {args.replay_steps} steps", hostile=counts,
-                  victim_solo_ms={"p50": round(_pct(solo, 50), 1), "p99": round(_pct(solo, 99), 1)},
-                  victim_beside_hostile_ms={"p50": round(_pct(beside, 50), 1), "p99": round(_pct(beside, 99), 1)})
-    report["p99_ratio"] = round(report["victim_beside_hostile_ms"]["p99"] / report["victim_solo_ms"]["p99"], 2)
+                  replay=f"{args.replay_rows} rows x {args.replay_steps} steps",
+                  hostile_during_fairness=fair_counts, hostile_in_all=counts,
+                  victim_solo_ms=ms(solo), victim_beside_opens_and_replays_ms=ms(beside),
+                  victim_beside_all_hostile_clients_ms=ms(all_hostile))
+    report["p99_ratio"] = round(report["victim_beside_opens_and_replays_ms"]["p99"] / report["victim_solo_ms"]["p99"], 2)
     peak = max(r for _, r in samples) / 1024
     bound = 1.1 * (report["memory_budget_mb"] + report["rss_after_load_mb"])
     report.update(peak_rss_sampled_mb=round(peak, 1), peak_rss_mb=round(rss_kb(proc.pid, "VmHWM") / 1024, 1),

@@ -67,7 +67,10 @@ from typing import Dict, Optional
 from . import protocol as P
 
 TOKEN_ENV = "COSTEER_TOKEN"
-DEFAULT_PREFILL_CHUNK = 64  # tokens per forward, all rows counted (docs/reliability.md: the sweep)
+# Tokens per forward of a long job, all rows counted. On a CPU a forward of n tokens costs about n
+# steps once n passes a few tokens (compute-bound), so a small chunk keeps a victim's wait near one
+# step; 16 = the default --max-rows, the size of one step of a full session (docs/reliability.md).
+DEFAULT_PREFILL_CHUNK = 16
 # Frames a connection may have buffered before the server reads them (websockets' ``max_queue``):
 # with one queued and one being received, a connection holds at most two frames of input.
 INPUT_FRAMES = 2

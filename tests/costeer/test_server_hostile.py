@@ -488,3 +488,20 @@ def test_bad_numbers_are_refused(capsys, tmp_path):
     assert cli_main(["generate", "--prompt", "x", "--timeout", "-1", "--llm-url", "ws://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "--timeout must be > 0" in err and "reach" not in err
+
+
+def test_large_score_is_chunked_and_equals_one_forward(tiny):
+    """A score of more than --prefill-chunk tokens runs as several forwards (between other sessions'
+    steps) and answers what one forward answers, up to summation order; the step count stays right."""
+    rows = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    drafts = [[9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20]]
+    answers = []
+    for chunk in (64, 4):  # 4 tokens a forward for 2 rows: 3 forwards of 2 positions
+        with ServerThread(tiny, prefill_chunk=chunk) as st, connect(st.url, compression=None, max_size=None) as ws:
+            assert _ask(ws, _open(1, rows, fmt="full", dtype="float32"))[0]["op"] == "logits"
+            h, payload = _ask(ws, P.encode(*score_frame(1, drafts)))
+            assert h["op"] == "logits" and h["rows"] == 12 and h["step"] == 1
+            answers.append(P.unpack_full(payload, 12, tiny.vocab_size, "float32"))
+            h, _ = _ask(ws, P.encode(*score_frame(1, [[1], [2]], rollback=3)))
+            assert h["op"] == "logits" and h["step"] == 2
+    torch.testing.assert_close(answers[1], answers[0], atol=1e-4, rtol=1e-4)
