@@ -54,9 +54,20 @@ class ProtocolError(ValueError):
     """A malformed frame."""
 
 
-def encode(header: Dict[str, Any], payload: bytes = b"") -> bytes:
+def encode(header: Dict[str, Any], payload=b"") -> bytes:
+    """One frame; ``payload`` is any bytes-like object, copied once (into the frame)."""
     h = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return struct.pack("<I", len(h)) + h + payload
+    return b"".join((struct.pack("<I", len(h)), h, payload))
+
+
+def frame_buffer(header: Dict[str, Any], payload_bytes: int) -> Tuple[bytearray, memoryview]:
+    """A frame of ``header`` with room for ``payload_bytes``: ``(frame, its payload view)``, so a large
+    payload can be written in place, piece by piece."""
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    frame = bytearray(4 + len(h) + payload_bytes)
+    struct.pack_into("<I", frame, 0, len(h))
+    frame[4:4 + len(h)] = h
+    return frame, memoryview(frame)[4 + len(h):]
 
 
 def decode(frame) -> Tuple[Dict[str, Any], memoryview]:
@@ -72,6 +83,8 @@ def decode(frame) -> Tuple[Dict[str, Any], memoryview]:
         header = json.loads(bytes(mv[4:4 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # a deeply nested header: refused like any other malformed one
+        raise ProtocolError("header nests too deeply") from None
     if not isinstance(header, dict) or not isinstance(header.get("op"), str):
         raise ProtocolError("header must be a JSON object with a string 'op'")
     return header, mv[4 + n:]
@@ -90,11 +103,13 @@ def pack_int32(values) -> bytes:
     return np.asarray(values, dtype="<i4").tobytes()
 
 
-def pack_full(logits: torch.Tensor, dtype: str) -> bytes:
+def pack_full(logits: torch.Tensor, dtype: str) -> memoryview:
+    """The payload of a "full" answer: a view of ``logits`` in the wire dtype (for ``encode``, which
+    copies it into the frame; no third copy of a large answer)."""
     t = logits.detach().to("cpu", WIRE_DTYPES[dtype]).contiguous()
     if dtype == "bfloat16":
-        return t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
-    return t.numpy().astype("<f4" if dtype == "float32" else "<f2", copy=False).tobytes()
+        return memoryview(t.view(torch.int16).numpy().astype("<i2", copy=False)).cast("B")
+    return memoryview(t.numpy().astype("<f4" if dtype == "float32" else "<f2", copy=False)).cast("B")
 
 
 def unpack_full(payload: memoryview, rows: int, vocab: int, dtype: str) -> torch.Tensor:
@@ -113,10 +128,16 @@ def unpack_full(payload: memoryview, rows: int, vocab: int, dtype: str) -> torch
     return torch.from_numpy(arr.copy()).view(torch.bfloat16).float()
 
 
-def pack_topk(logits: torch.Tensor, k: int) -> bytes:
+def topk_arrays(logits: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most likely ids (int32) and their log-probs (float32) of every row, descending."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     vals, ids = torch.topk(lp, k, dim=-1)
-    return pack_int32(ids.cpu().numpy()) + vals.cpu().numpy().astype("<f4").tobytes()
+    return ids.cpu().numpy().astype("<i4"), vals.cpu().numpy().astype("<f4")
+
+
+def pack_topk(logits: torch.Tensor, k: int) -> bytes:
+    ids, vals = topk_arrays(logits, k)
+    return ids.tobytes() + vals.tobytes()
 
 
 def unpack_topk(payload: memoryview, rows: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -11,13 +11,16 @@ Server -> client
 
 Rollback rides on the next request, so a speculative round is still one round trip. The op keeps
 the session's limits: tokens in range, window never exceeded, at most ``MAX_SCORE_TOKENS`` per row
-and request, and the rollback never reaches the first token of a row.
+and request, and the rollback never reaches the first token of a row. The answer is charged to the
+server's memory budget (``B * n`` rows of logits) before any work; more than ``prefill_chunk``
+tokens (all rows counted) are scored in several forwards between other sessions' steps.
 """
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 from typing import Dict, Sequence, Tuple
+
+import torch
 
 from . import protocol as P
 
@@ -34,8 +37,9 @@ def score_frame(sid: int, tokens: Sequence[Sequence[int]], rollback: int = 0) ->
     return {"op": "score", "sid": sid, "n": n, "rollback": rollback}, P.pack_int32([int(x) for t in tokens for x in t])
 
 
-async def handle_score(server, header: dict, payload, sessions: Dict[int, dict]) -> bytes:
-    """Answer a "score" frame for ``LLMServer`` ``server`` (raises ProtocolError on a bad request)."""
+async def handle_score(server, header: dict, payload, sessions: Dict[int, dict]):
+    """Answer a "score" frame for ``LLMServer`` ``server``: ``(frame, its budget charge)`` (raises
+    ProtocolError on a bad request, Busy when the memory budget cannot take it)."""
     sid = header.get("sid")
     sess = server._session("score", sid, sessions)  # the step op's checks, expiry included
     n, r = header.get("n"), header.get("rollback", 0)
@@ -54,17 +58,30 @@ async def handle_score(server, header: dict, payload, sessions: Dict[int, dict])
         raise P.ProtocolError(f"score: cannot roll back {r} positions")
     if int(kv.lengths.max()) - r + n > server.loaded.max_len:
         raise P.ProtocolError(f"score: the session would exceed the model's window of {server.loaded.max_len} tokens")
-    grid = toks.reshape(rows, n).tolist()
+    grid = toks.reshape(rows, n)
+    columns = max(1, server.prefill_chunk // rows)
 
     def run():
+        # ``n`` positions in forwards of at most ``prefill_chunk`` tokens (one forward for the
+        # usual few drafts), so a large score never holds the model thread for long
+        yield from ()
         kv.rollback(r)
-        logits = kv.extend(grid).logits
+        if n <= columns:
+            logits = kv.extend(grid.tolist()).logits
+        else:  # filled in place: one [rows, n, V] tensor, not the chunks and their concatenation
+            logits = None
+            for a in range(0, n, columns):
+                if a:
+                    yield
+                part = kv.extend(grid[:, a:a + columns].tolist()).logits
+                if logits is None:
+                    logits = torch.empty((rows, n, part.shape[-1]), dtype=part.dtype)
+                logits[:, a:a + part.shape[1]] = part
         return SimpleNamespace(logits=logits.reshape(rows * n, logits.shape[-1]))
 
-    sess["busy"], sess["last"] = True, time.monotonic()  # not reaped as idle while it computes
-    try:
-        logits, dt = await server._compute(run)
-    finally:
-        sess["busy"], sess["last"] = False, time.monotonic()
-    sess["step"] += 1
-    return server._logits_frame(sid, sess["step"], sess, logits, dt)
+    positions = kv.cached - r + n
+    step = sess["step"] + 1
+    out = await server._compute(run(), sess, rows * n, max(positions, kv.cached), f"score of session {sid}",
+                                lambda logits, dt: server._logits_frame(sid, step, sess, logits, dt))
+    sess["step"] = step
+    return out

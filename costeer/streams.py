@@ -52,6 +52,11 @@ from .slm import KVBatch
 
 TOPK_POLICIES = ("restrict", "floor")
 TOKEN_ENV = "COSTEER_TOKEN"  # the `costeer serve` token, also read by the server
+CA_ENV = "COSTEER_CA_FILE"  # PEM file of a private CA that signed a `costeer serve --ssl-certfile`
+# Largest vocabulary a server may announce: a client allocates rows x vocabulary floats per step
+# (top-k answers are made dense), so a hostile number must not become a huge allocation. Real
+# vocabularies are below 2**18.
+MAX_VOCAB = 2**22
 
 
 @dataclass
@@ -205,6 +210,10 @@ class InProcessLLMStream(LLMStream):
 # (b) costeer serve
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class _ConnectionLost(StreamError):
     """The connection broke (not a refusal): the stream may reconnect and resume."""
 
@@ -228,6 +237,10 @@ class WebSocketLLMStream(LLMStream):
     turns this off. Refusals (error frames, HTTP 401) are never retried. ``reconnects`` counts them.
 
     ``token`` (default ``$COSTEER_TOKEN``) is sent as ``Authorization: Bearer TOKEN``.
+
+    ``wss://`` URLs (``costeer serve --ssl-certfile``) verify the server's certificate and host
+    name against the system's CAs, or against ``ca_file`` (default ``$COSTEER_CA_FILE``): the PEM
+    file of a private CA or of a self-signed certificate. A failed verification is a refusal.
     """
 
     remote = True
@@ -236,9 +249,19 @@ class WebSocketLLMStream(LLMStream):
     def __init__(self, url: str, *, response_format: str = "full", dtype: str = "float16", k: int = 20,
                  topk_policy: str = "restrict", timeout: float = 60.0, max_frame_bytes: int = 64 * 2**20,
                  token: Optional[str] = None, reconnect_timeout: float = 30.0, backoff: float = 0.05,
-                 max_backoff: float = 2.0):
+                 max_backoff: float = 2.0, ca_file: Optional[str] = None):
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ValueError(f"llm_url must be a ws:// or wss:// URL (printed by `costeer serve`), got {url!r}")
+        ca_file = ca_file if ca_file is not None else (os.environ.get(CA_ENV) or None)
+        self._ssl = None
+        if url.startswith("wss://"):
+            import ssl
+
+            try:
+                self._ssl = ssl.create_default_context(cafile=ca_file)  # verifies certificate and host name
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"ca_file {ca_file!r} ({CA_ENV}): not a readable PEM file of CA certificates: "
+                                 f"{exc}") from None
         if response_format not in P.FORMATS:
             raise ValueError(f"response_format must be one of {P.FORMATS}, got {response_format!r}")
         if dtype not in P.WIRE_DTYPES:
@@ -269,14 +292,16 @@ class WebSocketLLMStream(LLMStream):
         self._connect()
         hello = self.info
         self.name = f"{hello.get('model')}@{url}"
-        self.vocab_size = int(hello["vocab_size"])
-        self.max_len = int(hello["max_len"])
-        self.eos_token_ids = [int(x) for x in hello.get("eos_token_ids", [])]
+        self.vocab_size = hello["vocab_size"]
+        self.max_len = hello["max_len"]
+        self.eos_token_ids = hello.get("eos_token_ids", [])
 
     # -- connection -----------------------------------------------------------------------------
 
     def _connect(self):
         """Connect and say hello (sets ``info``); raises ``_ConnectionLost`` or ``StreamError``."""
+        import ssl
+
         from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect
 
@@ -284,7 +309,11 @@ class WebSocketLLMStream(LLMStream):
         try:
             # Entered as a context manager (websockets >= 17.1 deprecates direct use); left in close().
             ws = connect(self.url, compression=None, max_size=self.max_frame_bytes, open_timeout=self.timeout,
-                         close_timeout=2, additional_headers=headers).__enter__()
+                         close_timeout=2, additional_headers=headers, ssl=self._ssl).__enter__()
+        except ssl.SSLCertVerificationError as exc:
+            raise StreamError(f"{self.url}: the server's TLS certificate is not trusted ({exc.verify_message}): for a "
+                              f"private CA or a self-signed certificate pass its PEM file with --ca-file or "
+                              f"{CA_ENV}") from None
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 401:
@@ -310,6 +339,12 @@ class WebSocketLLMStream(LLMStream):
         if hello.get("op") != "hello" or hello.get("protocol") != P.PROTOCOL_VERSION:
             self._drop()
             raise StreamError(f"{self.url} does not speak the costeer protocol v{P.PROTOCOL_VERSION}: {hello}")
+        V, W, eos = hello.get("vocab_size"), hello.get("max_len"), hello.get("eos_token_ids", [])
+        if not (_is_int(V) and 1 <= V <= MAX_VOCAB and _is_int(W) and W >= 2 and isinstance(eos, list)
+                and all(_is_int(e) and 0 <= e < V for e in eos)):
+            self._drop()
+            raise StreamError(f"{self.url} announced an impossible model (vocab_size {V!r}, at most {MAX_VOCAB}; "
+                              f"max_len {W!r}; eos_token_ids {str(eos)[:80]}): refused")
         old = getattr(self, "info", None)
         if old is not None and (old.get("model"), old.get("vocab_size")) != (hello.get("model"), hello.get("vocab_size")):
             self._drop()
@@ -448,8 +483,10 @@ class WebSocketLLMStream(LLMStream):
         rows = int(header["rows"])
         if rows != self._rows:
             raise StreamError(f"server answered {rows} rows, expected {self._rows}")
+        if header.get("vocab_size") != self.vocab_size:
+            raise StreamError(f"server answered vocab_size {header.get('vocab_size')!r}, announced {self.vocab_size}")
         if header["format"] == "full":
-            logits = P.unpack_full(payload, rows, int(header["vocab_size"]), header["dtype"])
+            logits = P.unpack_full(payload, rows, self.vocab_size, header["dtype"])
         else:
             ids, lp = P.unpack_topk(payload, rows, int(header["k"]))
             logits = dense_from_topk(ids, lp, self.vocab_size, self.policy)

@@ -180,7 +180,7 @@ def test_generating_process_killed_then_resumed(tiny_dir, tmp_path, keep_threads
     assert cli_main(args + ["--output", str(out), "--resume"]) == 0
     assert out.read_text(encoding="utf-8") == ref.read_text(encoding="utf-8")
     lines = journal.read_text().splitlines()
-    assert json.loads(lines[-1]) == {"done": "length"} and len(lines) == 1 + 120 + 1
+    assert json.loads(lines[-1]) == {"done": "length"} and len(lines) == 1 + 1 + 120 + 1  # header, llm, tokens, done
     capsys.readouterr()
 
 

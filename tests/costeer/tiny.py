@@ -32,11 +32,12 @@ def make_tiny_model(folder: str, seed: int = 0) -> str:
 class ServerThread:
     """``costeer.server.serve_forever`` on 127.0.0.1 (free port) in a background thread.
 
-    ``server`` is the ``LLMServer`` (its ``registry`` holds the live sessions); ``url`` its address.
+    ``server`` is the ``LLMServer`` (its ``registry`` holds the live sessions); ``url`` its address
+    (``wss://`` with ``ssl_context``).
     """
 
     def __init__(self, loaded, *, host="127.0.0.1", token=None, max_frame_bytes=4 * 2**20, max_connections=256,
-                 send_timeout=30.0, tick=None, **server_kw):
+                 send_timeout=30.0, tick=None, ssl_context=None, **server_kw):
         import asyncio
         import threading
 
@@ -48,14 +49,15 @@ class ServerThread:
         self.url = None
 
         def ready(h, p):
-            self.url = f"ws://{h}:{p}"
+            self.url = f"{'wss' if ssl_context else 'ws'}://{h}:{p}"
             self._ready.set()
 
         async def main():
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
             await serve_forever(self.server, host, 0, max_frame_bytes=max_frame_bytes, ready=ready, stop=self._stop,
-                                token=token, max_connections=max_connections, send_timeout=send_timeout, tick=tick)
+                                token=token, max_connections=max_connections, send_timeout=send_timeout, tick=tick,
+                                ssl_context=ssl_context)
 
         def run():
             try:
