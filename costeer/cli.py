@@ -68,9 +68,11 @@ def _build_generate_parser(sub):
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a remote LLM")
     g.add_argument("--token", default=None, help="token of a `costeer serve` that requires one (default: $COSTEER_TOKEN)")
+    g.add_argument("--api-key", default=None,
+                   help="API key of an OpenAI-compatible endpoint (default: $COSTEER_API_KEY, then $OPENAI_API_KEY)")
     g.add_argument("--reconnect-timeout", type=float, default=30.0,
                    help="seconds to keep reconnecting (bounded backoff) when the connection to `costeer serve` "
-                        "breaks mid-generation; the generation then resumes where it was")
+                        "or an OpenAI-compatible endpoint breaks mid-generation; the generation then resumes where it was")
     g.add_argument("--output", default=None, metavar="FILE",
                    help="append the generated text to FILE as it is produced; FILE.journal beside it records "
                         "each token id, so that --resume can continue after any interruption")
@@ -284,7 +286,7 @@ def _generate(args) -> int:
                         llm_url=args.llm_url, remote_model=args.remote_model, cfg=cfg, device=args.device,
                         response_format=args.response_format, transport_dtype=args.transport_dtype, topk=args.topk,
                         topk_policy=args.topk_policy, timeout=args.timeout, gate=gate, token=args.token,
-                        reconnect_timeout=args.reconnect_timeout)
+                        reconnect_timeout=args.reconnect_timeout, api_key=args.api_key)
         say(f"ready in {time.perf_counter() - t0:.1f} s; steering c_T = {cfg.coefficient:.3f} (T={cfg.T}); "
             f"context: {len(context)} characters, never sent to the LLM")
     except (ModelNotFoundError, ValueError, TypeError, StreamError) as exc:
