@@ -140,10 +140,10 @@ def model_dir(name: str = MODEL_NAME) -> Path:
     """The model directory for vLLM: ``costeer.model_cache`` when the project has it, else built here once."""
     try:
         from costeer.model_cache import cached_model_dir
-    except ImportError:
-        cached_model_dir = None
-    if cached_model_dir is not None:
+
         return Path(cached_model_dir(name))
+    except ImportError:  # a checkout without the model cache (or a half-installed one): build it here
+        pass
     out = CACHE / "models" / f"{name}-hf"
     if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
