@@ -44,7 +44,8 @@ CASES = [
     ("What should I cook for dinner tonight?", "I am vegan and allergic to peanuts. I like spicy Thai food."),
 ]
 STEP_KEYS = ("llm_ms", "llm_compute_ms", "transport_ms", "local_ms", "steer_ms", "sample_ms", "total_ms")
-COLUMNS = ["configuration", "tokens/s", "tokens", "seconds", "ms/step", "vs reference loop", "llm_ms",
+COLUMNS = ["configuration", "tokens/s", "tokens", "seconds", "ms/step", "vs reference loop", "rt/token", "llm_ms",
+           "llm_compute_ms",
            "transport_ms", "local_ms", "steer_ms", "sample_ms", "peak_rss_MB", "rss_rise_MB", "server_peak_MB"]
 
 
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--speculative", type=int, default=4, help="draft length k of the speculative row (0: skip)")
     ap.add_argument("--batch", type=int, default=8, help="requests of the batched row (aggregate tokens/s; 0: skip)")
+    ap.add_argument("--vllm", action="store_true",
+                    help="add the rows through vLLM (scripts/vllm_cpu.py: its CPU build, the same model, loopback)")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
     ap.add_argument("--name", default="e2e", help="file stem of the report")
     args = ap.parse_args(argv)
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
     spec_fn = _speculative_config(model, cfg, N, args.speculative)
     if spec_fn is not None:
         configs.append((f"speculative CoSteer in process (k={args.speculative})", spec_fn))
-    proc = None
+    proc = vllm_proc = None
     remotes = []
     server_peak = float("nan")
     try:
@@ -230,6 +233,9 @@ def main(argv=None) -> int:
                 remote = Generator(llm=None, slm=model, llm_url=url, cfg=cfg, **kw)
                 remotes.append(remote)
                 configs.append((f"CoSteer via costeer serve, loopback ({label})", gen_fn(remote)))
+        if args.vllm:
+            vllm_proc, vllm_configs = _vllm_configs(model, cfg, N, args.speculative, gen_fn)
+            configs += vllm_configs
         for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm)
             if not label.startswith("reference"):
                 fn()
@@ -247,7 +253,7 @@ def main(argv=None) -> int:
                     peak, rise = max(peak, prev["peak_rss_MB"]), max(rise, prev["rss_rise_MB"])
                 if prev is None or n / dt > prev["tokens/s"]:
                     best[label] = {"configuration": label, "tokens/s": n / dt, "tokens": n, "seconds": dt}
-                    best[label].update({k: (steps[k] if steps else "") for k in STEP_KEYS})
+                    best[label].update({k: (steps.get(k, "") if steps else "") for k in STEP_KEYS + ("rt/token",)})
                 best[label]["peak_rss_MB"], best[label]["rss_rise_MB"] = peak, rise
         if proc is not None:
             server_peak = _rss_mb(proc.pid, "VmHWM")
@@ -257,6 +263,8 @@ def main(argv=None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=20)
+        if vllm_proc is not None:
+            _load_vllm_script().stop_server(vllm_proc)
         if tmp is not None:
             tmp.cleanup()
     rows = [best[label] for label, _ in configs]
@@ -273,6 +281,97 @@ def main(argv=None) -> int:
     print(report.markdown(COLUMNS))
     print(f"wrote {out_dir}")
     return 0
+
+
+def _load_vllm_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vllm_cpu", ROOT / "scripts" / "vllm_cpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _vllm_configs(model, cfg, N, k, gen_fn):
+    """vLLM's CPU build on 127.0.0.1 (``scripts/vllm_cpu.py``) and the rows through it:
+
+    * "vLLM decoding alone": one request, ``max_tokens=N``, greedy, the public prompt: the engine's own speed;
+    * "vLLM step rate": ``max_tokens=1`` requests with the growing prompt (what a token-at-a-time loop
+      costs without any device work: the normal loop's bound);
+    * CoSteer through vLLM (top-20, restrict), and speculative CoSteer through it (``prompt_logprobs``).
+
+    llm_compute_ms is the engine's own time per request (``--enable-per-request-metrics``).
+    """
+    from costeer.generator import build_prompts
+    from costeer.speculative import SpeculativeGenerator
+    from costeer.streams import OpenAICompletionsStream
+
+    vc = _load_vllm_script()
+    if not vc.venv_ready(vc.DEFAULT_VENV):
+        raise SystemExit(f"--vllm: no vLLM environment at {vc.DEFAULT_VENV}: run python scripts/vllm_cpu.py setup")
+    print("  starting vLLM (about a minute)", file=sys.stderr, flush=True)
+    proc, url = vc.start_server(venv=vc.DEFAULT_VENV)
+    tok = model.tokenizer
+    pubs = [build_prompts(tok, tok, p, c)[0] for p, c in CASES]
+    V = len(tok)
+
+    def alone():
+        import json
+        import urllib.request
+
+        n = 0
+        for pub in pubs:
+            body = json.dumps({"model": "smollm2", "prompt": [pub], "max_tokens": N, "temperature": 0.0,
+                               "ignore_eos": False}).encode()
+            req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                n += json.loads(r.read())["usage"]["completion_tokens"]
+        return n, None
+
+    def step_rate():
+        n, rts, server = 0, [], []
+        for pub in pubs:
+            s = OpenAICompletionsStream(url, model="smollm2", vocab_size=V, k=20)
+            s.open([pub])
+            for i in range(N):
+                out = s.recv()
+                rts.append(out.roundtrip_s)
+                server.append(out.compute_s)
+                n += 1
+                if i < N - 1:
+                    s.send([int(out.logits[0].argmax())])
+            s.close()
+        return n, {"llm_ms": 1e3 * sum(rts) / len(rts), "llm_compute_ms": 1e3 * sum(server) / len(server),
+                   "rt/token": 1.0}
+
+    remote = Generator(llm=None, slm=model, llm_url=url, remote_model="smollm2", topk=20, cfg=cfg)
+    normal = gen_fn(remote)
+
+    def normal_rt():
+        n, steps = normal()
+        steps["rt/token"] = 1.0
+        return n, steps
+
+    configs = [("vLLM decoding alone (1 request, max_tokens=N)", alone),
+               ("vLLM step rate (max_tokens=1 per token, growing prompt)", step_rate),
+               ("CoSteer through vLLM (top-20, restrict)", normal_rt)]
+    if k > 0:
+        spec = SpeculativeGenerator(remote, k)
+
+        def spec_run():
+            n, calls, decided, steps = 0, 0, 0, []
+            for p, c in CASES:
+                r = spec.generate(p, c, max_new_tokens=N)
+                n += len(r.token_ids)
+                calls += r.llm_calls
+                decided += r.decided
+                steps.append(r.timing_summary())
+            mean = {key: sum(st.get(key, 0.0) for st in steps) / len(steps) for key in STEP_KEYS}
+            mean["rt/token"] = calls / max(1, decided)
+            return n, mean
+
+        configs.append((f"speculative CoSteer through vLLM (k={k}, prompt_logprobs)", spec_run))
+    return proc, configs
 
 
 def _speculative_config(model, cfg, N, k):

@@ -76,9 +76,11 @@ def _build_generate_parser(sub):
     g.add_argument("--ca-file", default=None, metavar="PEM",
                    help="wss:// server certificates are verified against this CA (or self-signed certificate) file "
                         "instead of the system's CAs (default: $COSTEER_CA_FILE)")
+    g.add_argument("--api-key", default=None,
+                   help="API key of an OpenAI-compatible endpoint (default: $COSTEER_API_KEY, then $OPENAI_API_KEY)")
     g.add_argument("--reconnect-timeout", type=float, default=30.0,
                    help="seconds to keep reconnecting (bounded backoff) when the connection to `costeer serve` "
-                        "breaks mid-generation; the generation then resumes where it was")
+                        "or an OpenAI-compatible endpoint breaks mid-generation; the generation then resumes where it was")
     g.add_argument("--output", default=None, metavar="FILE",
                    help="append the generated text to FILE as it is produced; FILE.journal beside it records "
                         "each token id, so that --resume can continue after any interruption")
@@ -343,7 +345,7 @@ def _generate(args) -> int:
                         llm_url=args.llm_url, remote_model=args.remote_model, cfg=cfg, device=args.device,
                         response_format=args.response_format, transport_dtype=args.transport_dtype, topk=args.topk,
                         topk_policy=args.topk_policy, timeout=args.timeout, gate=gate, token=args.token,
-                        reconnect_timeout=args.reconnect_timeout, unmapped=args.unmapped)
+                        reconnect_timeout=args.reconnect_timeout, unmapped=args.unmapped, api_key=args.api_key)
         if gen.coverage is not None:
             cov = gen.coverage
             say(f"different tokenizers: {cov['matched']} of {cov['llm_size']} LLM tokens ({100 * cov['llm_coverage']:.1f}%) "

@@ -379,6 +379,8 @@ class Generator:
             without a small-model counterpart keep their LLM logit (``"keep"``) or are excluded
             (``"drop"``, the paper's intersection variant). With a remote LLM, ``llm`` names the
             model whose tokenizer makes its prompt ids.
+            For an ``http(s)://`` endpoint ``reconnect_timeout`` bounds the resends of one step.
+        api_key: for an ``http(s)://`` endpoint (default ``$COSTEER_API_KEY``, then ``$OPENAI_API_KEY``).
     """
 
     def __init__(self, llm: Union[str, LoadedModel, None] = DEFAULT_MODEL, slm: Union[str, LoadedModel] = DEFAULT_MODEL, *,
@@ -387,7 +389,8 @@ class Generator:
                  transport_dtype: str = "float16", topk: int = 20, topk_policy: str = "restrict",
                  context_template: str = DEFAULT_CONTEXT_TEMPLATE, system_prompt: Optional[str] = None,
                  cobatch: bool = True, gate: Optional[GateFn] = None, timeout: float = 60.0,
-                 token: Optional[str] = None, reconnect_timeout: float = 30.0, unmapped: str = "keep"):
+                 token: Optional[str] = None, reconnect_timeout: float = 30.0, unmapped: str = "keep",
+                 api_key: Optional[str] = None):
         if cfg is not None and not isinstance(cfg, SteerConfig):
             raise TypeError(f"cfg must be a SteerConfig or None, got {type(cfg).__name__}")
         if not isinstance(context_template, str) or "{context}" not in context_template or "{prompt}" not in context_template:
@@ -435,7 +438,8 @@ class Generator:
                 name = remote_model or (llm if isinstance(llm, str) else "default")
                 vocab = len(self.llm_tokenizer)
                 self._stream_factory = lambda: OpenAICompletionsStream(llm_url, model=name, vocab_size=vocab, k=topk,
-                                                                       topk_policy=topk_policy, timeout=timeout)
+                                                                       topk_policy=topk_policy, timeout=timeout,
+                                                                       api_key=api_key, reconnect_timeout=reconnect_timeout)
                 self.llm_name = f"{name}@{llm_url}"
             else:
                 raise ValueError(f"llm_url must start with ws://, wss://, http:// or https://, got {llm_url!r}")

@@ -39,8 +39,9 @@ verification of a round with the offset of its first draft's position.
 Scope: one request at a time (batch size 1), greedy or temperature / top-k / top-p / min-p
 sampling, EOS, stop strings, ``max_new_tokens``. The gating hook of ``Generator`` is not applied here. The LLM is in
 process (``InProcessScorer``) or a ``costeer serve`` (``RemoteScorer``, ops "score" with
-"rollback", see ``costeer/spec_server.py``); OpenAI-compatible endpoints cannot score several
-positions of a token list and are refused.
+"rollback", see ``costeer/spec_server.py``) or an OpenAI-compatible endpoint with ``prompt_logprobs``
+(vLLM: ``OpenAICompletionsStream.score_send``, the whole sequence re-sent each round; such requests
+skip vLLM's prefix cache).
 """
 from __future__ import annotations
 

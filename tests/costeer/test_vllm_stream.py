@@ -1,0 +1,250 @@
+"""The OpenAI-compatible stream's faults against an endpoint on loopback that behaves as vLLM does
+when things go wrong: it closes idle keep-alive connections without saying so, answers 503 while it
+restarts, errors, stalls, or answers nonsense. The logprobs themselves come from the real model.
+(The same stream against a real vLLM server: tests/costeer/test_vllm_server.py.)"""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from costeer import Generator, StreamError
+from costeer.cli import main as cli_main
+from costeer.streams import OpenAICompletionsStream
+
+PROMPT, CONTEXT = "What should I cook tonight?", "I am vegan and allergic to peanuts."
+MODEL = "fake-vllm"
+
+
+class Endpoint:
+    """``/v1/models`` + ``/v1/completions`` (vLLM's answer format) on 127.0.0.1.
+
+    ``close_after_answer``: close the connection after every answer WITHOUT a ``Connection: close``
+    header, as vLLM does to a keep-alive connection left idle for 5 s: the client only learns it when
+    it reuses the connection. ``script``: answers to give before the real ones ("503", "500", "401",
+    "garbage", "no-logprobs", ("sleep", s)).
+    """
+
+    def __init__(self, model):
+        self.model, self.seen, self.headers, self.script = model, [], [], []
+        self.close_after_answer = False
+        self.connections = set()
+        ep = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status, payload):
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                self.wfile.flush()
+                if ep.close_after_answer:
+                    self.close_connection = True
+
+            def do_GET(self):
+                ep.headers.append(dict(self.headers))
+                if self.path != "/v1/models":
+                    return self._send(404, {"error": {"message": "not found"}})
+                self._send(200, {"object": "list", "data": [{"id": MODEL, "max_model_len": 256}]})
+
+            def do_POST(self):
+                ep.connections.add(self.client_address)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                ep.seen.append(body)
+                ep.headers.append(dict(self.headers))
+                action = ep.script.pop(0) if ep.script else None
+                if isinstance(action, tuple) and action[0] == "sleep":
+                    time.sleep(action[1])
+                elif action in ("503", "500", "401"):
+                    return self._send(int(action), {"error": {"message": f"scripted {action}"}})
+                elif action == "garbage":
+                    return self._send(200, b"<html>not json</html>")
+                elif action == "no-logprobs":
+                    return self._send(200, {"choices": [{"index": 0, "text": "x"}]})
+                if body["model"] != MODEL:
+                    return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+                self._send(200, ep.answer(body))
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def answer(self, body):
+        """vLLM's answer: top-k of the next token (and ``prompt_logprobs`` entries with ranks)."""
+        choices = []
+        for i, p in enumerate(body["prompt"]):
+            with torch.inference_mode():
+                lp = torch.log_softmax(self.model.model(torch.tensor([p])).logits[0].float(), -1)
+            v, ix = torch.topk(lp[-1], body["logprobs"])
+            top = {f"token_id:{int(t)}": float(x) for t, x in zip(ix, v)}
+            c = {"index": i, "text": "", "logprobs": {"tokens": [f"token_id:{int(ix[0])}"], "token_logprobs": [float(v[0])],
+                                                      "top_logprobs": [top]}}
+            if body.get("prompt_logprobs"):
+                k = body["prompt_logprobs"]
+                entries = [None]
+                for j in range(1, len(p)):
+                    order = torch.argsort(lp[j - 1], descending=True)
+                    rank = {int(t): r + 1 for r, t in enumerate(order[: k].tolist())}
+                    e = {str(t): {"logprob": float(lp[j - 1, t]), "rank": r} for t, r in rank.items()}
+                    if p[j] not in rank:  # vLLM adds the prompt's own token with its rank
+                        e[str(p[j])] = {"logprob": float(lp[j - 1, p[j]]),
+                                        "rank": int((lp[j - 1] > lp[j - 1, p[j]]).sum()) + 1}
+                    entries.append(e)
+                c["prompt_logprobs"] = entries
+            choices.append(c)
+        return {"choices": choices, "usage": {"prompt_tokens": sum(map(len, body["prompt"]))}}
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def endpoint(smol):
+    ep = Endpoint(smol)
+    yield ep
+    ep.stop()
+
+
+@pytest.fixture(scope="module")
+def inproc(smol):
+    return Generator(llm=smol, slm=smol)
+
+
+def _stream(ep, **kw):
+    kw.setdefault("vocab_size", 49152)
+    return OpenAICompletionsStream(ep.url, model=MODEL, **kw)
+
+
+def test_keepalive_close_between_steps_is_retried(endpoint, smol, inproc):
+    """The issue's failure: the server closes the idle connection, the next step must not die with it."""
+    endpoint.close_after_answer = True
+    stream = _stream(endpoint, k=20, backoff=0.01)
+    g = Generator(llm=None, slm=smol, llm_stream=stream, cfg=inproc.cfg)
+    res = g.generate(PROMPT, context=CONTEXT, max_new_tokens=6, mode="llm")
+    ref = inproc.generate(PROMPT, context=CONTEXT, max_new_tokens=6, mode="llm")
+    assert res.finish_reason != "error" and res.token_ids == ref.token_ids
+    assert stream.reconnects >= len(res.token_ids) - 1  # every step after the first found its connection closed
+    # the server saw each step's request once (a resend only follows a request it never read), each on a new connection
+    prompts = [json.dumps(b["prompt"]) for b in endpoint.seen]
+    assert len(set(prompts)) == len(prompts) == len(res.token_ids)
+    assert len(endpoint.connections) == len(res.token_ids)
+
+
+def test_restarting_engine_503_is_retried_then_errors_are_clear(endpoint):
+    s = _stream(endpoint, k=5, backoff=0.01)
+    endpoint.script = ["503", "503"]
+    s.open([[1, 2, 3]])
+    assert s.recv().logits.shape == (1, 49152) and s.reconnects == 2
+    for action, match in (("500", r"answered HTTP 500: scripted 500"), ("401", r"HTTP 401.*--api-key"),
+                          ("garbage", "malformed answer"), ("no-logprobs", "no top logprobs")):
+        endpoint.script = [action]
+        s.send([5])
+        with pytest.raises(StreamError, match=match) as info:
+            s.recv()
+        assert endpoint.url + "/v1/completions" in str(info.value)
+    s.close()
+
+
+def test_bounded_backoff_when_the_engine_stays_away(endpoint):
+    s = _stream(endpoint, k=5, reconnect_timeout=0.5, backoff=0.05)
+    endpoint.close_after_answer = True  # then the engine goes away: every reconnect is refused
+    s.open([[1, 2, 3]])
+    s.recv()
+    endpoint.stop()
+    s.send([7])
+    t0 = time.monotonic()
+    with pytest.raises(StreamError, match=r"got no answer within 0.5 s \(\d+ attempts\)"):
+        s.recv()
+    assert time.monotonic() - t0 < 5.0
+    with pytest.raises(StreamError, match="cannot reach the completions endpoint"):
+        _stream(endpoint, k=5)
+
+
+def test_slow_answer_times_out_with_the_url(endpoint):
+    s = _stream(endpoint, k=5, timeout=0.3)
+    endpoint.script = [("sleep", 1.0)]
+    s.open([[1, 2, 3]])
+    with pytest.raises(StreamError, match=r"no answer from http://127\.0\.0\.1:\d+/v1/completions within 0.3 s"):
+        s.recv()
+
+
+def test_models_endpoint_gives_max_len_and_checks_the_name(endpoint):
+    s = _stream(endpoint, k=5)
+    assert s.max_len == 256
+    with pytest.raises(ValueError, match="window is 256"):
+        s.open([[1] * 256])
+    s.open([[1] * 254])
+    s.recv()
+    s.send([2])
+    s.recv()  # 255 tokens + the answer's one = the window
+    with pytest.raises(ValueError, match="max_len of 256"):
+        s.send([3])
+    with pytest.raises(StreamError, match=r"does not serve a model named 'other'.*fake-vllm"):
+        OpenAICompletionsStream(endpoint.url, model="other", vocab_size=49152)
+    assert OpenAICompletionsStream(endpoint.url, model="other", vocab_size=49152, max_len=None).max_len is None
+    for bad in (dict(max_len=1), dict(timeout=0), dict(reconnect_timeout=-1), dict(api_key=""), dict(k=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _stream(endpoint, **bad)
+
+
+def test_batch_in_one_request(endpoint, smol):
+    s = _stream(endpoint, k=5)
+    s.open([[1, 2, 3], [4, 5, 6, 7]])
+    a = s.recv()
+    s.send([10, 11])
+    b = s.recv()
+    assert len(endpoint.seen) == 2 and endpoint.seen[1]["prompt"] == [[1, 2, 3, 10], [4, 5, 6, 7, 11]]
+    assert a.logits.shape == b.logits.shape == (2, 49152)
+    with torch.inference_mode():
+        want = smol.model(torch.tensor([[4, 5, 6, 7, 11]])).logits[0, -1].argmax()
+    assert int(b.logits[1].argmax()) == int(want)
+    assert b.roundtrip_s > 0 and b.compute_s == 0.0  # this endpoint reports no engine time
+
+
+def test_score_matches_one_step_at_a_time(endpoint):
+    """prompt_logprobs scoring gives what single steps give, top k only (vLLM's extra prompt token dropped)."""
+    s = _stream(endpoint, k=5)
+    s.open([[1, 2, 3]])
+    s.recv()
+    s.score_send([[40, 41, 42]], rollback=0)
+    scored = s.score_recv(3).logits
+    assert endpoint.seen[-1]["prompt"] == [[1, 2, 3, 40, 41, 42]] and endpoint.seen[-1]["prompt_logprobs"] == 5
+    s.score_send([[50, 51]], rollback=2)  # drops 41, 42
+    assert s.score_recv(2).logits.shape == (2, 49152)
+    assert endpoint.seen[-1]["prompt"] == [[1, 2, 3, 40, 50, 51]]
+    steps = []
+    for prefix in ([1, 2, 3, 40], [1, 2, 3, 40, 41], [1, 2, 3, 40, 41, 42]):
+        s.open([prefix])
+        steps.append(s.recv().logits[0])
+    assert torch.isfinite(scored).sum(-1).tolist() == [5, 5, 5]
+    torch.testing.assert_close(scored, torch.stack(steps))
+    with pytest.raises(ValueError, match="rollback"):
+        s.score_send([[1]], rollback=99)
+
+
+def test_api_key_from_cli_and_environment(endpoint, smol, monkeypatch, tmp_path):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    rc = cli_main(["generate", "--prompt", PROMPT, "--context-file", str(ctx), "--llm-url", endpoint.url,
+                   "--remote-model", MODEL, "--max-new-tokens", "2", "--api-key", "sk-from-cli", "--quiet"])
+    assert rc == 0 and endpoint.headers and all(h.get("Authorization") == "Bearer sk-from-cli" for h in endpoint.headers)
+    endpoint.headers.clear()
+    monkeypatch.delenv("COSTEER_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-openai")
+    _stream(endpoint).close()
+    monkeypatch.setenv("COSTEER_API_KEY", "sk-costeer")
+    _stream(endpoint).close()
+    assert [h.get("Authorization") for h in endpoint.headers] == ["Bearer sk-openai", "Bearer sk-costeer"]
