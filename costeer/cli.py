@@ -449,8 +449,11 @@ def _generate(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="costeer", description="CoSteer: a cloud LLM steered by a local small model that reads a private context.")
-    sub = ap.add_subparsers(dest="command", metavar="{generate,serve,models}")
+    sub = ap.add_subparsers(dest="command", metavar="{generate,serve,models,eval}")
     _build_generate_parser(sub)
+    from .eval.cli import add_eval_parser, run_eval  # costeer eval: docs/eval.md
+
+    add_eval_parser(sub)
     sub.add_parser("serve", help="serve an LLM's next-token logits over WebSocket (see `costeer serve -h`)", add_help=False)
     sub.add_parser("models", help="the model cache: list, build (`models path ALIAS`), remove (see `costeer models -h`)",
                    add_help=False)
@@ -469,6 +472,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        if args.command == "eval":
+            return run_eval(args)
         return _generate(args)
     except KeyboardInterrupt:
         print("", file=sys.stderr)
