@@ -204,3 +204,23 @@ def test_huge_per_row_T_is_invalid_not_a_hang(backend):
         assert time.perf_counter() - t0 < 30  # generous: the point is that it ends at all
     cfg = SteerConfig(T=torch.tensor([ck.MAX_T, 3]))
     assert not torch.isnan(steer(zl, zc, zn, cfg, backend=backend)).any()
+
+
+def test_huge_logits_keep_the_max_term_on_every_isa():
+    """|max| >= 2^28: max - 30 rounds to max, and the SIMD paths' exp cut dropped the max term
+    itself (log-prob +inf; found by the fuzz test)."""
+    if "cpu" not in available_backends():
+        pytest.skip("the C++ extension is not built")
+    zl, zc, zn = torch.tensor([[4.5938e29]]), torch.tensor([[-9.2075e29]]), torch.tensor([[-1.7861e29]])
+    before = torch.ops.costeer_ext.cpu_isa("")
+    try:
+        for isa in torch.ops.costeer_ext.cpu_isas():
+            torch.ops.costeer_ext.cpu_isa(isa)
+            for mode in ("closed_form", "iterative"):
+                assert steer(zl, zc, zn, backend="cpu", mode=mode).item() == 0.0, (isa, mode)
+            big = torch.full((2, 300), 3e30)
+            big[:, 7] = 3.0000002e30
+            out = steer(big, torch.zeros_like(big), torch.zeros_like(big), backend="cpu")
+            torch.testing.assert_close(out, torch.log_softmax(big.double(), -1).float(), atol=1e-5, rtol=0)
+    finally:
+        torch.ops.costeer_ext.cpu_isa(before)
