@@ -69,7 +69,8 @@ def delta_from_hidden(hc: torch.Tensor, hn: torch.Tensor, W: torch.Tensor) -> to
         lo = (d32 - hi.float()).to(W.dtype)
         try:
             prod = torch.mm(torch.cat([hi, lo]), W.t(), out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):  # torch without mm(out_dtype=) on CUDA
+        except (RuntimeError, TypeError, NotImplementedError):
+            # torch builds without mm(out_dtype=) on CUDA: the CPU-style blockwise fp32 path below.
             prod = None
         if prod is not None:
             B = hc.shape[0]

@@ -20,6 +20,7 @@ from costeer_kernels.sampling import gumbel_noise
 from costeer_kernels.torch_backend import steer_torch
 
 from ..conftest import HAS_CUDA
+from . import helpers
 from .helpers import make_logits, masked_err
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,25 +39,8 @@ def ulp_term(ref64: torch.Tensor) -> float:
 
 
 def check_accuracy(out, zl, zc, zn, cfg=None, mode="closed_form", ref=None, base=None):
-    """The accuracy rule on any CPU: error against float64 of the same inputs <= 2 x the eager
-    float32 formula's error + 1e-6 + 4 eps_f32 max|ref| (the eager error can be accidentally tiny),
-    no NaN, and the argmax of the float64 reference (up to ties)."""
-    if ref is None:
-        ref = reference_steer(zl, zc, zn, cfg, dtype=torch.float64)
-    if base is None:
-        if mode == "closed_form":
-            base = closed_form_steer(zl, zc, zn, cfg, dtype=torch.float32)
-        else:
-            base = reference_steer(zl, zc, zn, cfg, dtype=torch.float32)
-    e_out, e_base = masked_err(out, ref), masked_err(base, ref)
-    bound = 2 * e_base + 1e-6 + ulp_term(ref)
-    assert e_out <= bound, f"error {e_out:.3g} > 2 x eager fp32 error {e_base:.3g} + 1e-6 + ulps = {bound:.3g}"
-    assert not torch.isnan(out).any()
-    a_out = out.double().cpu().argmax(-1)
-    ref_c = ref.cpu()
-    picked = ref_c.gather(-1, a_out.unsqueeze(-1)).squeeze(-1)
-    assert torch.all(picked >= ref_c.max(-1).values - 1e-5)
-    return e_out, e_base
+    """helpers.check_accuracy with the ulp term over all finite reference entries (``ulp_term``)."""
+    return helpers.check_accuracy(out, zl, zc, zn, cfg, mode, ref=ref, base=base, slack=ulp_term)
 
 
 @pytest.fixture(scope="module")
