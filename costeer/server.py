@@ -485,7 +485,10 @@ class LLMServer:
             out, spent = yield from _timed(steps)
             if out is None:  # the session went away while it computed
                 return None
-            yield  # encoding an answer takes slices of its own
+            if out.logits.numel() > ENCODE_BLOCK:
+                yield  # encoding a large answer takes slices of its own
+            # a small answer (a step's) is encoded in its forward's slice: the request is served in
+            # one turn of the model thread, not two with another job's forward between them
             return (yield from frame_of(out.logits, spent))
 
         sess["busy"], sess["last"] = True, time.monotonic()
@@ -746,10 +749,19 @@ async def serve_forever(server: LLMServer, host: str, port: int, *, max_frame_by
         state = {"last": time.monotonic(), "busy": False}
         conns[ws] = state
         sessions: Dict[int, dict] = {}
+        closed = asyncio.ensure_future(ws.wait_closed())
         try:
             async for frame in ws:
                 state["busy"] = True
-                reply, charge = await server.handle_charged(frame, sessions, max_frame_bytes)
+                work = asyncio.ensure_future(server.handle_charged(frame, sessions, max_frame_bytes))
+                await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    # the client went away while its request computes: cancelling it stops that
+                    # work at its next forward (a replay or prefill would otherwise run to its end)
+                    work.cancel()
+                    await asyncio.gather(work, return_exceptions=True)
+                    break
+                reply, charge = work.result()
                 try:
                     # a client that does not read its answers is cut off (its sessions are freed below)
                     await asyncio.wait_for(ws.send(reply if len(reply) <= SEND_FRAGMENT else _fragments(reply)),
@@ -763,6 +775,7 @@ async def serve_forever(server: LLMServer, host: str, port: int, *, max_frame_by
         except Exception:
             pass  # connection dropped: its sessions die with it
         finally:
+            closed.cancel()
             conns.pop(ws, None)
             server.drop_all(sessions)
             server.budget.release(input_bytes)

@@ -241,6 +241,87 @@ def test_victim_steps_are_served_while_a_long_open_computes(tiny):
         hostile.close()
 
 
+def test_a_step_is_served_in_one_turn_of_the_model_thread(tiny):
+    """A victim's step (forward + its small answer) runs between two forwards of a long job, with
+    none of them in between (before: the answer was encoded one turn later, after another forward)."""
+    server = LLMServer(tiny, memory_budget=2**30)
+    log = []
+    encode = server._logits_frame
+
+    def logged_encode(*args, **kw):
+        frame = yield from encode(*args, **kw)
+        log.append("answer")
+        return frame
+
+    server._logits_frame = logged_encode
+
+    def long_job():
+        for i in range(400):
+            log.append(i)
+            time.sleep(0.01)
+            yield
+
+    async def main():
+        sessions = {}
+        reply, charge = await server.handle_charged(_open(1, [[1, 2, 3]]), sessions, FRAME)
+        server.budget.release(charge)
+        kv = sessions[1]["kv"]
+        step = kv.step
+
+        def logged_step(tokens):
+            log.append("forward")
+            return step(tokens)
+
+        kv.step = logged_step
+        long = server.pool.submit(long_job())
+        while len(log) < 3:
+            await asyncio.sleep(0.001)
+        for _ in range(5):
+            reply, charge = await server.handle_charged(P.encode({"op": "step", "sid": 1}, P.pack_int32([4])),
+                                                        sessions, FRAME)
+            server.budget.release(charge)
+            assert P.decode(reply)[0]["op"] == "logits"
+            await asyncio.sleep(0.003)
+        long.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.pool.shutdown()
+    turns = [log[i + 1] for i, x in enumerate(log) if x == "forward"]
+    assert turns == ["answer"] * 5, f"another job's forward ran between a step and its answer: {log}"
+
+
+def test_a_closed_connection_stops_its_work(tiny):
+    """A client that disconnects during a long replay stops it at the next forward: the session,
+    its budget and the model thread are freed (before: the replay ran to its end first)."""
+    with ServerThread(tiny, prefill_chunk=16) as st:
+        hostile = _conn(st.url)
+        hostile.send(_open(1, [[9] * 100] * 16, replay=[[5] * 16] * 400))
+
+        def busy_kv():
+            for s, sid in st.server.registry.values():
+                if s[sid].get("busy") and s[sid]["kv"] is not None and s[sid]["kv"].cached > 100:
+                    return s[sid]["kv"]
+
+        deadline = time.time() + 60
+        kv = None
+        while kv is None and time.time() < deadline:
+            kv = st.call(busy_kv)
+            time.sleep(0.002)
+        assert kv is not None, "the replay never started"
+        hostile.close()
+        deadline = time.time() + 60
+        while (st.call(lambda: len(st.server.registry)) or st.call(lambda: st.server.budget.used)) \
+                and time.time() < deadline:
+            time.sleep(0.005)
+        assert st.call(lambda: len(st.server.registry)) == 0 and st.call(lambda: st.server.budget.used) == 0
+        time.sleep(0.2)
+        done = int(kv.lengths.max()) - 100
+        assert done < 400, "the replay ran to its end after its client had gone"
+        assert st.call(lambda: not st.server.pool._running and not st.server.pool._new)
+
+
 def test_chunked_prefill_matches_one_forward_and_replays_bit_exactly(tiny):
     rows = [list(range(10, 310)), list(range(500, 550))]  # 300 and 50 tokens: left padding across chunks
     ref = KVBatch(tiny.model, rows, tiny.pad_token_id, max_len=tiny.max_len)
