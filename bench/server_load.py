@@ -8,15 +8,20 @@ prompt (computed first, one session at a time), so "mismatches" counts sessions 
 isolated. The server runs in a subprocess on 127.0.0.1 and shares the CPU cores with the clients.
 Prints one JSON object (also written to --json if given).
 
-    python bench/server_load.py --hostile [--model smollm2] [--memory-budget 2GiB] [--prefill-chunk 16]
+    python bench/server_load.py --hostile [--model smollm2] [--memory-budget 2GiB] [--threads 1] [--phase-seconds 60]
 
-Hostile clients (issue 18): a victim session's step latency (send to answer, top-k) alone, then
-beside clients that keep opening long prompts (--open-tokens), replaying full-size sessions
-(--replay-rows x --replay-steps), opening at every limit (max rows x max prompt tokens: refused by
-the memory budget) and leaving score answers unread (16 rows x 64 tokens, float32). Reports the
-victim's p50/p99 alone, beside ONE client alternating maximum-size opens and replays (the fairness
-target: p99 < 3x alone), and beside all of them at once; and the server's peak RSS (VmHWM) against
-budget + model size (RSS after loading) + 10%.
+Hostile clients (issue 18). Four phases, each with a fresh victim session (a 1-row chat prompt,
+top-k answers) whose step latency (send to answer) is timed for at most --victim-steps steps or
+--phase-seconds s, whichever comes first, after --hostile-warmup s of hostile load: (1) alone;
+(2) beside one client doing maximum-size opens (--open-tokens, one after the other); (3) beside
+one client doing full-size replays (--replay-rows x --replay-steps); (4) beside all of them at once
+plus a client opening at every limit (max rows x max prompt tokens, float32: refused by the memory
+budget) and --unread-clients clients leaving 16 x 64 float32 score answers unread (201 MB each
+for SmolLM2; the server's --send-timeout defaults to 300 s here so they stay held), this phase
+lasting --memory-seconds so those answers get computed. At the end of each phase the hostile connections are closed, which stops their work on the server. Reports
+p50/p99 per phase, the fairness target (worst p99 of phases 2 and 3 < 3x the solo p99), and the
+server's peak RSS (VmHWM, over all phases) against budget + model size (RSS after loading) + 10%.
+The budget defaults to 2GiB here so the figure does not depend on the machine's free memory.
 """
 import argparse
 import json
@@ -46,6 +51,17 @@ def rss_kb(pid, field="VmRSS"):
     except OSError:
         pass
     return 0
+
+
+def machine():
+    """CPU model and core count (the figures' machine)."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def greedy(stream, prompt, steps):
@@ -80,111 +96,125 @@ def hostile(args, url, proc, report, samples):
     hello.close()
     V = hello.vocab_size
     report.update(memory_budget_mb=round(limits["memory_budget_bytes"] / 2**20, 1),
-                  kv_bytes_per_token=limits["kv_bytes_per_token"], prefill_chunk=limits["prefill_chunk"])
+                  kv_bytes_per_token=limits["kv_bytes_per_token"], prefill_chunk=limits["prefill_chunk"],
+                  victim_steps=args.victim_steps, phase_seconds=args.phase_seconds, open_tokens=args.open_tokens,
+                  memory_phase_seconds=args.memory_seconds, server_send_timeout_s=args.send_timeout,
+                  replay=f"{args.replay_rows} rows x {args.replay_steps} steps")
     tok = load_tokenizer(args.model)
     prompt = chat_ids(tok, "Tell me about rivers in 40 words.")
-
-    def victim(n):
-        s = WebSocketLLMStream(url, response_format="topk", k=5, timeout=3600)
-        s.open([prompt])
-        out = s.recv()
-        lat = []
-        for i in range(n + 3):
-            t0 = time.perf_counter()
-            s.send([int(out.logits[0].argmax())])
-            out = s.recv()
-            if i >= 3:  # the first steps warm up
-                lat.append((time.perf_counter() - t0) * 1e3)
-        s.finish()
-        s.close()
-        return lat
-
-    solo = victim(args.victim_steps)
-    stop = threading.Event()
-    phase = {"name": "fairness"}
-    counts = {"long_opens": 0, "replays": 0, "limit_opens_busy": 0, "busy": 0, "unread_scores_sent": 0}
+    counts = {}
     rng = random.Random(0)
+    conns = []  # every hostile connection: closed at the end of its phase (the server drops its work)
+    phase_over = threading.Event()
+
+    def count(key):
+        counts[key] = counts.get(key, 0) + 1
 
     def ask(ws, header, payload=b""):
         ws.send(P.encode(header, payload))
         return P.decode(ws.recv(timeout=3600))[0]
 
-    def opens_and_replays(done):
-        """ONE connection alternating a long open and a full-size replay, until ``done`` is set."""
+    def hostile_client(body):
+        def run():
+            # an unread client buffers at most one answer of its own, so the rest wait on the server
+            queue = {"max_queue": 1} if body is unread_scores else {}
+            ws = connect(url, compression=None, max_size=None, ping_interval=None, **queue).__enter__()
+            conns.append(ws)
+            try:
+                body(ws)
+            except Exception:  # noqa: BLE001 - its connection was closed at the end of the phase
+                pass
+        th = threading.Thread(target=run, daemon=True)
+        th.start()
+        return th
+
+    def long_opens(ws):  # maximum-size opens (--open-tokens, one row), one after the other
+        while True:
+            ids = [rng.randrange(V) for _ in range(args.open_tokens)]
+            h = ask(ws, {"op": "open", "sid": 1, "rows": [len(ids)], "format": "topk", "k": 5}, P.pack_int32(ids))
+            count("long_opens" if h["op"] == "logits" else "long_opens_" + h.get("code", "error"))
+            ask(ws, {"op": "close", "sid": 1})
+
+    def replays(ws):  # full-size replays (--replay-rows x --replay-steps), one after the other
         R, n = args.replay_rows, args.replay_steps
-        with connect(url, compression=None, max_size=None, ping_interval=None) as ws:
-            while not done.is_set():
-                ids = [rng.randrange(V) for _ in range(args.open_tokens)]
-                h = ask(ws, {"op": "open", "sid": 1, "rows": [len(ids)], "format": "topk", "k": 5}, P.pack_int32(ids))
-                counts["long_opens" if h["op"] == "logits" else "busy"] += 1
-                ask(ws, {"op": "close", "sid": 1})
-                if done.is_set():
-                    break
-                flat = prompt * R + [rng.randrange(V) for _ in range(R * n)]
-                h = ask(ws, {"op": "open", "sid": 1, "rows": [len(prompt)] * R, "format": "topk", "k": 5, "replay": n},
-                        P.pack_int32(flat))
-                counts["replays" if h["op"] == "logits" else "busy"] += 1
-                ask(ws, {"op": "close", "sid": 1})
+        while True:
+            flat = prompt * R + [rng.randrange(V) for _ in range(R * n)]
+            h = ask(ws, {"op": "open", "sid": 1, "rows": [len(prompt)] * R, "format": "topk", "k": 5, "replay": n},
+                    P.pack_int32(flat))
+            count("replays" if h["op"] == "logits" else "replays_" + h.get("code", "error"))
+            ask(ws, {"op": "close", "sid": 1})
 
-    def at_the_limits():
+    def at_the_limits(ws):  # max rows x max prompt tokens, full float32 answers: the budget refuses
         R, L = limits["max_rows"], limits["max_prompt_tokens"]
-        with connect(url, compression=None, max_size=None, ping_interval=None) as ws:
-            while not stop.is_set():
-                h = ask(ws, {"op": "open", "sid": 1, "rows": [L] * R, "format": "full", "dtype": "float32"},
-                        P.pack_int32([7] * (R * L)))
-                key = "limit_opens_busy" if h.get("code") == "busy" else "limit_opens_served"
-                counts[key] = counts.get(key, 0) + 1
-                if h["op"] == "logits":
-                    ask(ws, {"op": "close", "sid": 1})
-                stop.wait(0.2)
+        while True:
+            h = ask(ws, {"op": "open", "sid": 1, "rows": [L] * R, "format": "full", "dtype": "float32"},
+                    P.pack_int32([7] * (R * L)))
+            count("limit_opens_" + (h.get("code", "error") if h["op"] != "logits" else "served"))
+            if h["op"] == "logits":
+                ask(ws, {"op": "close", "sid": 1})
+            phase_over.wait(0.2)
 
-    unread = []
-
-    def unread_scores():  # never reads: each answer (16 x 64 x V float32) waits on the server
-        ws = connect(url, compression=None, max_size=None, max_queue=1, ping_interval=None).__enter__()
-        unread.append(ws)
-        ws.send(P.encode({"op": "open", "sid": 1, "rows": [len(prompt)] * 16, "format": "full", "dtype": "float32"},
-                         P.pack_int32(prompt * 16)))
+    def unread_scores(ws):  # never reads: each answer (16 x 64 x V float32) waits on the server
+        # one-token rows: its compute goes to the score answers (16 x 64 rows of logits each)
+        ws.send(P.encode({"op": "open", "sid": 1, "rows": [1] * 16, "format": "full", "dtype": "float32"},
+                         P.pack_int32(prompt[:1] * 16)))
         for _ in range(3):
             ws.send(P.encode(*score_frame(1, [[5] * 64] * 16)))
-            counts["unread_scores_sent"] += 1
+            count("unread_scores_sent")
+        phase_over.wait()
 
-    def ms(lat):
-        return {"p50": round(_pct(lat, 50), 1), "p99": round(_pct(lat, 99), 1), "max": round(max(lat), 1)}
+    def phase(name, bodies, hold=0.0):
+        """Open the victim's session, start the hostile clients, let them load the server for
+        --hostile-warmup s, then time the victim's steps (at most --victim-steps, or until
+        --phase-seconds have passed); keep the hostile load until ``hold`` s after it started;
+        then close every hostile connection."""
+        counts.clear()
+        phase_over.clear()
+        load0, t_start = os.getloadavg()[0], time.time()
+        s = WebSocketLLMStream(url, response_format="topk", k=5, timeout=3600)
+        s.open([prompt])
+        out = s.recv()
+        for _ in range(3):  # warm-up steps
+            s.send([int(out.logits[0].argmax())])
+            out = s.recv()
+        threads = [hostile_client(b) for b in bodies]
+        started = time.time()
+        if bodies:
+            time.sleep(args.hostile_warmup)
+        deadline, lat = time.time() + args.phase_seconds, []
+        while len(lat) < args.victim_steps and time.time() < deadline:
+            t0 = time.perf_counter()
+            s.send([int(out.logits[0].argmax())])
+            out = s.recv()
+            lat.append((time.perf_counter() - t0) * 1e3)
+        s.finish()
+        s.close()
+        time.sleep(max(0.0, started + hold - time.time()))
+        phase_over.set()
+        for ws in list(conns):
+            ws.close()
+        for th in threads:
+            th.join(60)
+        conns.clear()
+        report[name] = {"steps": len(lat), "p50_ms": round(_pct(lat, 50), 1), "p99_ms": round(_pct(lat, 99), 1),
+                        "max_ms": round(max(lat), 1), "hostile": dict(counts), "seconds": round(time.time() - t_start),
+                        "peak_rss_sampled_mb": round(max(r for t, r in samples if t >= t_start) / 1024, 1),
+                        "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+        time.sleep(1.0)  # the server lets go of the closed connections' work
 
-    # 1) fairness: the victim beside one client doing maximum-size opens and replays
-    done = threading.Event()
-    t = threading.Thread(target=opens_and_replays, args=(done,), daemon=True)
-    t.start()
-    time.sleep(args.hostile_warmup)
-    beside = victim(args.victim_steps)
-    done.set()
-    fair_counts = dict(counts)
-    # 2) memory: every hostile client at once (the fairness client too), RSS sampled all along
-    done2 = threading.Event()
-    threads = [threading.Thread(target=opens_and_replays, args=(done2,), daemon=True),
-               threading.Thread(target=at_the_limits, daemon=True)]
-    threads += [threading.Thread(target=unread_scores, daemon=True) for _ in range(args.unread_clients)]
-    for th in threads:
-        th.start()
-    time.sleep(args.hostile_warmup)
-    all_hostile = victim(args.victim_steps)
-    stop.set()
-    done2.set()
-    for ws in unread:
-        ws.close()
-    # the hostile threads are daemons blocked on their current request: the server's exit ends them
-    report.update(victim_steps=args.victim_steps, open_tokens=args.open_tokens,
-                  replay=f"{args.replay_rows} rows x {args.replay_steps} steps",
-                  hostile_during_fairness=fair_counts, hostile_in_all=counts,
-                  victim_solo_ms=ms(solo), victim_beside_opens_and_replays_ms=ms(beside),
-                  victim_beside_all_hostile_clients_ms=ms(all_hostile))
-    report["p99_ratio"] = round(report["victim_beside_opens_and_replays_ms"]["p99"] / report["victim_solo_ms"]["p99"], 2)
+    phase("victim_solo", [])
+    phase("victim_beside_long_opens", [long_opens])
+    phase("victim_beside_replays", [replays])
+    phase("victim_beside_all_hostile_clients",
+          [unread_scores] * args.unread_clients + [long_opens, replays, at_the_limits], hold=args.memory_seconds)
+    solo = report["victim_solo"]["p99_ms"]
+    worst = max(report["victim_beside_long_opens"]["p99_ms"], report["victim_beside_replays"]["p99_ms"])
+    report["p99_ratio_worst_of_opens_and_replays"] = round(worst / solo, 2)
     peak = max(r for _, r in samples) / 1024
     bound = 1.1 * (report["memory_budget_mb"] + report["rss_after_load_mb"])
-    report.update(peak_rss_sampled_mb=round(peak, 1), peak_rss_mb=round(rss_kb(proc.pid, "VmHWM") / 1024, 1),
-                  rss_bound_mb=round(bound, 1), rss_within_bound=rss_kb(proc.pid, "VmHWM") / 1024 <= bound,
-                  p99_within_3x=report["p99_ratio"] < 3)
+    hwm = rss_kb(proc.pid, "VmHWM") / 1024
+    report.update(peak_rss_sampled_mb=round(peak, 1), peak_rss_mb=round(hwm, 1), rss_bound_mb=round(bound, 1),
+                  rss_within_bound=hwm <= bound, p99_within_3x=worst < 3 * solo)
 
 
 def main():
@@ -197,13 +227,21 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="server torch threads")
     ap.add_argument("--json", default=None)
     ap.add_argument("--hostile", action="store_true", help="victim latency and memory beside hostile clients")
-    ap.add_argument("--memory-budget", default=None, help="server --memory-budget")
+    ap.add_argument("--memory-budget", default=None,
+                    help="server --memory-budget (--hostile: default 2GiB, so the figure does not depend on "
+                         "the machine's free memory)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="server --prefill-chunk")
-    ap.add_argument("--victim-steps", type=int, default=40)
+    ap.add_argument("--victim-steps", type=int, default=30)
+    ap.add_argument("--phase-seconds", type=float, default=60.0, help="time limit of each victim phase")
     ap.add_argument("--open-tokens", type=int, default=4096)
     ap.add_argument("--replay-rows", type=int, default=16)
     ap.add_argument("--replay-steps", type=int, default=510)
     ap.add_argument("--unread-clients", type=int, default=4)
+    ap.add_argument("--memory-seconds", type=float, default=150.0,
+                    help="--hostile: seconds the last phase (all hostile clients) lasts, so the unread answers "
+                         "are computed and held")
+    ap.add_argument("--send-timeout", type=float, default=None,
+                    help="server --send-timeout (--hostile: default 300 s, so unread answers stay held)")
     ap.add_argument("--hostile-warmup", type=float, default=2.0, help="seconds of hostile load before measuring")
     args = ap.parse_args()
 
@@ -211,8 +249,14 @@ def main():
            "--max-total-sessions", str(args.max_total_sessions), "--max-sessions", "8"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.hostile and not args.memory_budget:
+        args.memory_budget = "2GiB"
     if args.memory_budget:
         cmd += ["--memory-budget", args.memory_budget]
+    if args.hostile and args.send_timeout is None:
+        args.send_timeout = 300.0
+    if args.send_timeout:
+        cmd += ["--send-timeout", str(args.send_timeout)]
     if args.prefill_chunk:
         cmd += ["--prefill-chunk", str(args.prefill_chunk)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -232,7 +276,8 @@ def main():
             time.sleep(0.1)
 
     threading.Thread(target=sampler, daemon=True).start()
-    report = {"model": args.model, "url": url, "rss_after_load_mb": rss_kb(proc.pid) / 1024}
+    report = {"model": args.model, "machine": machine(), "server_threads": args.threads, "url": url,
+              "rss_after_load_mb": rss_kb(proc.pid) / 1024}
     try:
         if args.hostile:
             hostile(args, url, proc, report, samples)
