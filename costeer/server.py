@@ -25,8 +25,10 @@ cores), one forward at a time. Long work is cut into forwards: a prompt prefill 
 ``--prefill-chunk`` tokens (all rows counted), a replay into its steps, a ``score`` into chunks of
 the same size; between two forwards of a long job the scheduler runs the forwards of newly arrived
 requests (alternating between new and continuing jobs), so a small session's step waits for at most
-one chunk however big the others' requests are. Chunk boundaries depend only on the request and the
-server's chunk size, so a replay recomputes exactly what the lost session computed.
+one chunk however big the others' requests are; a step and its small answer take one turn. Chunk
+boundaries depend only on the request and the server's chunk size, so a replay recomputes exactly
+what the lost session computed. A connection that closes while its request computes cancels it:
+its job stops at its next forward.
 
 Limits (each refusal is an ``error`` frame naming the limit; ``code`` is ``"bad_request"``,
 ``"busy"`` or ``"expired"``): frame size (``--max-frame-bytes``; a larger frame closes that
