@@ -118,7 +118,8 @@ def hostile(args, url, proc, report, samples):
         def run():
             # an unread client buffers at most one answer of its own, so the rest wait on the server
             queue = {"max_queue": 1} if body is unread_scores else {}
-            ws = connect(url, compression=None, max_size=None, ping_interval=None, **queue).__enter__()
+            ws = connect(url, compression=None, max_size=None, ping_interval=None, close_timeout=1,
+                         **queue).__enter__()
             conns.append(ws)
             try:
                 body(ws)
@@ -146,7 +147,7 @@ def hostile(args, url, proc, report, samples):
 
     def at_the_limits(ws):  # max rows x max prompt tokens, full float32 answers: the budget refuses
         R, L = limits["max_rows"], limits["max_prompt_tokens"]
-        while True:
+        while not phase_over.is_set():  # counted during the phase only, not while it is torn down
             h = ask(ws, {"op": "open", "sid": 1, "rows": [L] * R, "format": "full", "dtype": "float32"},
                     P.pack_int32([7] * (R * L)))
             count("limit_opens_" + (h.get("code", "error") if h["op"] != "logits" else "served"))
