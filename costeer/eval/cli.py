@@ -58,6 +58,8 @@ def run_eval(args) -> int:
         return err("--max-new-tokens must be >= 1")
     if args.limit is not None and args.limit < 1:
         return err("--limit must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        return err("--threads must be >= 1")
     if args.k < 1:
         return err("--k must be >= 1")
     if args.threads:

@@ -70,6 +70,12 @@ class EvalError(RuntimeError):
 # Results file
 
 
+def run_config(items: Sequence[EvalItem], max_new_tokens: int, llm: str, slm: str) -> Dict:
+    """The settings a results file is keyed by (with the items' text)."""
+    return {"max_new_tokens": max_new_tokens, "llm": llm, "slm": slm, "template": CONTEXT_TEMPLATE,
+            "decoding": "greedy", "items": [it.id for it in items]}
+
+
 def _config_key(items: Sequence[EvalItem], cfg: Dict) -> str:
     h = hashlib.sha256()
     for it in items:
@@ -259,8 +265,7 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, systems: Sequence[str], *,
         raise ValueError("systems must name at least one system")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.jsonl")
-    cfg = {"max_new_tokens": max_new_tokens, "llm": llm, "slm": slm, "template": CONTEXT_TEMPLATE,
-           "decoding": "greedy", "items": [it.id for it in items]}
+    cfg = run_config(items, max_new_tokens, llm, slm)
     key = _config_key(items, cfg)
     done = set()
     if os.path.exists(path):
@@ -270,6 +275,13 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, systems: Sequence[str], *,
         if header.get("key") != key:
             raise EvalError(f"{path} was written for other items or settings (max_new_tokens, models); "
                             f"give the same ones, or choose another --out")
+        # The key cannot hold the cross-tokenizer pair (xtok may be added on a resume), so its
+        # records carry the pair: results of two pairs must not be merged under one name.
+        pair = list(xtok_pair) if xtok_pair else None
+        for r in recs:
+            if pair and "pair" in r and r["pair"] != pair and r["system"] in {s.name for s in parsed}:
+                raise EvalError(f"{path}: {r['system']} was run with the pair {' / '.join(r['pair'])}, not "
+                                f"{' / '.join(pair)}: give --xtok-pair {' '.join(r['pair'])}, or choose another --out")
         done = {(r["item"], r["system"]) for r in recs}
         say(f"resuming {path}: {len(done)} results already there")
         fh = open(path, "a", encoding="utf-8")
@@ -305,6 +317,8 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, systems: Sequence[str], *,
                     rec = {"item": it.id, "system": s.name, "kind": it.kind, "persona": it.persona, "text": text,
                            "tokens": ntok, "seconds": wall / len(pending), "batch": len(pending),
                            "keywords": keyword_hits(text, kws), "keyword_source": "item" if it.keywords else "derived"}
+                    if s.kind == "xtok":
+                        rec["pair"] = list(xtok_pair)
                     rec.update(gold(text, it.gold))
                     rec.update(lik(text, it.prompt, it.context))
                     recs[it.id].append(rec)

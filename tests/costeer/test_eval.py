@@ -218,3 +218,26 @@ def test_cli_smoke_every_artifact_and_resume(tmp_path, smol):  # smol: skips wit
     r2 = subprocess.run(cmd + ["--resume", "--quiet", "--no-plots"], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
     assert r2.returncode == 0 and results.read_text() == after and (out / "table.md").read_text() == table
+
+
+def test_resume_refuses_another_xtok_pair(tmp_path):
+    # The results key leaves the cross-tokenizer pair out (xtok may be added on a resume); its
+    # records carry the pair, and a resume with another pair must not merge the two.
+    from costeer.eval import EvalError, evaluate
+    from costeer.eval.runner import _config_key, run_config
+
+    items = project_set()[:2]
+    cfg = run_config(items, 4, "smollm2", "smollm2")
+    rec = {"item": items[0].id, "system": "xtok@T=3", "pair": ["gemma3-270m", "smollm2"], "text": "x", "tokens": 1,
+           "seconds": 1.0}
+    _write(tmp_path / "results.jsonl", [{"costeer_eval": 1, "key": _config_key(items, cfg), "config": cfg}, rec])
+    with pytest.raises(EvalError, match="was run with the pair gemma3-270m / smollm2"):
+        evaluate(items, str(tmp_path), ["xtok@T=3"], max_new_tokens=4, xtok_pair=("other-llm", "smollm2"), resume=True,
+                 progress=False, plots=False)
+
+
+def test_cli_rejects_bad_threads(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "costeer", "eval", "--threads", "0", "--out", str(tmp_path / "o")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--threads must be >= 1" in r.stderr
