@@ -1,6 +1,7 @@
-"""Speculative steering (costeer/speculative.py): greedy output identical to the normal loop on the
-real SmolLM2 model, sampling distribution equal to the steered one (chi-square), rollback equal to a
-fresh prefill."""
+"""Speculative steering, a policy of the one loop (``Generator.generate(speculative=K)``): greedy output
+identical to the normal loop on the real SmolLM2 model (batch > 1, gate, stop strings, streaming,
+resume), sampled output reproducible from the seed and distributed as the steered distribution
+(chi-square against float64 enumeration), verification op exact, rollback equal to a fresh prefill."""
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from costeer import Generator
 from costeer.cli import CLI_DEFAULTS
 from costeer.models import LoadedModel
 from costeer.slm import KVBatch
-from costeer.speculative import AdaptiveK, SpeculativeGenerator
+from costeer.speculative import AdaptiveK, Speculation
 from costeer_kernels import SteerConfig, steer, steer_sample
 from costeer_kernels.verify import speculative_verify
 
@@ -60,7 +61,7 @@ def baselines(gen):
 def test_greedy_identical_to_normal_loop(gen, baselines, prompt, context):
     ref = baselines[prompt]
     for k in (1, 2, 4, 8):
-        res = SpeculativeGenerator(gen, k).generate(prompt, context, max_new_tokens=N)
+        res = gen.generate(prompt, context=context, max_new_tokens=N, speculative=k)
         assert res.token_ids == ref.token_ids, k
         assert res.text == ref.text and res.finish_reason == ref.finish_reason
         assert res.decided == len(ref.token_ids) + (ref.finish_reason == "eos")
@@ -75,13 +76,13 @@ def test_greedy_auto_k_stop_and_streaming(gen, baselines):
     prompt, context = CASES[0]
     ref = baselines[prompt]
     pieces = []
-    res = SpeculativeGenerator(gen, "auto").generate(prompt, context, max_new_tokens=N,
-                                                     on_text=lambda i, s: pieces.append(s))
+    res = gen.generate(prompt, context=context, max_new_tokens=N, speculative="auto",
+                       on_text=lambda i, s: pieces.append(s))
     assert res.token_ids == ref.token_ids and "".join(pieces) == res.text
     word = ref.text.split()[3]
-    stopped = SpeculativeGenerator(gen, 4).generate(prompt, context, max_new_tokens=N, stop=[word])
+    stopped = gen.generate(prompt, context=context, max_new_tokens=N, stop=[word], speculative=4)
     assert stopped.finish_reason == "stop" and word not in stopped.text and ref.text.startswith(stopped.text)
-    short = SpeculativeGenerator(gen, 8).generate(prompt, context, max_new_tokens=5)
+    short = gen.generate(prompt, context=context, max_new_tokens=5, speculative=8)
     assert short.token_ids == ref.token_ids[:5] and short.finish_reason == "length"
 
 
@@ -100,12 +101,19 @@ def test_adaptive_k_follows_acceptance_and_costs():
 
 
 def test_bad_arguments(gen):
+    prompt, context = CASES[0]
+    for bad in (0, "fast", True, -2):
+        with pytest.raises(ValueError):
+            gen.generate(prompt, context=context, speculative=bad)
+    with pytest.raises(TypeError):
+        gen.generate(prompt, context=context, speculative=2.5)
     with pytest.raises(ValueError):
-        SpeculativeGenerator(gen, 0)
-    with pytest.raises(ValueError):
-        SpeculativeGenerator(gen, "fast")
-    with pytest.raises(ValueError):
-        SpeculativeGenerator(gen, 2, proposal="other")
+        Speculation(2, proposal="other")
+    with pytest.raises(ValueError, match="mode 'costeer'"):
+        gen.generate(prompt, context=context, speculative=2, mode="llm")
+    hooked = Generator(llm=gen.llm, slm=gen.slm, cfg=gen.cfg, gate=lambda i, step, lp: True)
+    with pytest.raises(ValueError, match="ConfidenceGate"):
+        hooked.generate(prompt, context=context, speculative=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,11 +248,11 @@ def test_sampling_distribution_tiny_model(proposal):
             fill(prefix + [t], prob * float(p[t]))
 
     fill([], 1.0)
-    sg = SpeculativeGenerator(gen, 2, proposal=proposal)
+    spec = Speculation(2, proposal=proposal)
     counts = torch.zeros([V] * n_tok)
     drafted = accepted = 0
     for s in range(n):
-        res = sg.generate(prompt, context, max_new_tokens=n_tok, temperature=1.0, seed=s)
+        res = gen.generate(prompt, context=context, max_new_tokens=n_tok, temperature=1.0, seed=s, speculative=spec)
         assert len(res.token_ids) == n_tok
         counts[tuple(res.token_ids)] += 1
         drafted, accepted = drafted + res.drafted, accepted + res.accepted
@@ -283,7 +291,7 @@ def test_served_speculative_equals_in_process(server, smol, gen, baselines):
     g = Generator(llm=None, slm=smol, llm_url=server.url, cfg=gen.cfg, transport_dtype="float32")
     try:
         for prompt, context in CASES[:2]:
-            res = SpeculativeGenerator(g, 4).generate(prompt, context, max_new_tokens=N)
+            res = g.generate(prompt, context=context, max_new_tokens=N, speculative=4)
             assert res.token_ids == baselines[prompt].token_ids
             assert res.round_trips_per_token < 0.5 and res.llm_calls == res.rounds + 1
     finally:
