@@ -303,7 +303,6 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
     llm_compute_ms is the engine's own time per request (``--enable-per-request-metrics``).
     """
     from costeer.generator import build_prompts
-    from costeer.speculative import SpeculativeGenerator
     from costeer.streams import OpenAICompletionsStream
 
     vc = _load_vllm_script()
@@ -356,12 +355,10 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
                ("vLLM step rate (max_tokens=1 per token, growing prompt)", step_rate),
                ("CoSteer through vLLM (top-20, restrict)", normal_rt)]
     if k > 0:
-        spec = SpeculativeGenerator(remote, k)
-
         def spec_run():
             n, calls, decided, steps = 0, 0, 0, []
             for p, c in CASES:
-                r = spec.generate(p, c, max_new_tokens=N)
+                r = remote.generate(p, context=c, max_new_tokens=N, speculative=k)
                 n += len(r.token_ids)
                 calls += r.llm_calls
                 decided += r.decided
@@ -375,22 +372,24 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
 
 
 def _speculative_config(model, cfg, N, k):
-    """The speculative row (``costeer.speculative``): drafts k tokens per LLM round trip."""
+    """The speculative row: the loop's speculative policy (``generate(speculative=k)``) drafts k
+    tokens per LLM round trip, at the normal row's settings; ``rt/token`` is its cloud round trips
+    per decided token (the normal loop: 1)."""
     if k <= 0:
         return None
-    try:
-        from costeer.speculative import SpeculativeGenerator
-    except ImportError:
-        return None
-    spec = SpeculativeGenerator(Generator(llm=model, slm=model, cfg=cfg, cobatch=False), k)
+    gen = Generator(llm=model, slm=model, cfg=cfg)
 
     def run():
-        n, steps = 0, []
+        n, calls, decided, steps = 0, 0, 0, []
         for p, c in CASES:
-            r = spec.generate(p, c, max_new_tokens=N)
+            r = gen.generate(p, context=c, max_new_tokens=N, speculative=k)
             n += len(r.token_ids)
+            calls += r.llm_calls
+            decided += r.decided
             steps.append(r.timing_summary())
-        return n, {key: sum(s.get(key, 0.0) for s in steps) / len(steps) for key in STEP_KEYS}
+        mean = {key: sum(s.get(key, 0.0) for s in steps) / len(steps) for key in STEP_KEYS}
+        mean["rt/token"] = calls / max(1, decided)
+        return n, mean
 
     return run
 
