@@ -192,15 +192,18 @@ def main(argv=None) -> int:
             return n, mean
         return run
 
-    def batch_fn(gen, B):
+    def batch_fn(gen, B, speculative=None):
         from costeer import Request
 
         reqs = [Request(prompt=CASES[i % len(CASES)][0], context=CASES[i % len(CASES)][1], max_new_tokens=N)
                 for i in range(B)]
 
         def run():
-            res = gen.generate(reqs)
-            return sum(len(r.token_ids) for r in res), res[0].timing_summary()
+            res = gen.generate(reqs, speculative=speculative)
+            steps = res[0].timing_summary()
+            if speculative:
+                steps["rt/token"] = sum(r.llm_calls for r in res) / max(1, sum(r.decided for r in res))
+            return sum(len(r.token_ids) for r in res), steps
         return run
 
     def ref_fn():
@@ -223,6 +226,9 @@ def main(argv=None) -> int:
     spec_fn = _speculative_config(model, cfg, N, args.speculative)
     if spec_fn is not None:
         configs.append((f"speculative CoSteer in process (k={args.speculative})", spec_fn))
+        if args.batch > 1:
+            configs.append((f"speculative CoSteer in process, batch {args.batch} (k={args.speculative}, aggregate)",
+                            batch_fn(inproc, args.batch, speculative=args.speculative)))
     proc = vllm_proc = None
     remotes = []
     server_peak = float("nan")

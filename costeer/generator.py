@@ -24,6 +24,11 @@ tokenizer, the small model's from its own; the kernel gathers the small model's 
 map (``unmapped="keep" | "drop"``), and after each chosen token the small model reads the same
 text through ``costeer.retokenize.TailRetokenizer`` (a short re-tokenized tail, KV rollback when
 its tokens change).
+
+Speculative steering (``generate(..., speculative=K)``) is a policy of this same loop: after the
+first token a step becomes a round (``costeer.speculative.Drafter``: k drafts on the device, ONE
+scoring request, ONE ``costeer_kernels.speculative_verify`` call) that decides up to k+1 tokens per
+request; emission, stop strings, streaming, resume, gate, timings and recovery are the loop's.
 """
 from __future__ import annotations
 
