@@ -406,8 +406,8 @@ def test_batched_verify_is_exact_against_float64():
     g = torch.Generator().manual_seed(1)
     B, k, V = 4000, 2, 12
     zl1, zc1, zn1 = (torch.randn(k + 1, V, generator=g) * 2 for _ in range(3))
-    y1 = torch.randn(k, V, generator=g) * 2
     cfg = SteerConfig(T=5)
+    y1 = steer(zl1, zc1, zn1, cfg)[:k] + torch.randn(k, V, generator=g)  # a proposal near p: accepts and rejections
     tau, top_k, top_p = 0.8, 9, 0.9
     zl, zc, zn, y = (t.expand(B, *t.shape).contiguous() for t in (zl1, zc1, zn1, y1))
     seeds = torch.arange(B, dtype=torch.int64) * 7919 + 3
