@@ -415,7 +415,7 @@ def test_batched_verify_is_exact_against_float64():
                           top_p=top_p, seed=seeds.repeat_interleave(k) ^ 0x5DEECE66D)[0].view(B, k)
     j, tok = speculative_verify(zl, zc, zn, drafts, cfg, draft_logits=y, temperature=tau, top_k=top_k, top_p=top_p,
                                 seed=seeds, offset=9)
-    assert 0 < int((j > 0).sum()) < B and int((j == 0).sum()) > 0  # accepts and rejections both ran
+    assert 0 < int((j < k).sum()) < B, j.bincount().tolist()  # rejections (residual draws) and full accepts both ran
     d, jl, tl = drafts.tolist(), j.tolist(), tok.tolist()
     out = [d[b][:jl[b]] + [tl[b]] for b in range(B)]
     x = steer(zl1, zc1, zn1, cfg)
@@ -423,8 +423,8 @@ def test_batched_verify_is_exact_against_float64():
     second = torch.bincount(torch.tensor([o[1] for o in out if len(o) > 1]), minlength=V)
     for counts, probs in ((first, _reference_probs(x[0], tau, top_k, top_p)),
                           (second, _reference_probs(x[1], tau, top_k, top_p))):
-        stat, df = chi2(counts, probs)
-        assert stat < chi2_critical(df), (stat, df)
+        stat, df = chi2(counts, probs)  # df = 0: one allowed token, every sample on it (checked by chi2)
+        assert df == 0 or stat < chi2_critical(df), (stat, df)
     # request b's decision depends on its own seed only, not on its slot or the batch
     for b in (0, 17, B - 1):
         jb, tb = speculative_verify(zl1, zc1, zn1, drafts[b], cfg, draft_logits=y1, temperature=tau, top_k=top_k,
