@@ -192,15 +192,18 @@ def main(argv=None) -> int:
             return n, mean
         return run
 
-    def batch_fn(gen, B):
+    def batch_fn(gen, B, speculative=None):
         from costeer import Request
 
         reqs = [Request(prompt=CASES[i % len(CASES)][0], context=CASES[i % len(CASES)][1], max_new_tokens=N)
                 for i in range(B)]
 
         def run():
-            res = gen.generate(reqs)
-            return sum(len(r.token_ids) for r in res), res[0].timing_summary()
+            res = gen.generate(reqs, speculative=speculative)
+            steps = res[0].timing_summary()
+            if speculative:
+                steps["rt/token"] = sum(r.llm_calls for r in res) / max(1, sum(r.decided for r in res))
+            return sum(len(r.token_ids) for r in res), steps
         return run
 
     def ref_fn():
@@ -223,6 +226,9 @@ def main(argv=None) -> int:
     spec_fn = _speculative_config(model, cfg, N, args.speculative)
     if spec_fn is not None:
         configs.append((f"speculative CoSteer in process (k={args.speculative})", spec_fn))
+        if args.batch > 1:
+            configs.append((f"speculative CoSteer in process, batch {args.batch} (k={args.speculative}, aggregate)",
+                            batch_fn(inproc, args.batch, speculative=args.speculative)))
     proc = vllm_proc = None
     remotes = []
     server_peak = float("nan")
@@ -303,7 +309,6 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
     llm_compute_ms is the engine's own time per request (``--enable-per-request-metrics``).
     """
     from costeer.generator import build_prompts
-    from costeer.speculative import SpeculativeGenerator
     from costeer.streams import OpenAICompletionsStream
 
     vc = _load_vllm_script()
@@ -356,12 +361,10 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
                ("vLLM step rate (max_tokens=1 per token, growing prompt)", step_rate),
                ("CoSteer through vLLM (top-20, restrict)", normal_rt)]
     if k > 0:
-        spec = SpeculativeGenerator(remote, k)
-
         def spec_run():
             n, calls, decided, steps = 0, 0, 0, []
             for p, c in CASES:
-                r = spec.generate(p, c, max_new_tokens=N)
+                r = remote.generate(p, context=c, max_new_tokens=N, speculative=k)
                 n += len(r.token_ids)
                 calls += r.llm_calls
                 decided += r.decided
@@ -375,22 +378,24 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
 
 
 def _speculative_config(model, cfg, N, k):
-    """The speculative row (``costeer.speculative``): drafts k tokens per LLM round trip."""
+    """The speculative row: the loop's speculative policy (``generate(speculative=k)``) drafts k
+    tokens per LLM round trip, at the normal row's settings; ``rt/token`` is its cloud round trips
+    per decided token (the normal loop: 1)."""
     if k <= 0:
         return None
-    try:
-        from costeer.speculative import SpeculativeGenerator
-    except ImportError:
-        return None
-    spec = SpeculativeGenerator(Generator(llm=model, slm=model, cfg=cfg, cobatch=False), k)
+    gen = Generator(llm=model, slm=model, cfg=cfg)
 
     def run():
-        n, steps = 0, []
+        n, calls, decided, steps = 0, 0, 0, []
         for p, c in CASES:
-            r = spec.generate(p, c, max_new_tokens=N)
+            r = gen.generate(p, context=c, max_new_tokens=N, speculative=k)
             n += len(r.token_ids)
+            calls += r.llm_calls
+            decided += r.decided
             steps.append(r.timing_summary())
-        return n, {key: sum(s.get(key, 0.0) for s in steps) / len(steps) for key in STEP_KEYS}
+        mean = {key: sum(s.get(key, 0.0) for s in steps) / len(steps) for key in STEP_KEYS}
+        mean["rt/token"] = calls / max(1, decided)
+        return n, mean
 
     return run
 

@@ -25,7 +25,7 @@ from costeer import Generator  # noqa: E402
 from costeer.cli import CLI_DEFAULTS  # noqa: E402
 from costeer.models import load_model  # noqa: E402
 from costeer.slm import KVBatch  # noqa: E402
-from costeer.speculative import SpeculativeGenerator, parse_k  # noqa: E402
+from costeer.speculative import Speculation, parse_k  # noqa: E402
 from costeer_kernels import SteerConfig  # noqa: E402
 
 CASES = [
@@ -104,8 +104,8 @@ def main():
                     agg["cloud_tokens"] += len(res.token_ids) + (res.finish_reason == "eos")
                 else:
                     k = parse_k(c.split("=")[1])
-                    res = SpeculativeGenerator(gens["normal (co-batched)"], k, proposal=args.proposal).generate(
-                        p, ctx, max_new_tokens=M)
+                    res = gens["normal (co-batched)"].generate(p, context=ctx, max_new_tokens=M,
+                                                               speculative=Speculation(k, proposal=args.proposal))
                     for key in ("decided", "llm_calls", "drafted", "accepted", "cloud_tokens", "rounds"):
                         agg[key] += getattr(res, key)
                     agg["ks"] += res.ks

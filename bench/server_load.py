@@ -89,7 +89,7 @@ def hostile(args, url, proc, report, samples):
 
     from websockets.sync.client import connect
 
-    from costeer.spec_server import score_frame
+    from costeer.protocol import score_frame
 
     hello = WebSocketLLMStream(url, response_format="topk", k=5)
     limits = hello.info["limits"]

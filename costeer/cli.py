@@ -364,14 +364,16 @@ def _generate(args) -> int:
         sys.stdout.write(out.existing)
         sys.stdout.flush()
         say(f"resuming {args.output}: {len(out.prefix)} tokens already generated")
-    if args.speculative is not None:  # speculative steering (costeer/speculative.py)
-        from .speculative import SpeculativeCLI
+    spec = None
+    if args.speculative is not None:  # the loop's speculative policy (costeer/speculative.py)
+        from .speculative import Speculation, parse_k
 
         try:
-            gen = SpeculativeCLI(gen, args.speculative)
+            spec = Speculation(parse_k(args.speculative))
         except ValueError as exc:
             _err(str(exc))
             return 2
+    last_spec = None
     modes = ["llm", "slm", "costeer"] if args.compare else ["costeer"]
     texts = {}
     status = 0
@@ -385,7 +387,8 @@ def _generate(args) -> int:
             for chunk in gen.stream(args.prompt, context=context, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                     stop=args.stop or (), mode=mode, prefix=[out.prefix] if out else None,
-                                    top_k=args.top_k, min_p=args.min_p):
+                                    top_k=args.top_k, min_p=args.min_p,
+                                    speculative=spec if mode == "costeer" else None):
                 text = out.write_text(chunk.text) if out is not None else chunk.text
                 if text:
                     sys.stdout.write(text)
@@ -425,9 +428,11 @@ def _generate(args) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         texts[mode] = res.text
+        if spec is not None and mode == "costeer":
+            last_spec = res
         t = res.timing_summary()
         parts = [f"local {t['local_ms']:.1f}", f"steer {t['steer_ms']:.2f}"] if mode != "llm" else []
-        if mode == "costeer" and gen.llm is not None and gen.llm.model is gen.slm.model:
+        if mode == "costeer" and spec is None and gen.cobatch and gen.llm is not None and gen.llm.model is gen.slm.model:
             parts[0] = f"local incl. co-batched LLM rows {t['local_ms']:.1f}"
         elif mode != "slm":
             parts.insert(0, f"LLM wait {t['llm_ms']:.1f}")
@@ -442,8 +447,8 @@ def _generate(args) -> int:
     if args.compare:
         print()
         print(_side_by_side([(MODE_TITLES[m], texts.get(m, "")) for m in modes]))
-    if args.speculative is not None:
-        print(gen.summary(), flush=True)  # ends with "round trips/token: X"
+    if spec is not None:  # ends with "round trips/token: X"
+        print("speculative: " + (last_spec.spec_summary() if last_spec is not None else "no generation"), flush=True)
     return status
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -101,6 +101,16 @@ def int32_array(payload: memoryview, count: int | None = None) -> np.ndarray:
 
 def pack_int32(values) -> bytes:
     return np.asarray(values, dtype="<i4").tobytes()
+
+
+def score_frame(sid: int, tokens: Sequence[Sequence[int]], rollback: int = 0) -> Tuple[dict, bytes]:
+    """(header, payload) of a "score" request: ``tokens`` one equal-length list per row."""
+    n = len(tokens[0]) if tokens else 0
+    if n < 1 or any(len(t) != n for t in tokens):
+        raise ValueError("score: every row needs the same number (>= 1) of tokens")
+    if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0:
+        raise ValueError(f"score: rollback must be an int >= 0, got {rollback!r}")
+    return {"op": "score", "sid": sid, "n": n, "rollback": rollback}, pack_int32([int(x) for t in tokens for x in t])
 
 
 def pack_full(logits: torch.Tensor, dtype: str) -> memoryview:

@@ -540,7 +540,11 @@ class LLMServer:
     async def _op_hello(self, frame, header, payload, sessions):
         return P.encode(self.hello(self._frame_limit))
 
-    def _session(self, op, sid, sessions):
+    # -- public hooks of an op (``OPS``): the step op and the "score" op (``spec_server.py``) use them
+
+    def session(self, op: str, sid, sessions: Dict[int, dict]) -> dict:
+        """The open session ``sid`` of this connection for op ``op`` (raises ProtocolError for an
+        unknown one, Expired for one freed after its idle timeout)."""
         if not isinstance(sid, int) or isinstance(sid, bool):
             raise P.ProtocolError(f"{op}: 'sid' must be an integer")
         sess = sessions.get(sid)
@@ -644,7 +648,7 @@ class LLMServer:
 
     async def _step(self, frame, header, payload, sessions):
         sid = header.get("sid")
-        sess = self._session("step", sid, sessions)
+        sess = self.session("step", sid, sessions)
         toks = P.int32_array(payload, sess["rows"])
         self.record.tokens(header, toks.tolist())
         if toks.min() < 0 or toks.max() >= self.loaded.vocab_size:
@@ -658,8 +662,15 @@ class LLMServer:
             yield from ()  # a job of one forward
             return kv.step(tokens)
 
+        return await self.answer_logits(one_step(), sid, sess, sess["rows"], kv.cached + 1, f"step of session {sid}")
+
+    async def answer_logits(self, job, sid: int, sess: dict, reply_rows: int, positions: int, what: str):
+        """Run ``job`` (a generator: its slices run on the model thread, its return value has
+        ``.logits`` [reply_rows, V]) for session ``sid`` once the memory budget took the session's
+        growth to ``positions`` and the answer; returns ``(the "logits" frame of the session's next
+        step, its budget charge)``."""
         step = sess["step"] + 1
-        out = await self._compute(one_step(), sess, sess["rows"], kv.cached + 1, f"step of session {sid}",
+        out = await self._compute(job, sess, reply_rows, positions, what,
                                   lambda logits, dt: self._logits_frame(sid, step, sess, logits, dt))
         sess["step"] = step
         return out

@@ -14,11 +14,14 @@ the session's limits: tokens in range, window never exceeded, at most ``MAX_SCOR
 and request, and the rollback never reaches the first token of a row. The answer is charged to the
 server's memory budget (``B * n`` rows of logits) before any work; more than ``prefill_chunk``
 tokens (all rows counted) are scored in several forwards between other sessions' steps.
+
+The op uses the server's public hooks only (``LLMServer.session``, ``answer_logits``, ``record``);
+the client's frame builder is ``costeer.protocol.score_frame``.
 """
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Dict, Sequence, Tuple
+from typing import Dict
 
 import torch
 
@@ -27,21 +30,11 @@ from . import protocol as P
 MAX_SCORE_TOKENS = 64
 
 
-def score_frame(sid: int, tokens: Sequence[Sequence[int]], rollback: int = 0) -> Tuple[dict, bytes]:
-    """(header, payload) of a "score" request: ``tokens`` one equal-length list per row."""
-    n = len(tokens[0]) if tokens else 0
-    if n < 1 or any(len(t) != n for t in tokens):
-        raise ValueError("score: every row needs the same number (>= 1) of tokens")
-    if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0:
-        raise ValueError(f"score: rollback must be an int >= 0, got {rollback!r}")
-    return {"op": "score", "sid": sid, "n": n, "rollback": rollback}, P.pack_int32([int(x) for t in tokens for x in t])
-
-
 async def handle_score(server, header: dict, payload, sessions: Dict[int, dict]):
     """Answer a "score" frame for ``LLMServer`` ``server``: ``(frame, its budget charge)`` (raises
     ProtocolError on a bad request, Busy when the memory budget cannot take it)."""
     sid = header.get("sid")
-    sess = server._session("score", sid, sessions)  # the step op's checks, expiry included
+    sess = server.session("score", sid, sessions)  # the step op's checks, expiry included
     n, r = header.get("n"), header.get("rollback", 0)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SCORE_TOKENS:
         raise P.ProtocolError(f"score: 'n' must be an integer in [1, {MAX_SCORE_TOKENS}]")
@@ -80,8 +73,4 @@ async def handle_score(server, header: dict, payload, sessions: Dict[int, dict])
         return SimpleNamespace(logits=logits.reshape(rows * n, logits.shape[-1]))
 
     positions = kv.cached - r + n
-    step = sess["step"] + 1
-    out = await server._compute(run(), sess, rows * n, max(positions, kv.cached), f"score of session {sid}",
-                                lambda logits, dt: server._logits_frame(sid, step, sess, logits, dt))
-    sess["step"] = step
-    return out
+    return await server.answer_logits(run(), sid, sess, rows * n, max(positions, kv.cached), f"score of session {sid}")

@@ -1,85 +1,122 @@
-"""Speculative steering: fewer cloud round trips, the same steered distribution.
+"""Speculative steering: drafting and verification, a policy of ``costeer.Generator``'s loop.
 
-The paper's loop costs one cloud round trip (and one single-token LLM forward) per token. Here the
-device drafts k tokens with a local proposal q (by default the with-context small model), the cloud
-LLM scores all drafted positions (+1) in ONE forward, and the device computes the exact steered
-distribution p at every position with the same ``steer_step`` call the normal loop uses:
+``Generator.generate(..., speculative=K)`` (or ``"auto"``, or a ``Speculation``) runs the one
+decoding loop with this policy: the same requests, prompts, stop strings, streaming, resume,
+timing, error handling and gate. The loop's normal step picks one token per row per cloud round
+trip; a speculative round decides up to k+1 per round trip:
 
-    round, with pending token x (the last emitted one, not yet in any cache):
-      local:  step(x) -> l_1; draft d_1 ~ q(l_1); step(d_1) -> l_2; ...; draft d_k ~ q(l_k)
-      cloud:  score([x, d_1, ..., d_k]) -> z_L rows 1..k+1     (one request, one forward)
-      local:  step(d_k) -> l_{k+1}                             (while the cloud computes)
-      p_i  =  steer(z_L_i, l_i.ctx, l_i.noctx)                 (one steer call, k+1 rows)
-      greedy:   accept d_i while d_i == argmax p_i; then emit argmax p_j (correction, or the
-                bonus token p_{k+1} when all k were accepted)
-      sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); on the first rejection
-                emit a token from normalize(max(0, p_i - q_i)); if all k were accepted, sample p_{k+1}
-      (steering, accept / reject and the residual draw: ONE op, costeer_kernels.verify; drafts are
-      drawn with costeer_kernels.steer_sample: no sampling code here)
-      rollback: the k - j rejected positions leave every KV cache (local now; the cloud's at the
-                start of its next request, piggybacked: no extra round trip)
+    round, for B requests with pending tokens x (the last emitted ones, in no cache yet):
+      local:  step(x) -> l_1; drafts d_1 ~ q(l_1); step(d_1) -> l_2; ...; d_k ~ q(l_k)
+      cloud:  score([x, d_1, ..., d_k]) per row -> z_L rows 1..k+1   (one request, one forward)
+      local:  step(d_k) -> l_{k+1}                                 (while the cloud computes)
+      verify: ONE op, costeer_kernels.speculative_verify: steer the B (k+1) rows, accept /
+              reject, the residual draw -> per request j accepted drafts and a token y
+      the loop emits m + 1 tokens per request, m = min over the live requests of j (a request
+      with more accepted drafts emits its accepted d_{m+1}: still an exact draw, see verify.py),
+      so the rows stay aligned: the k - m rejected positions leave every KV cache (local now;
+      the cloud's at the start of its next request, piggybacked: no extra round trip)
 
-Greedy output is token-for-token the normal loop's; with sampling the output distribution is exactly
-the steered one (the standard speculative-sampling argument; tested with a chi-square test).
+Greedy output is token for token the normal loop's; with sampling the output distribution is
+exactly the steered one (the speculative-sampling argument; tests compare with float64
+enumeration by a chi-square test). Drafts are drawn with ``costeer_kernels.steer_sample``: no
+sampling code here.
 
-Proposals (``proposal=``):
+Proposals (``Speculation.proposal``):
   "ctx"   q = the with-context small model's distribution (default);
-  "proxy" q = steer(z_n, z_c, z_n): the small model without the context stands in for the LLM,
-          i.e. the steered distribution as the device alone can estimate it. (With the same model
-          in both roles z_n IS z_L and every draft is accepted: do not benchmark that pair with it.)
+  "proxy" q = steer(z_n, z_c, z_n): the small model without the context stands in for the LLM.
+          (With the same model in both roles z_n IS z_L and every draft is accepted.)
 
 ``k`` is an int, or "auto": after each round k is set to maximize the expected tokens per second,
 ``E(k) / (t_round + (k + 1) t_local)`` with ``E(k) = (1 - a^(k+1)) / (1 - a)``, from the running
 acceptance rate ``a`` (exponentially weighted) and the measured cloud-round and local-step times.
 
-Random numbers: Philox streams keyed by the request's seed (``steer_sample``'s contract): the first
-token is drawn as the normal loop draws it (offset 0), the drafts from a second key, the
-verification of a round with the offset of its first draft's position.
+Random numbers (``steer_sample``'s contract, every request its own Philox stream keyed by its
+seed): position p of a request is decided with offset p in the normal step; a round that decides
+positions p..p+k verifies with offset p (its positions are the op's k+1 draws) and draws draft i
+with offset p + i under the key seed XOR ``DRAFT_KEY``. Sampled output is reproducible from the
+seed (and a resumed run replays the same rounds).
 
-Scope: one request at a time (batch size 1), greedy or temperature / top-k / top-p / min-p
-sampling, EOS, stop strings, ``max_new_tokens``. The gating hook of ``Generator`` is not applied here. The LLM is in
-process (``InProcessScorer``) or a ``costeer serve`` (``RemoteScorer``, ops "score" with
-"rollback", see ``costeer/spec_server.py``) or an OpenAI-compatible endpoint with ``prompt_logprobs``
-(vLLM: ``OpenAICompletionsStream.score_send``, the whole sequence re-sent each round; such requests
-skip vLLM's prefix cache).
+Confidence gate (``ConfidenceGate``): its per-token rule applies per position, from the scored
+LLM rows' max probabilities, before verification (positions whose row is off are verified with
+c_T = 0); the gate then advances by the m + 1 emitted positions. A gate hook (a callable) is
+called once per token in the normal loop, which a round cannot promise: it is refused here.
+
+The LLM: any stream with ``score_send`` / ``score_recv`` (in process, ``costeer serve``'s op
+"score", an OpenAI-compatible endpoint with ``prompt_logprobs``). One tokenizer for both models.
 """
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
 import costeer_kernels
-from costeer_kernels import SteerConfig
-from costeer_kernels.verify import speculative_verify
+from costeer_kernels import SteerConfig, speculative_verify
+from costeer_kernels.torch_backend import llm_max_prob
 
-from .generator import GenerationError, Generator, Result, StepTiming, _Text, build_prompts, steer_step
-from .slm import KVBatch, LocalOutput, LocalRunner
+from .generator import Result
 
 PROPOSALS = ("ctx", "proxy")
-_DRAFT_KEY = 0x9E3779B97F4A7C15  # drafts draw from the request's seed XOR this: a stream of their own
+DRAFT_KEY = 0x9E3779B97F4A7C15  # drafts draw from the request's seed XOR this: a stream of their own
 _UNSTEERED = SteerConfig(T=0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Statistics
+def parse_k(value) -> Union[int, str]:
+    """``--speculative`` value: an int >= 1 or "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        raise ValueError(f"--speculative must be an integer >= 1 or 'auto', got {value!r}")
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--speculative must be an integer >= 1 or 'auto', got {value!r}") from None
+    if k < 1 or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"--speculative must be an integer >= 1 or 'auto', got {value!r}")
+    return k
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """The speculative policy's settings: draft length ``k`` (int >= 1 or ``"auto"``), the
+    ``proposal`` ("ctx" or "proxy") and the largest k ``"auto"`` may pick."""
+
+    k: Union[int, str] = 4
+    proposal: str = "ctx"
+    k_max: int = 16
+
+    def __post_init__(self):
+        if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"k must be an int >= 1 or 'auto', got {self.k!r}")
+        if self.proposal not in PROPOSALS:
+            raise ValueError(f"proposal must be one of {PROPOSALS}, got {self.proposal!r}")
+        if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < 1:
+            raise ValueError(f"k_max must be an int >= 1, got {self.k_max!r}")
+
+    @classmethod
+    def of(cls, value) -> Optional["Speculation"]:
+        """None, a ``Speculation``, or a draft length (int >= 1 / "auto") as a ``Speculation``."""
+        if value is None or isinstance(value, Speculation):
+            return value
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return cls(parse_k(value))
+        raise TypeError(f"speculative must be None, an int >= 1, 'auto' or a Speculation, got {type(value).__name__}")
 
 
 @dataclass
 class SpecResult(Result):
-    """A ``Result`` plus what speculation did in this generation."""
+    """A ``Result`` plus what speculation did for this request."""
 
     rounds: int = 0  # scoring requests after the prefill
     llm_calls: int = 0  # cloud round trips: the prefill + the rounds
     drafted: int = 0  # draft tokens proposed to the LLM
-    accepted: int = 0  # draft tokens accepted
+    accepted: int = 0  # draft tokens emitted as they were drafted
     cloud_tokens: int = 0  # positions whose LLM logits were computed (prefill counts 1)
     decided: int = 0  # tokens decided: output tokens, plus the final EOS when there is one
     ks: List[int] = field(default_factory=list)  # k used in each round
-    local_steps: int = 0  # small-model forwards (each: the ctx and noctx rows)
+    local_steps: int = 0  # small-model forwards (each: the ctx and noctx rows of the batch)
 
     @property
     def acceptance_rate(self) -> float:
@@ -87,12 +124,12 @@ class SpecResult(Result):
 
     @property
     def round_trips_per_token(self) -> float:
-        """Cloud round trips per decided token (the paper's loop: 1.0)."""
+        """Cloud round trips per decided token (the normal loop: 1.0)."""
         return self.llm_calls / self.decided if self.decided else 0.0
 
     @property
     def cloud_tokens_per_token(self) -> float:
-        """Positions the LLM computed per decided token (the paper's loop: 1.0)."""
+        """Positions the LLM computed per decided token (the normal loop: 1.0)."""
         return self.cloud_tokens / self.decided if self.decided else 0.0
 
     def spec_summary(self) -> str:
@@ -133,334 +170,161 @@ class AdaptiveK:
         return best
 
 
-# ---------------------------------------------------------------------------------------------
-# The LLM side: prefill, then "roll back r positions, append n tokens, return their logits"
+def _signed64(v: int) -> int:
+    v &= 2**64 - 1
+    return v - 2**64 if v >= 2**63 else v
 
 
-class InProcessScorer:
-    """The LLM in this process (a ``LoadedModel``), one row, one KV cache."""
+@dataclass
+class Round:
+    """What one round decided: per request the candidate tokens (its accepted drafts, then the
+    verification's token), whether each position was steered, and the round's costs."""
 
-    remote = False
-
-    def __init__(self, loaded):
-        self.loaded = loaded
-        self.vocab_size = loaded.vocab_size
-        self.max_len = loaded.max_len
-        self.kv: Optional[KVBatch] = None
-        self._pending = None
-
-    def open(self, prompt: Sequence[int]) -> None:
-        self.kv = KVBatch(self.loaded.model, [list(prompt)], self.loaded.pad_token_id, max_len=self.max_len)
-        self._pending = ("prefill", None, 0)
-
-    def send(self, tokens: Sequence[int], rollback: int = 0) -> None:
-        self._pending = ("score", [int(t) for t in tokens], int(rollback))
-
-    def recv(self) -> torch.Tensor:
-        """float32 [n, V]: the next-token logits after each appended token ([1, V] for the prefill)."""
-        op, tokens, rollback = self._pending
-        self._pending = None
-        if op == "prefill":
-            return self.kv.prefill().logits
-        self.kv.rollback(rollback)
-        return self.kv.extend([tokens]).logits[0]
-
-    def close(self) -> None:
-        self.kv = None
+    candidates: List[List[int]]
+    steered: List[List[bool]]
+    k: int
+    local_steps: int
+    local_s: float
+    wait_s: float
+    compute_s: float
+    transport_s: float
+    verify_s: float
 
 
-class RemoteScorer:
-    """A ``costeer serve`` through a ``WebSocketLLMStream`` (its ``score`` ops)."""
+class Drafter:
+    """Speculative rounds for the B requests of one ``Generator`` run (module docstring).
 
-    remote = True
+    ``local``: the loop's ``LocalRunner`` (groups "ctx", "noctx"); ``stream``: the LLM stream
+    (``score_send`` / ``score_recv``); ``head``: (W, bias) of a split small model, or None when
+    its local rows are logits; ``V``: the width steered; ``sampling``: the loop's per-row options
+    (``steer_sample`` keywords); ``eos``: end-of-sequence ids (drafting stops once every live row
+    drafted one)."""
 
-    def __init__(self, stream):
-        self.stream = stream
-        self.vocab_size = stream.vocab_size
-        self.max_len = stream.max_len
-        self._n = None
-
-    def open(self, prompt: Sequence[int]) -> None:
-        self.stream.open([list(prompt)])
-        self._n = None
-
-    def send(self, tokens: Sequence[int], rollback: int = 0) -> None:
-        self.stream.score_send([[int(t) for t in tokens]], rollback=int(rollback))
-        self._n = len(tokens)
-
-    def recv(self) -> torch.Tensor:
-        if self._n is None:
-            return self.stream.recv().logits
-        return self.stream.score_recv(self._n).logits
-
-    def close(self) -> None:
-        self.stream.finish()
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-
-
-class SpeculativeGenerator:
-    """Speculative CoSteer on top of a ``Generator`` (its models, LLM source, cfg and prompts).
-
-    ``k``: draft length (int >= 1) or ``"auto"``. ``proposal``: "ctx" or "proxy" (module docstring).
-    """
-
-    def __init__(self, gen: Generator, k: Union[int, str] = 4, *, proposal: str = "ctx", k_max: int = 16):
-        if not isinstance(gen, Generator):
-            raise TypeError(f"gen must be a costeer.Generator, got {type(gen).__name__}")
-        if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"k must be an int >= 1 or 'auto', got {k!r}")
-        if proposal not in PROPOSALS:
-            raise ValueError(f"proposal must be one of {PROPOSALS}, got {proposal!r}")
-        if not isinstance(k_max, int) or k_max < 1:
-            raise ValueError(f"k_max must be an int >= 1, got {k_max!r}")
-        self.gen, self.k, self.proposal, self.k_max = gen, k, proposal, k_max
-
-    def _scorer(self):
-        g = self.gen
-        if g.llm is not None:
-            return InProcessScorer(g.llm)
-        stream = g._stream_factory()
+    def __init__(self, spec: Speculation, cfg: SteerConfig, local, stream, head, V: int, sampling: dict, batch: int,
+                 eos: Sequence[int], gate=None):
         if not hasattr(stream, "score_send"):
             raise ValueError(f"speculative steering needs an LLM that scores several positions per request "
-                             f"(in process or `costeer serve`); {type(stream).__name__} cannot")
-        return RemoteScorer(stream)
+                             f"(in process, `costeer serve` or an endpoint with prompt_logprobs); "
+                             f"{type(stream).__name__} cannot")
+        self.spec, self.cfg, self.local, self.stream, self.V, self.B = spec, cfg, local, stream, V, batch
+        self.W, self.bias = head if head is not None else (None, None)
+        self.eos = set(eos)
+        self.gate = gate
+        self.sampling = sampling
+        self.greedy = not isinstance(sampling.get("temperature"), torch.Tensor)
+        self.draft_sampling = dict(sampling)
+        if not self.greedy:
+            self.draft_sampling["seed"] = torch.tensor([_signed64(int(s) ^ DRAFT_KEY) for s in sampling["seed"].tolist()],
+                                                       dtype=torch.int64)
+        self.ctrl = AdaptiveK(4, spec.k_max) if spec.k == "auto" else None
+        self.rollback = 0  # the cloud's rejected positions, dropped at the start of its next request
+        self._maxp = None
 
-    def _q(self, lo: LocalOutput, V: int) -> torch.Tensor:
-        """The proposal's logits [1, V] (or log-probs: the same distribution) from one local step."""
-        zc = lo.logits["ctx"][:, :V]
-        if self.proposal == "proxy":
-            zn = lo.logits["noctx"][:, :V]
-            return steer_step(zn, LocalOutput({"ctx": zc, "noctx": zn}, {}), self.gen.cfg)
+    @property
+    def k(self) -> int:
+        return self.ctrl.k if self.ctrl is not None else int(self.spec.k)
+
+    def _rows(self, lo):
+        """(with-context logits [B, V], without-context logits or None, the delta's inputs)."""
+        V = self.V
+        if self.W is None:
+            zc, zn = lo.logits["ctx"][:, :V], lo.logits["noctx"][:, :V]
+            return zc, zn, (zc, zn)
+        hc, hn = lo.hidden["ctx"], lo.hidden["noctx"]
+        return None, None, (hc, hn)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.linear(h, self.W)
+        return (out if self.bias is None else out + self.bias)[:, :self.V]
+
+    def _proposal(self, lo) -> torch.Tensor:
+        """The proposal's logits [B, V] (or log-probs: the same distribution) at one local step."""
+        zc, zn, (a, b) = self._rows(lo)
+        if zc is None:
+            zc = self._logits(a) if self.spec.proposal == "ctx" else None
+            if self.spec.proposal == "proxy":
+                both = self._logits(torch.cat([a, b]))
+                zc, zn = both[:self.B], both[self.B:]
+        if self.spec.proposal == "proxy":
+            return costeer_kernels.steer(zn, zc, zn, self.cfg, validate=False)
         return zc
 
-    def generate(self, prompt: str, context: str = "", *, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: Optional[int] = None, stop: Sequence[str] = (),
-                 on_text: Optional[Callable[[int, str], None]] = None,
-                 on_token: Optional[Callable[[Optional[int], str, bool], None]] = None, top_k: int = 0,
-                 min_p: float = 0.0) -> SpecResult:
-        g = self.gen
-        if g.vocab_map is not None:
-            raise ValueError("speculative steering needs an LLM and a small model with one tokenizer (the drafts are "
-                             "small-model tokens the LLM scores)")
-        req = g._requests(prompt, context, max_new_tokens, temperature, top_p, seed, stop, top_k, min_p)[0]
-        slm = g.slm
-        pub, ctx, noctx = build_prompts(g.llm_tokenizer, slm.tokenizer, req.prompt, req.context,
-                                        context_template=g.context_template, system_prompt=g.system_prompt)
-        if len(ctx) >= slm.max_len:
-            raise ValueError(f"context is too long: the small model's prompt with the context has {len(ctx)} "
-                             f"tokens but its window is {slm.max_len}; shorten the context")
-        res = SpecResult(prompt_tokens=len(pub), context_tokens=len(ctx))
-        T = float(req.temperature)
-        seed = (req.seed if req.seed is not None else secrets.randbits(63)) & (2**64 - 1)
-        seed = seed - 2**64 if seed >= 2**63 else seed
-        draft_seed = seed ^ _DRAFT_KEY
-        draft_seed = draft_seed - 2**64 if draft_seed >= 2**63 else draft_seed
-        opts = dict(temperature=T, top_k=int(req.top_k), top_p=float(req.top_p), min_p=float(req.min_p))
-        eos = set(slm.eos_token_ids)
-        text = _Text(slm.tokenizer, req.stop)
-        ctrl = AdaptiveK(4 if self.k == "auto" else self.k, self.k_max) if self.k == "auto" else None
-        t_start = time.perf_counter()
-        scorer = self._scorer()
-        cap = min(req.max_new_tokens, slm.max_len - max(len(ctx), len(noctx)))
-        if scorer.max_len:
-            if len(pub) >= scorer.max_len:
-                raise ValueError(f"prompt is too long: {len(pub)} tokens, the LLM's window is {scorer.max_len}")
-            cap = min(cap, scorer.max_len - len(pub))
-        done = False
-
-        def emit(tid: int) -> bool:
-            """Append one decided token; True when generation is over."""
-            res.decided += 1
-            fin = False
-            if tid in eos:
-                res.finish_reason, fin = "eos", True
+    def round(self, pending: Sequence[int], position: int, live: Sequence[bool], k: int) -> Round:
+        """Draft ``k`` tokens per request after ``pending``, score them in one request, verify."""
+        B, V = self.B, self.V
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            outs = [self.local.step(list(pending))]
+            drafts, qs = [], []
+            for i in range(k):
+                q = self._proposal(outs[-1])
+                d = costeer_kernels.steer_sample(q, q, q, _UNSTEERED, validate=False, offset=position + i,
+                                                 **self.draft_sampling)[0]
+                drafts.append(d)
+                qs.append(q)
+                ids = d.tolist()
+                if i == k - 1 or all(ids[b] in self.eos for b in range(B) if live[b]):
+                    break
+                outs.append(self.local.step(ids))
+            k = len(drafts)
+            grid = torch.stack(drafts, 1) if k else torch.zeros((B, 0), dtype=torch.int64)
+            rows = grid.tolist()
+            # -- one cloud request scores [x, d_1..d_k] of every row; the last local step runs meanwhile
+            self.stream.score_send([[int(pending[b])] + rows[b] for b in range(B)], rollback=self.rollback)
+            if k:
+                outs.append(self.local.step([r[-1] for r in rows]))
+            t1 = time.perf_counter()
+            scored = self.stream.score_recv(k + 1)
+            t2 = time.perf_counter()
+            zl = scored.logits[:, :V]
+            cfg, steered = self.cfg, [[True] * (k + 1) for _ in range(B)]
+            if self.gate is not None:
+                cfg, steered = self._gated(zl, live, k)
+            # position-major local rows -> request-major [B, k+1, ...]
+            if self.W is None:
+                zc = torch.stack([o.logits["ctx"][:, :V] for o in outs], 1)
+                zn = torch.stack([o.logits["noctx"][:, :V] for o in outs], 1)
             else:
-                res.token_ids.append(tid)
-            delta, stopped, full = text.update(res.token_ids, final=fin)
-            if stopped and not fin:
-                res.finish_reason, fin = "stop", True
-            if not fin and len(res.token_ids) >= cap:
-                res.finish_reason, fin = "length", True
-            if fin:
-                rest, _, full = text.update(res.token_ids, final=True)
-                delta += rest
-                res.text = full
-                res.elapsed_s = time.perf_counter() - t_start
-            if on_text is not None and delta:
-                on_text(0, delta)
-            if on_token is not None:  # per decided token: (id, or None for the EOS; new text; done)
-                on_token(None if tid in eos else tid, delta, fin)
-            return fin
+                diff = torch.stack([o.hidden["ctx"] - o.hidden["noctx"] for o in outs], 1)
+                zc = torch.nn.functional.linear(diff, self.W)[..., :V]
+                zn = None
+            draft_logits = torch.stack(qs, 1) if (k and not self.greedy) else None
+            j, y = speculative_verify(zl.reshape(B, k + 1, V), zc, zn, grid, cfg, draft_logits=draft_logits,
+                                      offset=position, validate=False, **self.sampling)
+            jy = torch.cat([j, y]).tolist()
+        t3 = time.perf_counter()
+        cands = [rows[b][:jy[b]] + [jy[B + b]] for b in range(B)]
+        return Round(cands, steered, k, len(outs), (t1 - t0), t2 - t1, scored.compute_s,
+                     getattr(scored, "transport_s", 0.0), t3 - t2)
 
-        try:
-            local = LocalRunner(slm.model, {"ctx": [ctx], "noctx": [noctx]}, slm.pad_token_id)
-            t0 = time.perf_counter()
-            scorer.open(pub)
-            lo = local.prefill()
-            zl = scorer.recv()
-            res.prefill_s = time.perf_counter() - t0
-            res.llm_calls += 1
-            res.cloud_tokens += 1
-            V = min(slm.vocab_size, zl.shape[-1], scorer.vocab_size or zl.shape[-1])
-            first = costeer_kernels.steer_sample(zl[:, :V], lo.logits["ctx"][:, :V], lo.logits["noctx"][:, :V], g.cfg,
-                                                 seed=seed, offset=0, **opts)[0]
-            done = emit(int(first))
-            pending, llm_rollback = first, 0
-            while not done:
-                k = ctrl.k if ctrl is not None else self.k
-                k = max(0, min(k, cap - len(res.token_ids) - 1))
-                # -- draft on the device
-                tl = ts = time.perf_counter()
-                outs = [local.step([pending])]
-                drafts: List[int] = []
-                qs = []
-                pos = len(res.token_ids)
-                for i in range(k):
-                    q = self._q(outs[-1], V)
-                    d = int(costeer_kernels.steer_sample(q, q, q, _UNSTEERED, seed=draft_seed, offset=pos + i, **opts)[0])
-                    drafts.append(d)
-                    qs.append(q)
-                    if d in eos or i == k - 1:
-                        break
-                    outs.append(local.step([d]))
-                t_draft = time.perf_counter() - tl
-                k = len(drafts)
-                # -- one cloud request scores [pending, d_1..d_k]; the last local step runs meanwhile
-                scorer.send([pending] + drafts, rollback=llm_rollback)
-                tl = time.perf_counter()
-                if k:
-                    outs.append(local.step([drafts[-1]]))
-                t_local = t_draft + time.perf_counter() - tl
-                tw = time.perf_counter()
-                zl = scorer.recv()
-                t_wait = time.perf_counter() - tw
-                res.rounds += 1
-                res.llm_calls += 1
-                res.cloud_tokens += k + 1
-                res.local_steps += len(outs)
-                res.ks.append(k)
-                # -- the exact steered distribution at the k+1 positions, one steer call
-                zc = torch.cat([o.logits["ctx"][:, :V] for o in outs])
-                zn = torch.cat([o.logits["noctx"][:, :V] for o in outs])
-                t_steer = time.perf_counter()
-                j, y = speculative_verify(zl[:, :V], zc, zn, torch.tensor(drafts, dtype=torch.int64), g.cfg,
-                                          draft_logits=torch.cat(qs) if (qs and T > 0) else None, seed=seed,
-                                          offset=pos + 1, **opts)
-                t_steer = time.perf_counter() - t_steer
-                res.drafted += k
-                res.accepted += j
-                for d in drafts[:j]:
-                    done = emit(d)
-                    if done:
-                        break
-                if not done:
-                    done = emit(y)
-                res.timings.append(StepTiming(res.rounds, t_wait, 0.0, 0.0, t_local, t_steer, 0.0,
-                                              time.perf_counter() - ts))  # one entry per round
-                # -- rollback: [pending, d_1..d_j] stay, d_{j+1}..d_k go (local now, cloud next request)
-                local.kv.rollback(k - j)
-                pending, llm_rollback = y, k - j
-                if ctrl is not None and k:
-                    ctrl.update(k, j, t_wait, t_local / len(outs))
-        except Exception as exc:
-            if res.finish_reason is None:
-                res.finish_reason, res.error = "error", f"{type(exc).__name__}: {exc}"
-                _, _, res.text = text.update(res.token_ids, final=True)
-                res.elapsed_s = time.perf_counter() - t_start
-            if isinstance(exc, (ValueError, TypeError)) and not res.token_ids:
-                raise
-            raise GenerationError(f"generation failed after {len(res.token_ids)} generated tokens: "
-                                  f"{type(exc).__name__}: {exc} (the text produced so far is in .results)", [res]) from exc
-        finally:
-            scorer.close()
-        return res
+    def _gated(self, zl: torch.Tensor, live: Sequence[bool], k: int):
+        """The gate's decision at every scored position (before verification): a per-position
+        config (c_T = 0 where the row is off) and the flags; the gate's state is left as it was."""
+        B = self.B
+        self._maxp = llm_max_prob(zl).reshape(B, k + 1)
+        rows = torch.tensor(list(live))
+        saved = (self.gate.streak.clone(), self.gate.off.clone()) if self.gate.streak is not None else None
+        flags = torch.stack([self.gate.update(self._maxp[:, i], active=rows) for i in range(k + 1)], 1)
+        if saved is not None:
+            self.gate.streak, self.gate.off = saved
+        c = self.cfg
+        T = c.T if isinstance(c.T, torch.Tensor) else torch.full((B,), int(c.T))
+        T = T.repeat_interleave(k + 1)
+        T = torch.where(flags.reshape(-1), T, torch.zeros_like(T))
+        return SteerConfig(T=T, alpha=c.alpha, beta=c.beta, lam=c.lam, eta=c.eta), flags.tolist()
 
-
-def speculative_generate(gen: Generator, prompt: str, context: str = "", *, k: Union[int, str] = 4,
-                         proposal: str = "ctx", **kw) -> SpecResult:
-    """One speculative CoSteer generation (see ``SpeculativeGenerator.generate`` for ``kw``)."""
-    return SpeculativeGenerator(gen, k, proposal=proposal).generate(prompt, context, **kw)
-
-
-def parse_k(value) -> Union[int, str]:
-    """``--speculative`` value: an int >= 1 or "auto"."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--speculative must be an integer >= 1 or 'auto', got {value!r}") from None
-    if k < 1:
-        raise ValueError(f"--speculative must be an integer >= 1 or 'auto', got {value!r}")
-    return k
-
-
-class SpeculativeCLI:
-    """``Generator`` stand-in for ``costeer generate --speculative K``: mode "costeer" runs
-    speculatively, the other modes (``--compare``) the normal loop; ``last`` is the latest
-    ``SpecResult`` and ``summary()`` its line (ends with ``round trips/token: X``)."""
-
-    def __init__(self, gen: Generator, k: Union[int, str], proposal: str = "ctx"):
-        self.gen = gen
-        self.spec = SpeculativeGenerator(gen, parse_k(k), proposal=proposal)
-        self.last: Optional[SpecResult] = None
-        self.llm = None  # for the CLI's timing line: the LLM rows are never co-batched here
-
-    def __getattr__(self, name):
-        return getattr(self.gen, name)
-
-    def generate(self, prompt, context: str = "", *, mode: str = "costeer", on_text=None, **kw):
-        if mode != "costeer":
-            return self.gen.generate(prompt, context=context, mode=mode, on_text=on_text, **kw)
-        kw = {n: v for n, v in kw.items() if v is not None}
-        try:
-            self.last = self.spec.generate(prompt, context, on_text=on_text, **kw)
-        except GenerationError as exc:
-            self.last = exc.results[0]
-            raise
-        return self.last
-
-    def stream(self, prompt, context: str = "", *, mode: str = "costeer", prefix=None, **kw):
-        """``Generator.stream`` for the CLI: TextChunks (with ``token``) as tokens are decided."""
-        if mode != "costeer":
-            return self.gen.stream(prompt, context=context, mode=mode, prefix=prefix, **kw)
-        if prefix and any(prefix):
-            raise ValueError("--speculative cannot continue an earlier generation (--resume); run without it")
-        return self._stream(prompt, context, {n: v for n, v in kw.items() if v is not None})
-
-    def _stream(self, prompt, context, kw):
-        import queue
-        import threading
-
-        from .generator import TextChunk
-
-        q: "queue.Queue" = queue.Queue()
-
-        def run():
-            try:
-                res = self.spec.generate(prompt, context, on_token=lambda t, d, fin: q.put(("tok", t, d)), **kw)
-                q.put(("done", res, None))
-            except BaseException as exc:  # handed to the consumer, re-raised there
-                q.put(("error", exc, None))
-
-        worker = threading.Thread(target=run, name="costeer-speculative", daemon=True)
-        worker.start()
-        while True:
-            kind, a, b = q.get()
-            if kind == "tok":
-                yield TextChunk(0, b, False, None, token=a)
-            elif kind == "done":
-                self.last = a
-                yield TextChunk(0, "", True, a)
-                break
-            else:
-                if isinstance(a, GenerationError):
-                    self.last = a.results[0]
-                raise a
-        worker.join()
-
-    def summary(self) -> str:
-        return "speculative: " + (self.last.spec_summary() if self.last is not None else "no generation")
+    def commit(self, r: Round, m: int, live: Sequence[bool]) -> Optional[List[bool]]:
+        """Keep the first m + 1 decided positions of every row: the k - m rejected ones leave the
+        local cache now and the cloud's with its next request; the gate advances by m + 1 tokens
+        (returns its flags afterwards, or None without a gate); "auto" k learns from the round."""
+        self.local.kv.rollback(r.k - m)
+        self.rollback = r.k - m
+        if self.ctrl is not None and r.k:
+            self.ctrl.update(r.k, m, r.wait_s, r.local_s / max(1, r.local_steps))
+        if self.gate is None:
+            return None
+        rows = torch.tensor(list(live))
+        needs = None
+        for i in range(m + 1):
+            needs = self.gate.update(self._maxp[:, i], active=rows)
+        return needs.tolist()

@@ -199,6 +199,28 @@ class InProcessLLMStream(LLMStream):
             logits, compute = self._run(pending[0], *pending[1])
         return LLMStep(logits=logits, compute_s=compute, wait_s=time.perf_counter() - t0)
 
+    # -- speculative steering (costeer/speculative.py): several positions per request
+
+    def score_send(self, tokens, rollback: int = 0) -> None:
+        """Drop the last ``rollback`` positions of every row, then append ``tokens`` (one
+        equal-length list per row) in one forward; ``score_recv`` returns their logits."""
+        if self._kv is None:
+            raise RuntimeError("score_send before open")
+        rows = [[int(t) for t in r] for r in tokens]
+        if len(rows) != self._kv.rows or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+            raise ValueError(f"score: one equal-length (>= 1) token list per row ({self._kv.rows} rows)")
+        self._start(self._score, rows, int(rollback))
+
+    def _score(self, rows, rollback: int):
+        self._kv.rollback(rollback)
+        out = self._kv.extend(rows)
+        out.logits = out.logits.reshape(-1, out.logits.shape[-1])  # row-major (row, appended token)
+        return out
+
+    def score_recv(self, n: int) -> LLMStep:
+        """The answer to ``score_send``: logits [rows * n, V]."""
+        return self.recv()
+
     def close(self):
         self._kv = None
         if self._pool is not None:
@@ -498,9 +520,7 @@ class WebSocketLLMStream(LLMStream):
 
     def score_send(self, tokens, rollback: int = 0) -> None:
         """Roll back ``rollback`` positions, then append ``tokens`` (one equal-length list per row)."""
-        from .spec_server import score_frame
-
-        header, payload = score_frame(self._sid, tokens, rollback)
+        header, payload = P.score_frame(self._sid, tokens, rollback)
         if self._broken:
             raise StreamError(f"lost the connection to {self.url} (a speculative session cannot be resumed)")
         self._scores += 1
@@ -825,7 +845,7 @@ class OpenAICompletionsStream(LLMStream):
         data = self._read()
         return self._step(t0, [self._generated_top(c) for c in data["choices"]])
 
-    # -- speculative steering (costeer/speculative.py drives these through its RemoteScorer)
+    # -- speculative steering (costeer/speculative.py's rounds)
 
     def score_send(self, tokens, rollback: int = 0) -> None:
         """Drop the last ``rollback`` tokens of every row, append ``tokens`` (one equal-length list per row)

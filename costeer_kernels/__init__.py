@@ -10,6 +10,9 @@ Public API:
                                      torch.ops.costeer.steer_sample)
     steer_from_hidden                steer from the small model's hidden states (W read once, fused;
                                      torch.ops.costeer.steer_from_hidden / sample_from_hidden)
+    speculative_verify               speculative steering's verification: steer the k+1 scored rows,
+                                     accept / reject the drafts, the residual draw
+                                     (torch.ops.costeer.speculative_verify; verify.py)
     available_backends               which backends run in this process (registry.py)
 
 Layout: ``registry.py`` (the one backend registry), ``checks.py`` (argument checks), ``config.py``
@@ -23,6 +26,7 @@ from .projection import steer_from_hidden
 from .reference import closed_form_steer, reference_steer
 from .registry import available_backends
 from .sampling import register_sampler, steer_sample
+from .verify import speculative_verify
 
 __all__ = [
     "SteerConfig",
@@ -35,5 +39,6 @@ __all__ = [
     "steer_sample",
     "register_sampler",
     "steer_from_hidden",
+    "speculative_verify",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
-"""The one backend registry of the three public ops (``steer``, ``steer_sample``,
-``steer_from_hidden``) and the resolver that picks a backend for a device.
+"""The one backend registry of the public ops (``steer``, ``steer_sample``, ``steer_from_hidden``,
+``speculative_verify``) and the resolver that picks a backend for a device.
 
 A backend is a name plus the kernels it implements, each optional:
 
@@ -11,7 +11,10 @@ A backend is a name plus the kernels it implements, each optional:
   -> (token int64 [B, n], logprob float32 [B, n], maxp float32 [B] or None, status int32 [B])``;
 - ``steer_hidden(zl, hdiff, weight, hparams, out) -> status`` and
   ``sample_hidden(zl, hdiff, weight, hparams, params, want_maxp, num_samples) -> as sample``:
-  the vocabulary projection W @ hdiff fused into the pass (``hdiff`` float32 [B, H]).
+  the vocabulary projection W @ hdiff fused into the pass (``hdiff`` float32 [B, H]);
+- ``verify(zl, zc, zn_or_None, hparams, drafts, draft_logits_or_None, params)
+  -> (accepted int64 [B], token int64 [B], status int32 [B])``: speculative verification of B
+  requests' k drafts (rows [B (k+1), V], drafts int64 [B, k], ``verify.py``).
 
 No kernel syncs with the host. Optional backends ("triton", the C++ "cpu"/"cuda") register on first
 use; one that cannot load is remembered with the reason, which ``resolve`` reports.
@@ -23,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-KERNELS = ("steer", "steer_mapped", "sample", "steer_hidden", "sample_hidden")
+KERNELS = ("steer", "steer_mapped", "sample", "steer_hidden", "sample_hidden", "verify")
 
 # backend=None picks the first name in this order that runs on the device and has the kernel.
 # CUDA: Triton until the CUDA C++ kernel is measured to beat it (bench/RESULTS.md). CPU: the C++

@@ -193,13 +193,6 @@ class _Systems:
                 gen = Generator(llm=xl, slm=xs, **kw)
             except (ModelNotFoundError, ValueError, TypeError) as exc:
                 raise _Skip(f"different-tokenizer pair {self.xtok[0]} / {self.xtok[1]} unavailable: {exc}") from None
-        elif s.kind == "spec":
-            try:
-                from costeer.speculative import SpeculativeGenerator
-            except ImportError as exc:
-                raise _Skip(f"speculative steering not available: {exc}") from None
-            base = Generator(llm=self.llm, slm=self.slm, **kw)
-            gen = SpeculativeGenerator(base, 4)
         else:
             gen = Generator(llm=self.llm, slm=self.slm, **kw)
         self._gens[s.name] = gen
@@ -216,8 +209,8 @@ class _Systems:
             raise
         kw = dict(max_new_tokens=max_new_tokens, temperature=0.0)
         t0 = time.perf_counter()
-        if s.kind == "spec":  # speculative steering decodes one request at a time
-            res = [gen.generate(it.prompt, it.context, **kw) for it in items]
+        if s.kind == "spec":  # the loop's speculative policy, k = 4
+            res = gen.generate([{"prompt": it.prompt, "context": it.context} for it in items], speculative=4, **kw)
         elif s.kind == "llm":
             res = gen.generate([{"prompt": it.prompt} for it in items], mode="llm", **kw)
         elif s.kind == "llm+ctx":

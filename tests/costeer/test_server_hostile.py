@@ -22,7 +22,7 @@ from costeer import protocol as P
 from costeer.server import (LLMServer, MemoryBudget, Scheduler, bind_host, kv_bytes_per_token, main as serve_main,
                             parse_bytes, url_host)
 from costeer.slm import KVBatch
-from costeer.spec_server import score_frame
+from costeer.protocol import score_frame
 from tests.costeer.conftest import ROOT
 from tests.costeer.tiny import ServerThread
 

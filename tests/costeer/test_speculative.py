@@ -1,16 +1,17 @@
-"""Speculative steering (costeer/speculative.py): greedy output identical to the normal loop on the
-real SmolLM2 model, sampling distribution equal to the steered one (chi-square), rollback equal to a
-fresh prefill."""
+"""Speculative steering, a policy of the one loop (``Generator.generate(speculative=K)``): greedy output
+identical to the normal loop on the real SmolLM2 model (batch > 1, gate, stop strings, streaming,
+resume), sampled output reproducible from the seed and distributed as the steered distribution
+(chi-square against float64 enumeration), verification op exact, rollback equal to a fresh prefill."""
 import math
 
 import pytest
 import torch
 
-from costeer import Generator
+from costeer import Generator, Request
 from costeer.cli import CLI_DEFAULTS
 from costeer.models import LoadedModel
 from costeer.slm import KVBatch
-from costeer.speculative import AdaptiveK, SpeculativeGenerator
+from costeer.speculative import AdaptiveK, Speculation
 from costeer_kernels import SteerConfig, steer, steer_sample
 from costeer_kernels.verify import speculative_verify
 
@@ -60,7 +61,7 @@ def baselines(gen):
 def test_greedy_identical_to_normal_loop(gen, baselines, prompt, context):
     ref = baselines[prompt]
     for k in (1, 2, 4, 8):
-        res = SpeculativeGenerator(gen, k).generate(prompt, context, max_new_tokens=N)
+        res = gen.generate(prompt, context=context, max_new_tokens=N, speculative=k)
         assert res.token_ids == ref.token_ids, k
         assert res.text == ref.text and res.finish_reason == ref.finish_reason
         assert res.decided == len(ref.token_ids) + (ref.finish_reason == "eos")
@@ -75,13 +76,13 @@ def test_greedy_auto_k_stop_and_streaming(gen, baselines):
     prompt, context = CASES[0]
     ref = baselines[prompt]
     pieces = []
-    res = SpeculativeGenerator(gen, "auto").generate(prompt, context, max_new_tokens=N,
-                                                     on_text=lambda i, s: pieces.append(s))
+    res = gen.generate(prompt, context=context, max_new_tokens=N, speculative="auto",
+                       on_text=lambda i, s: pieces.append(s))
     assert res.token_ids == ref.token_ids and "".join(pieces) == res.text
     word = ref.text.split()[3]
-    stopped = SpeculativeGenerator(gen, 4).generate(prompt, context, max_new_tokens=N, stop=[word])
+    stopped = gen.generate(prompt, context=context, max_new_tokens=N, stop=[word], speculative=4)
     assert stopped.finish_reason == "stop" and word not in stopped.text and ref.text.startswith(stopped.text)
-    short = SpeculativeGenerator(gen, 8).generate(prompt, context, max_new_tokens=5)
+    short = gen.generate(prompt, context=context, max_new_tokens=5, speculative=8)
     assert short.token_ids == ref.token_ids[:5] and short.finish_reason == "length"
 
 
@@ -100,12 +101,19 @@ def test_adaptive_k_follows_acceptance_and_costs():
 
 
 def test_bad_arguments(gen):
+    prompt, context = CASES[0]
+    for bad in (0, "fast", True, -2):
+        with pytest.raises(ValueError):
+            gen.generate(prompt, context=context, speculative=bad)
+    with pytest.raises(TypeError):
+        gen.generate(prompt, context=context, speculative=2.5)
     with pytest.raises(ValueError):
-        SpeculativeGenerator(gen, 0)
-    with pytest.raises(ValueError):
-        SpeculativeGenerator(gen, "fast")
-    with pytest.raises(ValueError):
-        SpeculativeGenerator(gen, 2, proposal="other")
+        Speculation(2, proposal="other")
+    with pytest.raises(ValueError, match="mode 'costeer'"):
+        gen.generate(prompt, context=context, speculative=2, mode="llm")
+    hooked = Generator(llm=gen.llm, slm=gen.slm, cfg=gen.cfg, gate=lambda i, step, lp: True)
+    with pytest.raises(ValueError, match="ConfidenceGate"):
+        hooked.generate(prompt, context=context, speculative=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,11 +248,11 @@ def test_sampling_distribution_tiny_model(proposal):
             fill(prefix + [t], prob * float(p[t]))
 
     fill([], 1.0)
-    sg = SpeculativeGenerator(gen, 2, proposal=proposal)
+    spec = Speculation(2, proposal=proposal)
     counts = torch.zeros([V] * n_tok)
     drafted = accepted = 0
     for s in range(n):
-        res = sg.generate(prompt, context, max_new_tokens=n_tok, temperature=1.0, seed=s)
+        res = gen.generate(prompt, context=context, max_new_tokens=n_tok, temperature=1.0, seed=s, speculative=spec)
         assert len(res.token_ids) == n_tok
         counts[tuple(res.token_ids)] += 1
         drafted, accepted = drafted + res.drafted, accepted + res.accepted
@@ -283,7 +291,7 @@ def test_served_speculative_equals_in_process(server, smol, gen, baselines):
     g = Generator(llm=None, slm=smol, llm_url=server.url, cfg=gen.cfg, transport_dtype="float32")
     try:
         for prompt, context in CASES[:2]:
-            res = SpeculativeGenerator(g, 4).generate(prompt, context, max_new_tokens=N)
+            res = g.generate(prompt, context=context, max_new_tokens=N, speculative=4)
             assert res.token_ids == baselines[prompt].token_ids
             assert res.round_trips_per_token < 0.5 and res.llm_calls == res.rounds + 1
     finally:
@@ -314,3 +322,181 @@ def test_served_speculative_equals_in_process(server, smol, gen, baselines):
             s.score_send([[1], []])
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy inside the one loop: batch > 1, gate, stop strings, resume, sampled reproducibility
+
+
+def test_batch_greedy_identical_to_normal_loop_with_stop_strings(gen, baselines):
+    word = baselines[CASES[2][0]].text.split()[4]
+    reqs = [Request(prompt=p, context=c, stop=[word] if i == 2 else ()) for i, (p, c) in enumerate(CASES)]
+    normal = gen.generate(reqs, max_new_tokens=N)
+    chunks = list(gen.stream(reqs, max_new_tokens=N, speculative=4))
+    spec = [ch.result for ch in chunks if ch.done]
+    by_index = {ch.index: ch.result for ch in chunks if ch.done}
+    for i in range(len(reqs)):
+        a, b = normal[i], by_index[i]
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason, i
+        assert "".join(ch.text for ch in chunks if ch.index == i) == b.text  # streamed text is the result
+        assert [ch.token for ch in chunks if ch.index == i and ch.token is not None] == b.token_ids
+        assert b.llm_calls == b.rounds + 1 and b.round_trips_per_token < 1.0
+    assert by_index[2].finish_reason == "stop" and word not in by_index[2].text
+    assert spec[0].timings is spec[1].timings and len(spec[0].timings) == max(r.rounds for r in spec) + 1
+
+
+def test_gate_greedy_identical_to_normal_loop(smol, gen):
+    from costeer.gating import ConfidenceGate
+
+    g = Generator(llm=smol, slm=smol, cfg=gen.cfg, gate=ConfidenceGate(threshold=0.5, patience=2))
+    reqs = [Request(prompt=p, context=c) for p, c in CASES]
+    normal = g.generate(reqs, max_new_tokens=N)
+    spec = g.generate(reqs, max_new_tokens=N, speculative=3)
+    assert [r.token_ids for r in spec] == [r.token_ids for r in normal]
+    assert [r.steered_tokens for r in spec] == [r.steered_tokens for r in normal]
+    assert any(r.steered_tokens < len(r.token_ids) for r in normal)  # the gate switched something off
+
+
+def test_resume_continues_the_interrupted_run(gen):
+    prompt, context = CASES[0]
+    for kw in (dict(), dict(temperature=0.9, top_p=0.95, seed=11)):
+        full = gen.generate(prompt, context=context, max_new_tokens=N, speculative=4, **kw)
+        for cut in (1, 6, 13):
+            res = gen.generate(prompt, context=context, max_new_tokens=N, speculative=4,
+                               prefix=[full.token_ids[:cut]], **kw)
+            assert res.token_ids == full.token_ids, (kw, cut)
+
+
+def test_sampled_output_is_reproducible_from_the_seed(gen):
+    reqs = [Request(prompt=p, context=c, temperature=0.9, top_k=40, seed=100 + i) for i, (p, c) in enumerate(CASES)]
+    a = gen.generate(reqs, max_new_tokens=N, speculative=4)
+    b = gen.generate(reqs, max_new_tokens=N, speculative=4)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    other = gen.generate([Request(**{**r.__dict__, "seed": r.seed + 7}) for r in reqs], max_new_tokens=N,
+                         speculative=4)
+    assert [r.token_ids for r in other] != [r.token_ids for r in a]
+
+
+# ---------------------------------------------------------------------------------------------
+# the verification op: batched, exact against float64, steer_sample's RNG contract
+
+
+def _reference_probs(x: torch.Tensor, tau: float, top_k: int, top_p: float) -> torch.Tensor:
+    """float64 probabilities of steer_sample's filtered distribution, by a literal sort (no op code)."""
+    x = x.double()
+    order = torch.argsort(x, descending=True)
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    kept = order[:top_k] if top_k else order
+    w = torch.softmax(x[kept] / tau, 0)
+    mass, n = 0.0, 0
+    for n, v in enumerate(w.tolist(), 1):
+        mass += v
+        if mass >= top_p:
+            break
+    keep[kept[:n]] = True
+    p = torch.zeros_like(x)
+    p[keep] = torch.softmax(x[keep] / tau, 0)
+    return p
+
+
+def test_batched_verify_is_exact_against_float64():
+    """B = 4000 requests in ONE call, each its own seed: the first two emitted tokens are
+    distributed as the float64 steered, tempered, filtered distributions p_1 and p_2 (chi-square,
+    fixed seeds), with top-k / top-p filters applied to p and q alike."""
+    g = torch.Generator().manual_seed(1)
+    B, k, V = 4000, 2, 12
+    zl1, zc1, zn1 = (torch.randn(k + 1, V, generator=g) * 2 for _ in range(3))
+    cfg = SteerConfig(T=5)
+    y1 = steer(zl1, zc1, zn1, cfg)[:k] + torch.randn(k, V, generator=g)  # a proposal near p: accepts and rejections
+    tau, top_k, top_p = 0.8, 9, 0.9
+    zl, zc, zn, y = (t.expand(B, *t.shape).contiguous() for t in (zl1, zc1, zn1, y1))
+    seeds = torch.arange(B, dtype=torch.int64) * 7919 + 3
+    drafts = steer_sample(y.flatten(0, 1), y.flatten(0, 1), None, SteerConfig(T=0), temperature=tau, top_k=top_k,
+                          top_p=top_p, seed=seeds.repeat_interleave(k) ^ 0x5DEECE66D)[0].view(B, k)
+    j, tok = speculative_verify(zl, zc, zn, drafts, cfg, draft_logits=y, temperature=tau, top_k=top_k, top_p=top_p,
+                                seed=seeds, offset=9)
+    assert 0 < int((j < k).sum()) < B, j.bincount().tolist()  # rejections (residual draws) and full accepts both ran
+    d, jl, tl = drafts.tolist(), j.tolist(), tok.tolist()
+    out = [d[b][:jl[b]] + [tl[b]] for b in range(B)]
+    x = steer(zl1, zc1, zn1, cfg)
+    first = torch.bincount(torch.tensor([o[0] for o in out]), minlength=V)
+    second = torch.bincount(torch.tensor([o[1] for o in out if len(o) > 1]), minlength=V)
+    for counts, probs in ((first, _reference_probs(x[0], tau, top_k, top_p)),
+                          (second, _reference_probs(x[1], tau, top_k, top_p))):
+        stat, df = chi2(counts, probs)  # df = 0: one allowed token, every sample on it (checked by chi2)
+        assert df == 0 or stat < chi2_critical(df), (stat, df)
+    # request b's decision depends on its own seed only, not on its slot or the batch
+    for b in (0, 17, B - 1):
+        jb, tb = speculative_verify(zl1, zc1, zn1, drafts[b], cfg, draft_logits=y1, temperature=tau, top_k=top_k,
+                                    top_p=top_p, seed=int(seeds[b]), offset=9)
+        assert (int(jb), int(tb)) == (jl[b], tl[b])
+
+
+def test_verify_without_drafts_draws_what_steer_sample_draws():
+    g = torch.Generator().manual_seed(2)
+    zl, zc, zn = (torch.randn(5, 1, 300, generator=g) * 3 for _ in range(3))
+    seeds = torch.tensor([3, 4, 5, 6, 2**62], dtype=torch.int64)
+    none = torch.zeros((5, 0), dtype=torch.int64)
+    for tau in (0.0, 0.7):
+        j, tok = speculative_verify(zl, zc, zn, none, SteerConfig(T=4), temperature=tau, seed=seeds, offset=21)
+        want = steer_sample(zl[:, 0], zc[:, 0], zn[:, 0], SteerConfig(T=4), temperature=tau, seed=seeds, offset=21)[0]
+        assert j.tolist() == [0] * 5 and torch.equal(tok, want)
+
+
+def test_verify_bad_arguments():
+    zl = torch.randn(2, 3, 10)
+    d = torch.zeros(2, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="draft_logits"):
+        speculative_verify(zl, zl, zl, d, temperature=1.0)
+    with pytest.raises(ValueError, match="slm_ctx_logits"):
+        speculative_verify(zl, zl[:, :2], zl, d)
+    with pytest.raises(ValueError, match="drafts"):
+        speculative_verify(zl, zl, zl, d + 10)
+    with pytest.raises(TypeError, match="drafts"):
+        speculative_verify(zl, zl, zl, d.float())
+    bad = zl.clone()
+    bad[1, 2, 4] = float("nan")
+    with pytest.raises(ValueError, match="request 1"):
+        speculative_verify(bad, zl, zl, d)
+    j, tok = speculative_verify(bad, zl, zl, d, validate=False)
+    assert int(tok[1]) == -1 and int(j[1]) == 0 and int(tok[0]) >= 0
+
+
+def test_sampling_distribution_tiny_model_batched():
+    """The loop's speculative policy at batch 600 (rows advance by the batch's least accepted
+    count): the joint distribution of 3 sampled tokens is still the exact steered one."""
+    from costeer.generator import build_prompts
+
+    V, n_tok, n = 3, 3, 600
+    llm, slm = _tiny(1, V), _tiny(2, V)
+    cfg = SteerConfig(T=3)
+    gen = Generator(llm=llm, slm=slm, cfg=cfg)
+    prompt, context = "ab", "cd"
+    pub, ctx, noctx = build_prompts(llm.tokenizer, slm.tokenizer, prompt, context)
+
+    def last(model, ids):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+    exact = torch.zeros([V] * n_tok, dtype=torch.float64)
+
+    def fill(prefix, prob):
+        if len(prefix) == n_tok:
+            exact[tuple(prefix)] = prob
+            return
+        lp = steer(last(llm.model, pub + prefix)[None], last(slm.model, ctx + prefix)[None],
+                   last(slm.model, noctx + prefix)[None], cfg)[0]
+        p = torch.softmax(lp.double(), -1)
+        for t in range(V):
+            fill(prefix + [t], prob * float(p[t]))
+
+    fill([], 1.0)
+    reqs = [Request(prompt=prompt, context=context, temperature=1.0, seed=5000 + s) for s in range(n)]
+    res = gen.generate(reqs, max_new_tokens=n_tok, speculative=2)
+    counts = torch.zeros([V] * n_tok)
+    for r in res:
+        assert len(r.token_ids) == n_tok
+        counts[tuple(r.token_ids)] += 1
+    assert 0 < sum(r.accepted for r in res) < sum(r.drafted for r in res)
+    stat, df = chi2(counts, exact)
+    assert stat < chi2_critical(df), (stat, df)

@@ -18,7 +18,6 @@ import torch
 
 from costeer import Generator
 from costeer.cli import CLI_DEFAULTS
-from costeer.speculative import SpeculativeGenerator
 from costeer.streams import InProcessLLMStream, OpenAICompletionsStream, dense_from_topk
 from costeer_kernels import SteerConfig
 
@@ -201,7 +200,7 @@ def test_speculative_through_vllm_equals_the_normal_loop(vllm, smol):
     prompt, context = CASES[1]
     normal = g.generate(prompt, context=context, max_new_tokens=24)
     n0 = len(vllm.requests())
-    spec = SpeculativeGenerator(g, k=4).generate(prompt, context, max_new_tokens=24)
+    spec = g.generate(prompt, context=context, max_new_tokens=24, speculative=4)
     assert spec.finish_reason != "error", spec.error
     assert spec.token_ids == normal.token_ids, (spec.text, normal.text)
     sent = vllm.requests()[n0:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import costeer_kernels as ck
-from costeer_kernels import SteerConfig, closed_form_steer, steer, steer_from_hidden, steer_sample
+from costeer_kernels import SteerConfig, closed_form_steer, speculative_verify, steer, steer_from_hidden, steer_sample
 from costeer_kernels.registry import available_backends
 
 from .helpers import make_logits, masked_err
@@ -31,7 +31,7 @@ def _hidden_inputs(B=2, V=97, H=16, dtype=torch.float32, seed=0):
 
 def test_every_public_op_is_registered():
     for name in ("steer", "steer_out", "steer_mapped_out", "steer_sample", "steer_from_hidden",
-                 "steer_from_hidden_out", "sample_from_hidden"):
+                 "steer_from_hidden_out", "sample_from_hidden", "speculative_verify"):
         assert hasattr(torch.ops.costeer, name), name
 
 
@@ -54,6 +54,14 @@ def test_opcheck_every_op(backend):
     if fused:
         torch.library.opcheck(ops.steer_from_hidden.default,
                               (hz[:1], hc[:1], hn[:1], W, hp, None, False, "closed_form", True, backend))
+    # speculative verification: 2 requests x (k=2 drafts + the bonus row), greedy and sampling
+    vl, vc, vn = make_logits(6, 33, seed=5)
+    drafts = torch.randint(0, 33, (2, 2))
+    q = torch.randn(4, 33)
+    for temp in (0.0, 0.8):
+        pv = ck.sampling.make_params(2, "cpu", temp, 5, 0.9, 0.0, torch.tensor([3, 4]), 1)
+        torch.library.opcheck(ops.speculative_verify.default,
+                              (vl, vc, vn, hp, drafts, q, *pv[:6], pv.row_keyed, "torch"))
     idx = torch.randint(-1, 33, (33,), dtype=torch.int32)
     if "steer_mapped" in ck.registry._BACKENDS[backend].kernels:
         torch.library.opcheck(ops.steer_mapped_out.default,
@@ -69,7 +77,8 @@ def test_compile_fullgraph_with_default_arguments_matches_eager():
         tok, tok_lp = steer_sample(zl, zc, zn)
         lp_h = steer_from_hidden(hz, hc, hn, W)
         tok_h, _ = steer_from_hidden(hz, hc, hn, W, sample=True)
-        return lp, tok, tok_lp, lp_h, tok_h
+        j, y = speculative_verify(zl[None], zc[None], zn[None], tok[None, :2])  # 1 request, k = 2
+        return lp, tok, tok_lp, lp_h, tok_h, j, y
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got = compiled(zl, zc, zn, hz, hc, hn, W)
