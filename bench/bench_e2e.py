@@ -44,7 +44,8 @@ CASES = [
     ("What should I cook for dinner tonight?", "I am vegan and allergic to peanuts. I like spicy Thai food."),
 ]
 STEP_KEYS = ("llm_ms", "llm_compute_ms", "transport_ms", "local_ms", "steer_ms", "sample_ms", "total_ms")
-COLUMNS = ["configuration", "tokens/s", "tokens", "seconds", "ms/step", "vs reference loop", "rt/token", "llm_ms",
+COLUMNS = ["configuration", "tokens/s", "tokens", "seconds", "ms/step", "vs LLM alone", "vs reference loop", "rt/token",
+           "steer share", "llm_ms",
            "llm_compute_ms",
            "transport_ms", "local_ms", "steer_ms", "sample_ms", "peak_rss_MB", "rss_rise_MB", "server_peak_MB"]
 
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="requests of the batched row (aggregate tokens/s; 0: skip)")
     ap.add_argument("--vllm", action="store_true",
                     help="add the rows through vLLM (scripts/vllm_cpu.py: its CPU build, the same model, loopback)")
+    ap.add_argument("--pair", action="store_true",
+                    help="add the cross-tokenizer rows: Gemma 3 270M as the LLM, the --model as the small model")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
     ap.add_argument("--name", default="e2e", help="file stem of the report")
     args = ap.parse_args(argv)
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
         ap.error("--max-new-tokens and --repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    info = machine_info("cuda" if str(args.device).startswith("cuda") else "cpu")
     N = args.max_new_tokens
     cfg = SteerConfig(**CLI_DEFAULTS)
     tmp = None
@@ -223,6 +227,11 @@ def main(argv=None) -> int:
     ]
     if args.batch > 1:
         configs.append((f"CoSteer in process, batch {args.batch} (co-batched, aggregate)", batch_fn(inproc, args.batch)))
+    if args.pair:
+        gemma = load_model("gemma3-270m", device=args.device)
+        pair = Generator(llm=gemma, slm=model, cfg=cfg)
+        configs += [("Gemma 3 270M alone (in process)", gen_fn(pair, "llm")),
+                    (f"CoSteer cross-tokenizer (Gemma 3 270M + {model.name})", gen_fn(pair))]
     spec_fn = _speculative_config(model, cfg, N, args.speculative)
     if spec_fn is not None:
         configs.append((f"speculative CoSteer in process (k={args.speculative})", spec_fn))
@@ -275,11 +284,19 @@ def main(argv=None) -> int:
             tmp.cleanup()
     rows = [best[label] for label, _ in configs]
     ref_row = next((r for r in rows if r["configuration"].startswith("reference")), None)
+    alone = {"smol": rows[0], "gemma": next((r for r in rows if r["configuration"].startswith("Gemma")), None)}
     for r in rows:
         r["ms/step"] = r.pop("total_ms", "")
-        r["vs reference loop"] = r["tokens/s"] / ref_row["tokens/s"] if ref_row else ""
+        base = alone["gemma"] if "Gemma" in r["configuration"] else alone["smol"]
+        r["vs LLM alone"] = r["tokens/s"] / base["tokens/s"]
+        r["vs reference loop"] = r["tokens/s"] / ref_row["tokens/s"] if ref_row and "Gemma" not in r["configuration"] else ""
+        # The fused op's share of a decode step (the projection of the delta, steering, the token choice).
+        r["steer share"] = r["steer_ms"] / r["ms/step"] if isinstance(r.get("steer_ms"), float) and r["ms/step"] else ""
         r["server_peak_MB"] = server_peak if "costeer serve" in r["configuration"] else ""
-    info = machine_info("cuda" if str(args.device).startswith("cuda") else "cpu")
+    try:
+        info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
     cmd = "python bench/bench_e2e.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = Report(f"end to end ({model_name} in both roles, cfg {CLI_DEFAULTS}, {len(CASES)} prompts x {N} "
                     f"new tokens, best of {args.repeats} interleaved rounds, git {git_rev()})", info, cmd.strip(), rows)

@@ -49,6 +49,10 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
+    try:  # the machine is often shared: the load beside the numbers says how quiet it was
+        info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
     try:
         import triton
 
@@ -176,7 +180,9 @@ class Report:
         m = self.machine
         head = [f"## {self.title}", "",
                 f"Machine: {m.get('gpu') or m['cpu']} ({m['cores']} cores, torch threads {m['torch_threads']}), "
-                f"torch {m['torch']}, triton {m.get('triton', '-')}, Python {m['python']}.", "",
+                f"torch {m['torch']}, triton {m.get('triton', '-')}, Python {m['python']}"
+                + (f"; load average (1, 5, 15 min) {m['load_avg']} at the start" if m.get("load_avg") else "")
+                + (f", {m['load_avg_end']} at the end" if m.get("load_avg_end") else "") + ".", "",
                 f"Command: `{self.command}`", "",
                 "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in self.rows:
