@@ -4,35 +4,44 @@ context (the fused steering op lives in ``costeer_kernels``).
     from costeer import Generator
     gen = Generator()                      # embedded SmolLM2-135M-Instruct in both roles
     res = gen.generate("Suggest a weekend plan.", context="I love hiking and I live in Zurich.")
-"""
-from .generator import GenerationError, Generator, Request, Result, StepTiming, TextChunk, build_prompts, steer_step
-from .models import DEFAULT_MODEL, LoadedModel, ModelNotFoundError, load_model
-from .streams import (
-    InProcessLLMStream,
-    LLMStep,
-    LLMStream,
-    OpenAICompletionsStream,
-    StreamError,
-    WebSocketLLMStream,
-)
 
-__all__ = [
-    "Generator",
-    "Request",
-    "Result",
-    "StepTiming",
-    "TextChunk",
-    "GenerationError",
-    "build_prompts",
-    "steer_step",
-    "load_model",
-    "LoadedModel",
-    "ModelNotFoundError",
-    "DEFAULT_MODEL",
-    "LLMStream",
-    "LLMStep",
-    "InProcessLLMStream",
-    "WebSocketLLMStream",
-    "OpenAICompletionsStream",
-    "StreamError",
-]
+The names below are imported on first use (PEP 562): ``costeer serve`` and ``costeer models`` start
+without the decoding loop and the kernels, ``costeer generate`` without the server.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "Generator": "generator",
+    "Request": "generator",
+    "Result": "generator",
+    "StepTiming": "generator",
+    "TextChunk": "generator",
+    "GenerationError": "generator",
+    "build_prompts": "generator",
+    "steer_step": "generator",
+    "load_model": "models",
+    "LoadedModel": "models",
+    "ModelNotFoundError": "models",
+    "DEFAULT_MODEL": "models",
+    "LLMStream": "streams",
+    "LLMStep": "streams",
+    "InProcessLLMStream": "streams",
+    "WebSocketLLMStream": "streams",
+    "OpenAICompletionsStream": "streams",
+    "StreamError": "streams",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'costeer' has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -453,6 +453,17 @@ def _generate(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # serve and models parse their own arguments; dispatched first so that their start does not
+    # import the eval package (which imports torch and numpy at once).
+    if argv and argv[0] == "serve":
+        from .server import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv and argv[0] == "models":
+        from .model_cache import main as models_main
+
+        return models_main(argv[1:])
     ap = argparse.ArgumentParser(prog="costeer", description="CoSteer: a cloud LLM steered by a local small model that reads a private context.")
     sub = ap.add_subparsers(dest="command", metavar="{generate,serve,models,eval}")
     _build_generate_parser(sub)
@@ -462,15 +473,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.add_parser("serve", help="serve an LLM's next-token logits over WebSocket (see `costeer serve -h`)", add_help=False)
     sub.add_parser("models", help="the model cache: list, build (`models path ALIAS`), remove (see `costeer models -h`)",
                    add_help=False)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "serve":
-        from .server import main as serve_main
-
-        return serve_main(argv[1:])
-    if argv and argv[0] == "models":
-        from .model_cache import main as models_main
-
-        return models_main(argv[1:])
     args = ap.parse_args(argv)
     if args.command is None:
         ap.print_help()

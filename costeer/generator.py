@@ -463,12 +463,12 @@ class Generator:
             if llm_stream is not None:
                 raise ValueError("llm_stream must share the small model's tokenizer; for an LLM with another "
                                  "tokenizer pass llm= (in process) or llm_url= with llm= naming its tokenizer")
-            from .vocab import build_vocab_map, token_bytes
+            from .vocab import build_vocab_map, token_bytes, vocab_of
 
             n_llm = max(self.llm.vocab_size if self.llm is not None else 0, len(self.llm_tokenizer),
-                        max(self.llm_tokenizer.get_vocab().values()) + 1)
+                        max(vocab_of(self.llm_tokenizer).values()) + 1)
             self.vocab_map = build_vocab_map(self.llm_tokenizer, self.slm.tokenizer, llm_size=n_llm,
-                                             slm_size=max(self.slm.vocab_size, max(self.slm.tokenizer.get_vocab().values()) + 1))
+                                             slm_size=max(self.slm.vocab_size, max(vocab_of(self.slm.tokenizer).values()) + 1))
             self._llm_bytes = token_bytes(self.llm_tokenizer, n_llm)
             self._slm_bytes = token_bytes(self.slm.tokenizer, self.vocab_map.slm_size)
             if self.vocab_map.matched == 0:

@@ -9,9 +9,9 @@ of a GGUF model here does that once and writes what it produced to a cache entry
         config.json              no quantization_config; architectures = the loaded class
         generation_config.json
         tokenizer.json, tokenizer_config.json, ... (tokenizer.save_pretrained)
-        costeer_cache.json       build record: file sizes, timings, versions
+        costeer_cache.json       build record: file sizes, timings, versions, how to load it
 
-Later starts load that folder with ``from_pretrained`` (a few seconds). The folder is also what a
+Later starts load that folder (a second or two: see ``FAST_LOAD``). The folder is also what a
 vLLM server loads (``costeer models path smollm2`` prints it).
 
 ``<cache>`` is ``--model-cache`` / ``--cache-dir``, else ``$COSTEER_MODEL_CACHE``, else the
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the build record says how the entry is loaded ("load")
 ENV_VAR = "COSTEER_MODEL_CACHE"
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "costeer_cache.json"
@@ -265,14 +265,86 @@ def _transformers_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_folder(path: Path, dtype=None, tokenizer_only: bool = False) -> Tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# The build record's "load" entry says how a warm start reads the folder, and the build checked that
+# way against the GGUF model before committing the entry:
+#   tokenizer "tokenizer.json": TokenizersBackend (PreTrainedTokenizerFast) straight from tokenizer.json
+#     and tokenizer_config.json, plus the recorded padding/truncation sides. AutoTokenizer would
+#     import the model's config module, parse the whole tokenizer.json in Python once more (33 MB for
+#     Gemma 3) and, for a class such as GemmaTokenizer, rebuild the BPE model from it: 0.2 s instead of
+#     1.4 s (SmolLM2) and 1.1 s instead of 4.3 s (Gemma 3 270M) on 2 cores.
+#   model "safetensors": the architecture built from config.json with empty (meta) parameters, the
+#     safetensors file memory-mapped and assigned to them, the tied weights tied again: 0.3 s, where
+#     from_pretrained first compiles its checkpoint-conversion rules for every architecture.
+#   "from_pretrained" (either part): the generic transformers path, used when the fast one does not
+#     reproduce the GGUF model.
+FAST_LOAD = {"tokenizer": "tokenizer.json", "model": "safetensors"}
+_TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+def _tokenizer_from_json(path: Path, spec: Dict[str, Any]):
+    """The tokenizer from tokenizer.json + tokenizer_config.json (+ chat_template.jinja), no AutoTokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs = _read_json(path / "tokenizer_config.json")
+    kwargs.pop("tokenizer_class", None)
+    template = path / "chat_template.jinja"
+    if template.is_file():
+        kwargs["chat_template"] = template.read_text(encoding="utf-8")
+    for side in ("padding_side", "truncation_side"):
+        if spec.get(side):
+            kwargs[side] = spec[side]
+    return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), name_or_path=str(path), **kwargs)
+
+
+def _model_from_safetensors(path: Path):
+    """The model built empty from config.json, its weights assigned from the memory-mapped safetensors file."""
+    import itertools
+
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with init_empty_weights():  # parameters on the meta device; buffers (RoPE tables) computed as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    result = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False, assign=True)
+    model.tie_weights()  # the assigned embedding replaced the one lm_head was tied to
+    empty = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if result.unexpected_keys or empty:
+        raise ModelCacheError(f"{path.name}: {WEIGHTS_FILE} does not fit the architecture (unexpected "
+                              f"{result.unexpected_keys[:3]}, not loaded {empty[:3]})")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+    model.config._name_or_path = str(path)
+    return model.eval()
+
+
+def _load_folder(path: Path, dtype=None, tokenizer_only: bool = False,
+                 load: Optional[Dict[str, Any]] = None) -> Tuple[Any, Any]:
+    """``(model, tokenizer)`` of an entry folder, read as its build record's ``load`` entry says
+    (``load``: that entry; None: read the record; no entry: the generic from_pretrained path)."""
+    import torch
+
+    if load is None:
+        load = (entry_info(path) or {}).get("load") or {}
+    tok_spec = load.get("tokenizer") or {}
+    if tok_spec.get("loader") == FAST_LOAD["tokenizer"]:
+        tokenizer = _tokenizer_from_json(path, tok_spec)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer_only:
         return None, tokenizer
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or torch.float32)
+    if load.get("model") == FAST_LOAD["model"]:
+        model = _model_from_safetensors(path)
+        if dtype is not None and dtype != torch.float32:
+            model = model.to(dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or torch.float32)
     return model, tokenizer
 
 
@@ -323,26 +395,71 @@ def _write_entry(tmp: Path, model, tokenizer) -> Tuple[Dict[str, int], List[str]
     return {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}, tied
 
 
-def _check_same(name: str, model, tokenizer, model2, tokenizer2) -> None:
-    import torch
+# Extra texts for the tokenizer comparison: special tokens written out, whitespace runs, a chat turn.
+_TOKENIZER_PROBES = (PROBE_TEXT, "  two  spaces\n\n\ttab  ", "<|im_start|>user\nHi<|im_end|>\n",
+                     "<bos><eos><pad><unk><mask><start_of_turn>user\nHi<end_of_turn>\n")
 
-    ids = tokenizer.encode(PROBE_TEXT)
+
+def _tokenizer_differences(tokenizer, tokenizer2) -> List[str]:
+    """How ``tokenizer2`` (read from the folder) behaves differently from ``tokenizer`` (the GGUF one)."""
     problems = []
-    if tokenizer2.encode(PROBE_TEXT) != ids:
-        problems.append("tokenization differs")
+    for text in _TOKENIZER_PROBES:
+        for special in (True, False):
+            ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+            if tokenizer2(text, add_special_tokens=special)["input_ids"] != ids:
+                problems.append("tokenization differs")
+            elif any(tokenizer2.decode(ids, skip_special_tokens=skip) != tokenizer.decode(ids, skip_special_tokens=skip)
+                     for skip in (True, False)):
+                problems.append("decoding differs")
     if len(tokenizer2) != len(tokenizer) or tokenizer2.get_vocab() != tokenizer.get_vocab():
         problems.append("vocabulary differs")
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "chat_template"):
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "all_special_ids", "chat_template",
+                 "padding_side", "truncation_side", "model_max_length"):
         if getattr(tokenizer, attr, None) != getattr(tokenizer2, attr, None):
             problems.append(f"{attr} differs")
+    if getattr(tokenizer, "chat_template", None):
+        turn = [{"role": "user", "content": "Hi"}]
+        if (tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+                != tokenizer2.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)):
+            problems.append("chat template output differs")
+    return sorted(set(problems))
+
+
+def _logits_differ(tokenizer, model, model2) -> bool:
+    import torch
+
     with torch.no_grad():
-        x = torch.tensor([ids[:24]])
+        x = torch.tensor([tokenizer.encode(PROBE_TEXT)[:24]])
         a, b = model(x).logits, model2(x).logits
-    if a.shape != b.shape or not torch.equal(a, b):
+    return a.shape != b.shape or not torch.equal(a, b)
+
+
+def _check_same(name: str, model, tokenizer, folder: Path, load: Dict[str, Any]) -> Tuple[Any, Any, float]:
+    """The folder loaded back as ``load`` says, compared with the GGUF model; a fast loader that does
+    not reproduce it is replaced by from_pretrained in ``load`` (updated in place). Returns the
+    loaded ``(model, tokenizer)`` and the seconds the first load took (what the next start pays)."""
+    t = time.perf_counter()
+    try:
+        model2, tokenizer2 = _load_folder(folder, load=load)
+    except Exception:  # noqa: BLE001 - a fast loader that cannot read this folder: the generic path
+        load["tokenizer"]["loader"] = load["model"] = "from_pretrained"
+        t = time.perf_counter()
+        model2, tokenizer2 = _load_folder(folder, load=load)
+    load_s = time.perf_counter() - t
+    problems = _tokenizer_differences(tokenizer, tokenizer2)
+    if problems and load["tokenizer"]["loader"] != "from_pretrained":
+        load["tokenizer"]["loader"] = "from_pretrained"
+        tokenizer2 = _load_folder(folder, tokenizer_only=True, load=load)[1]
+        problems = _tokenizer_differences(tokenizer, tokenizer2)
+    if not problems and _logits_differ(tokenizer, model, model2) and load["model"] != "from_pretrained":
+        load["model"] = "from_pretrained"
+        model2 = _load_folder(folder, load=load)[0]
+    if _logits_differ(tokenizer, model, model2):
         problems.append("logits differ")
     if problems:
         raise ModelCacheError(f"{name}: the rebuilt folder does not reproduce the GGUF model ({', '.join(problems)}); "
                               f"nothing was cached. This is a defect: please report it with `costeer models` output.")
+    return model2.eval(), tokenizer2, load_s
 
 
 def _build(entry: CacheEntry, progress: bool) -> Tuple[Any, Any]:
@@ -390,18 +507,21 @@ def _build(entry: CacheEntry, progress: bool) -> Tuple[Any, Any]:
             files, tied = _write_entry(tmp, model, tokenizer)
             timings["write_s"] = time.perf_counter() - t
             bar.update()
-            t = time.perf_counter()
             step("checking the folder")
-            model2, tokenizer2 = _load_folder(tmp)
-            timings["load_s"] = time.perf_counter() - t
-            _check_same(entry.name, model, tokenizer, model2.eval(), tokenizer2)
+            extra = {f.name for f in tmp.iterdir()} - _TOKENIZER_FILES - {WEIGHTS_FILE, "config.json",
+                                                                         "generation_config.json"}
+            load = {"tokenizer": {"loader": FAST_LOAD["tokenizer"] if not extra else "from_pretrained",
+                                  "class": type(tokenizer).__name__, "padding_side": tokenizer.padding_side,
+                                  "truncation_side": tokenizer.truncation_side},
+                    "model": FAST_LOAD["model"]}
+            model2, tokenizer2, timings["load_s"] = _check_same(entry.name, model.eval(), tokenizer, tmp, load)
             bar.update()
         del model
         timings["build_s"] = time.perf_counter() - t0
         info = {
             "format": FORMAT_VERSION, "name": entry.name, "gguf": str(entry.gguf), "gguf_sha256": entry.sha256,
             "versions": library_versions(), "architecture": model2.config.architectures[0],
-            "tied_keys_left_out": tied, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tied_keys_left_out": tied, "load": load, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_id": uuid.uuid4().hex, "timings": {k: round(v, 3) for k, v in timings.items()}, "files": files,
         }
         _write_json_atomic(tmp / INFO_FILE, info)

@@ -17,6 +17,7 @@ small model's values through it (no remapped copy of any [B, V] row).
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -148,10 +149,36 @@ class VocabMap:
                 f"llm_only={self.llm_only}, slm_only={self.slm_only}, schemes=({self.llm_scheme}, {self.slm_scheme}))")
 
 
+# _vocab_and_specials per tokenizer object, with the tokenizer's length when it was read: a
+# cross-tokenizer Generator asks for both vocabularies several times (the map, each side's token
+# bytes, the largest ids), and reading a 262144-token vocabulary out of ``tokenizers`` costs ~0.2 s.
+# Adding tokens changes the length, which invalidates the entry.
+_VOCAB_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _vocab_and_specials(tok) -> Tuple[Dict[str, int], set, object]:
-    """({token: id}, {special token strings}, backend tokenizer or None) of any supported tokenizer."""
+    """({token: id}, {special token strings}, backend tokenizer or None) of any supported tokenizer
+    (the same objects on later calls for the same, unchanged tokenizer: callers must not modify them)."""
     if isinstance(tok, Mapping):
         return dict(tok), set(), None
+    try:
+        size = len(tok)
+        hit = _VOCAB_MEMO.get(tok)
+    except TypeError:  # not sized or not weak-referenceable: read it every time
+        return _read_vocab_and_specials(tok)
+    if hit is not None and hit[0] == size:
+        return hit[1]
+    found = _read_vocab_and_specials(tok)
+    _VOCAB_MEMO[tok] = (size, found)
+    return found
+
+
+def vocab_of(tok) -> Dict[str, int]:
+    """``{token: id}`` of a tokenizer (read once per unchanged tokenizer object; do not modify it)."""
+    return _vocab_and_specials(tok)[0]
+
+
+def _read_vocab_and_specials(tok) -> Tuple[Dict[str, int], set, object]:
     backend = None
     try:
         from tokenizers import Tokenizer
@@ -182,7 +209,10 @@ def detect_scheme(vocab: Mapping[str, int], backend=None) -> str:
         try:
             import json
 
-            spec = json.loads(backend.to_str())
+            # The decoder and pre-tokenizer alone: serializing the whole tokenizer (backend.to_str())
+            # and parsing it back costs seconds for a 262144-token vocabulary (Gemma 3).
+            def spec_of(component):
+                return json.loads(component.__getstate__()) if component is not None else None
 
             def types(node):
                 if isinstance(node, dict):
@@ -194,12 +224,12 @@ def detect_scheme(vocab: Mapping[str, int], backend=None) -> str:
                     return [x for v in node for x in types(v)]
                 return []
 
-            kinds = set(types(spec.get("decoder"))) | set(types(spec.get("pre_tokenizer")))
+            kinds = set(types(spec_of(backend.decoder))) | set(types(spec_of(backend.pre_tokenizer)))
             if "ByteLevel" in kinds:
                 return "byte_level"
             if "Metaspace" in kinds or ("Replace" in kinds and "ByteFallback" in kinds):
                 return "sentencepiece"
-            if spec.get("model", {}).get("byte_fallback"):
+            if getattr(backend.model, "byte_fallback", False):
                 return "sentencepiece"
         except Exception:  # noqa: BLE001 - fall back to the token statistics
             pass

@@ -4,6 +4,7 @@ One cold build per test session, into a temporary cache folder, made by two firs
 (two subprocesses); the other tests reuse that entry (copies of its small files, hard links of its
 weights) so that only one more build (a damaged entry being rebuilt) is paid.
 """
+import copy
 import json
 import os
 import shutil
@@ -148,6 +149,53 @@ def test_entry_is_a_plain_model_folder(cold):
     assert AutoConfig.from_pretrained(str(path), local_files_only=True).model_type == "llama"
     _, info = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+@pytest.mark.slow
+def test_warm_start_reads_the_folder_the_recorded_fast_way(cold):
+    """The build record says how a start loads the entry; for SmolLM2 the fast way, which gives the
+    same tokenizer and model as from_pretrained (the generic path) of the same folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cold["entry"].path
+    load = mc.entry_info(path)["load"]
+    assert load["model"] == "safetensors" and load["tokenizer"]["loader"] == "tokenizer.json", load
+    model, tok = mc._load_folder(path)
+    generic_tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    assert mc._tokenizer_differences(generic_tok, tok) == []
+    generic = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again after the assignment
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert model.generation_config.to_dict() == generic.generation_config.to_dict()
+    assert not model.training
+    assert not mc._logits_differ(tok, generic, model)
+
+
+@pytest.mark.slow
+def test_build_check_falls_back_to_from_pretrained(cold, monkeypatch):
+    """A fast loader that does not reproduce the GGUF model (here: a tokenizer padding on the other
+    side, a model that cannot be read that way) is replaced by from_pretrained in the record."""
+    path = cold["entry"].path
+    model, tok = mc.load_cached(cold["entry"].gguf, "smollm2", cache_dir=cold["cache"])  # equals the GGUF model
+    fast_tokenizer = mc._tokenizer_from_json
+
+    def other_side(folder, spec):
+        t = fast_tokenizer(folder, spec)
+        t.padding_side = "left"
+        return t
+
+    monkeypatch.setattr(mc, "_tokenizer_from_json", other_side)
+    load = copy.deepcopy(mc.entry_info(path)["load"])
+    mc._check_same("smollm2", model, tok, path, load)
+    assert load["tokenizer"]["loader"] == "from_pretrained" and load["model"] == "safetensors", load
+
+    def unreadable(folder):
+        raise mc.ModelCacheError("not this way")
+
+    monkeypatch.setattr(mc, "_model_from_safetensors", unreadable)
+    load = copy.deepcopy(mc.entry_info(path)["load"])
+    model2, tok2, _ = mc._check_same("smollm2", model, tok, path, load)
+    assert load["model"] == "from_pretrained" and not mc._logits_differ(tok, model, model2), load
 
 
 @pytest.mark.slow
