@@ -16,6 +16,10 @@
 #include <algorithm>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "steer_math.h"
 #include "steer_cpu.h"
 
@@ -192,6 +196,46 @@ void first_sweep(const Args& a, const RowParams* hp, const Layout& L, bool track
   });
 }
 
+// phase1(i) for every task i < n, then, once all of them are done, phase2(i): one parallel region
+// with a barrier in place of two (at::parallel_for forks and joins once per call, which costs
+// microseconds against a B=1 row's tens). Both phases give a thread the same tasks, as
+// at::parallel_for's static split would, so phase 2 finds its segments in that core's cache.
+// The closed form's second sweep over segment i (row i / S, segment i % S): the row's parts merged
+// in segment order, then out minus the log-sum-exp in place.
+static void finish_segment(const Kernels& K, const Args& a, const RowParams* hp, const Layout& L, const Part* parts,
+                           int64_t i) {
+  const int64_t S = L.splits, V = a.V;
+  const int64_t r = i / S, k = i % S;
+  const int64_t start = std::min(V, k * L.seg), end = std::min(V, start + L.seg);
+  Part p = parts[r * S];
+  for (int64_t j = 1; j < S; ++j) merge_part(p, parts[r * S + j]);
+  float lse;
+  const int st = finish_row(p.m, p.s, p.flags, hp[r].ok, &lse);
+  if (k == 0) a.status[r] = st;
+  if (start < end) K.subtract(a.out + r * a.out_stride + start, end - start, lse);
+}
+
+template <class F1, class F2>
+static void two_phase_for(int64_t n, const F1& phase1, const F2& phase2) {
+#ifdef _OPENMP
+  const int64_t nt = std::min<int64_t>(at::get_num_threads(), n);
+  if (nt > 1 && !at::in_parallel_region()) {
+#pragma omp parallel num_threads((int)nt)
+    {
+      const int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
+      const int64_t per = (n + team - 1) / team;
+      const int64_t b = std::min(n, tid * per), e = std::min(n, b + per);
+      for (int64_t i = b; i < e; ++i) phase1(i);
+#pragma omp barrier
+      for (int64_t i = b; i < e; ++i) phase2(i);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) phase1(i);
+  for (int64_t i = 0; i < n; ++i) phase2(i);
+}
+
 static void closed_form(const Args& a, int64_t num_splits) {
   const Kernels& K = kernels();
   const int64_t B = a.B, V = a.V;
@@ -211,19 +255,22 @@ static void closed_form(const Args& a, int64_t num_splits) {
   }
   const int64_t S = L.splits;
   std::vector<Part> parts(B * S);
-  first_sweep(a, hp.data(), L, false, parts.data(), nullptr, nullptr);
-  at::parallel_for(0, B * S, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / S, k = i % S;
-      const int64_t start = std::min(V, k * L.seg), end = std::min(V, start + L.seg);
-      Part p = parts[r * S];
-      for (int64_t j = 1; j < S; ++j) merge_part(p, parts[r * S + j]);
-      float lse;
-      const int st = finish_row(p.m, p.s, p.flags, hp[r].ok, &lse);
-      if (k == 0) a.status[r] = st;
-      if (start < end) K.subtract(a.out + r * a.out_stride + start, end - start, lse);
-    }
-  });
+  if (a.proj != nullptr) {
+    first_sweep(a, hp.data(), L, false, parts.data(), nullptr, nullptr);
+    at::parallel_for(0, B * S, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) finish_segment(K, a, hp.data(), L, parts.data(), i);
+    });
+    return;
+  }
+  // Row segments: sweep, barrier, then each task merges its row's parts and subtracts.
+  two_phase_for(
+      B * S,
+      [&](int64_t i) {
+        const int64_t r = i / S, k = i % S;
+        const int64_t start = std::min(V, k * L.seg), end = std::min(V, start + L.seg);
+        parts[i] = start < end ? closed_form_segment(K, a, r, start, end, hp[r].cf, true, false, nullptr) : Part{};
+      },
+      [&](int64_t i) { finish_segment(K, a, hp.data(), L, parts.data(), i); });
 }
 
 // The literal T-step loop for one row (T + 3 sweeps); u is scratch of V floats.

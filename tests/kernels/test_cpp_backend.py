@@ -16,6 +16,7 @@ import costeer_kernels as ck
 from costeer_kernels import SteerConfig, closed_form_steer, reference_steer, steer
 from costeer_kernels import status as st
 from costeer_kernels._extension import build_status
+from costeer_kernels.config import steer_coefficient
 from costeer_kernels.sampling import gumbel_noise
 from costeer_kernels.torch_backend import steer_torch
 
@@ -225,6 +226,28 @@ def test_status_bits_match_torch_backend(isa, mode, splits):
         assert status16.tolist() == expected and torch.isnan(out16).all()
     with pytest.raises(ValueError, match="row 0"):
         steer(zl, zc, zn, backend="cpu", mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["closed_form", "iterative"])
+@pytest.mark.parametrize("splits", [0, 3])
+def test_negative_coefficient_status_and_accuracy(isa, mode, splits):
+    # The SIMD sweeps run c_T < 0 as z_L + |c_T| (z_n - z_c) with z_c and z_n exchanged: the status
+    # bits must still name the input that holds the NaN or +inf, and the values must not change.
+    if splits != 0 and mode == "iterative":
+        pytest.skip("the iterative form has no row split")
+    cfg = SteerConfig(alpha=-2.0, beta=-1.0)
+    assert steer_coefficient(cfg.T, cfg.alpha, cfg.beta, cfg.lam, cfg.eta) < 0
+    zl, zc, zn, hp = _corrupt_rows()
+    hp[:9] = cfg.packed(None, "cpu")
+    out, status = cpp(zl, zc, zn, hp, mode=mode, splits=splits)
+    ref_status = steer_torch(zl, zc, zn, hp, torch.empty_like(out), mode)
+    assert status.tolist()[:6] == [st.NAN_LLM, st.NAN_CTX, st.NAN_NOCTX, st.POSINF_LLM, st.POSINF_CTX,
+                                   st.POSINF_NOCTX]
+    assert torch.equal(status, ref_status)
+    zl, zc, zn = make_logits(3, 5000, seed=12)
+    out, status = cpp(zl, zc, zn, cfg.packed(None, "cpu"), mode=mode, splits=splits)
+    assert status.tolist() == [0, 0, 0]
+    check_accuracy(out, zl, zc, zn, cfg, mode)
 
 
 def test_status_mixed_with_valid_rows(isa):
