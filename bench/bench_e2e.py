@@ -164,11 +164,19 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="requests of the batched row (aggregate tokens/s; 0: skip)")
     ap.add_argument("--vllm", action="store_true",
                     help="add the rows through vLLM (scripts/vllm_cpu.py: its CPU build, the same model, loopback)")
+    ap.add_argument("--vllm-k", default="4,auto",
+                    help="draft lengths of the speculative rows through vLLM, comma-separated ints or 'auto' (empty: none)")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
     ap.add_argument("--name", default="e2e", help="file stem of the report")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1 or args.repeats < 1:
         ap.error("--max-new-tokens and --repeats must be >= 1")
+    from costeer.speculative import parse_k
+
+    try:
+        args.vllm_k = [parse_k(k) for k in args.vllm_k.split(",") if k.strip()]
+    except ValueError as exc:
+        ap.error(f"--vllm-k: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     N = args.max_new_tokens
@@ -224,6 +232,7 @@ def main(argv=None) -> int:
     if spec_fn is not None:
         configs.append((f"speculative CoSteer in process (k={args.speculative})", spec_fn))
     proc = vllm_proc = None
+    vllm_checks = {}
     remotes = []
     server_peak = float("nan")
     try:
@@ -233,11 +242,13 @@ def main(argv=None) -> int:
                 remote = Generator(llm=None, slm=model, llm_url=url, cfg=cfg, **kw)
                 remotes.append(remote)
                 configs.append((f"CoSteer via costeer serve, loopback ({label})", gen_fn(remote)))
+        vllm_labels = set()
         if args.vllm:
-            vllm_proc, vllm_configs = _vllm_configs(model, cfg, N, args.speculative, gen_fn)
+            vllm_proc, vllm_configs = _vllm_configs(model, cfg, N, args.vllm_k, gen_fn, vllm_checks)
             configs += vllm_configs
-        for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm)
-            if not label.startswith("reference"):
+            vllm_labels = {label for label, _ in vllm_configs}
+        for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm; vLLM's rows
+            if not label.startswith("reference") and label not in vllm_labels:  # are warmed up by _vllm_configs)
                 fn()
         best = {}
         for rnd in range(args.repeats):
@@ -279,6 +290,10 @@ def main(argv=None) -> int:
                     f"new tokens, best of {args.repeats} interleaved rounds, git {git_rev()})", info, cmd.strip(), rows)
     out_dir = report.write(args.name, COLUMNS, args.out, plots)
     print(report.markdown(COLUMNS))
+    if args.vllm:
+        summary = _vllm_summary(rows, vllm_checks)
+        (out_dir / f"{args.name}_vllm_targets.md").write_text(summary + "\n")
+        print(summary)
     print(f"wrote {out_dir}")
     return 0
 
@@ -292,16 +307,25 @@ def _load_vllm_script():
     return mod
 
 
-def _vllm_configs(model, cfg, N, k, gen_fn):
+def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
     """vLLM's CPU build on 127.0.0.1 (``scripts/vllm_cpu.py``) and the rows through it:
 
-    * "vLLM decoding alone": one request, ``max_tokens=N``, greedy, the public prompt: the engine's own speed;
-    * "vLLM step rate": ``max_tokens=1`` requests with the growing prompt (what a token-at-a-time loop
-      costs without any device work: the normal loop's bound);
-    * CoSteer through vLLM (top-20, restrict), and speculative CoSteer through it (``prompt_logprobs``).
+    * "vLLM decoding alone": one request per prompt, ``max_tokens=N``, greedy, the public prompt: the
+      engine's own decoding speed (the speculative row's target);
+    * "vLLM step rate": ``max_tokens=1`` requests with the growing prompt, no device work (the
+      engine's own per-request step rate: the normal loop's bound);
+    * CoSteer through vLLM (top-20, restrict), and speculative CoSteer through it (``prompt_logprobs``),
+      one row per draft length in ``ks`` (an int or "auto").
 
-    llm_compute_ms is the engine's own time per request (``--enable-per-request-metrics``).
+    llm_ms is the round trip per step (per round for the speculative rows), llm_compute_ms the engine's
+    own time per request (``--enable-per-request-metrics``: queue + scheduled-to-first-token),
+    transport_ms the difference. ``checks`` receives each speculative row's "same tokens as the normal
+    loop" verdict. Every row re-sends the same prompts, so after the warm-up the normal loop's
+    requests hit vLLM's prefix cache entirely; ``prompt_logprobs`` requests never do.
     """
+    import json
+    import urllib.request
+
     from costeer.generator import build_prompts
     from costeer.speculative import SpeculativeGenerator
     from costeer.streams import OpenAICompletionsStream
@@ -316,13 +340,9 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
     V = len(tok)
 
     def alone():
-        import json
-        import urllib.request
-
         n = 0
         for pub in pubs:
-            body = json.dumps({"model": "smollm2", "prompt": [pub], "max_tokens": N, "temperature": 0.0,
-                               "ignore_eos": False}).encode()
+            body = json.dumps({"model": "smollm2", "prompt": [pub], "max_tokens": N, "temperature": 0.0}).encode()
             req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=300) as r:
                 n += json.loads(r.read())["usage"]["completion_tokens"]
@@ -341,37 +361,76 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
                 if i < N - 1:
                     s.send([int(out.logits[0].argmax())])
             s.close()
-        return n, {"llm_ms": 1e3 * sum(rts) / len(rts), "llm_compute_ms": 1e3 * sum(server) / len(server),
-                   "rt/token": 1.0}
+        rt, sv = 1e3 * sum(rts) / len(rts), 1e3 * sum(server) / len(server)
+        return n, {"llm_ms": rt, "llm_compute_ms": sv, "transport_ms": rt - sv, "total_ms": rt, "rt/token": 1.0}
 
     remote = Generator(llm=None, slm=model, llm_url=url, remote_model="smollm2", topk=20, cfg=cfg)
-    normal = gen_fn(remote)
+    normal_ids = {}
 
-    def normal_rt():
-        n, steps = normal()
-        steps["rt/token"] = 1.0
-        return n, steps
+    def normal():
+        n, steps = 0, []
+        for p, c in CASES:
+            r = remote.generate(p, context=c, max_new_tokens=N)
+            normal_ids[p] = r.token_ids
+            n += len(r.token_ids)
+            steps.append(r.timing_summary())
+        mean = {key: sum(st[key] for st in steps) / len(steps) for key in STEP_KEYS}
+        mean["rt/token"] = 1.0
+        return n, mean
 
     configs = [("vLLM decoding alone (1 request, max_tokens=N)", alone),
                ("vLLM step rate (max_tokens=1 per token, growing prompt)", step_rate),
-               ("CoSteer through vLLM (top-20, restrict)", normal_rt)]
-    if k > 0:
-        spec = SpeculativeGenerator(remote, k)
+               ("CoSteer through vLLM (top-20, restrict)", normal)]
 
-        def spec_run():
-            n, calls, decided, steps = 0, 0, 0, []
+    def spec_row(k):
+        spec = SpeculativeGenerator(remote, k)
+        label = f"speculative CoSteer through vLLM (k={k}, prompt_logprobs)"
+
+        def run():
+            n, calls, decided, steps, same = 0, 0, 0, [], True
             for p, c in CASES:
                 r = spec.generate(p, c, max_new_tokens=N)
                 n += len(r.token_ids)
                 calls += r.llm_calls
                 decided += r.decided
                 steps.append(r.timing_summary())
+                same = same and (p not in normal_ids or r.token_ids == normal_ids[p])
+            checks[label] = same and len(normal_ids) == len(CASES)
             mean = {key: sum(st.get(key, 0.0) for st in steps) / len(steps) for key in STEP_KEYS}
             mean["rt/token"] = calls / max(1, decided)
             return n, mean
+        return label, run
 
-        configs.append((f"speculative CoSteer through vLLM (k={k}, prompt_logprobs)", spec_run))
+    configs += [spec_row(k) for k in ks]
+    # one short request per kind warms the engine up (its first request is seconds); the rows
+    # themselves get no warm-up round, which would double the run's length
+    for extra in ({}, {"prompt_logprobs": 20}):
+        body = json.dumps({"model": "smollm2", "prompt": [pubs[0]], "max_tokens": 2, "temperature": 0.0,
+                           "logprobs": 20, **extra}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", body,
+                                                           {"Content-Type": "application/json"}), timeout=300) as r:
+            r.read()
     return proc, configs
+
+
+def _vllm_summary(rows, checks) -> str:
+    """The issue's targets for the rows through vLLM, from this run's numbers."""
+    by = {r["configuration"]: r for r in rows}
+    alone = by.get("vLLM decoding alone (1 request, max_tokens=N)")
+    rate = by.get("vLLM step rate (max_tokens=1 per token, growing prompt)")
+    normal = by.get("CoSteer through vLLM (top-20, restrict)")
+    out = []
+    if rate and normal:
+        x = normal["tokens/s"] / rate["tokens/s"]
+        out.append(f"- normal loop through vLLM / vLLM step rate: {x:.2f}x (target >= 0.8x: {'met' if x >= 0.8 else 'not met'})")
+    for label, same in checks.items():
+        r = by[label]
+        x = r["tokens/s"] / alone["tokens/s"] if alone else float("nan")
+        rt = r["rt/token"]
+        out.append(f"- {label}: {x:.2f}x vLLM decoding alone (target >= 1.0x: {'met' if x >= 1.0 else 'not met'}), "
+                   f"{rt:.3f} round trips/token (<= 0.35: {'met' if rt <= 0.35 else 'not met'}), "
+                   f"tokens identical to the normal loop: {same}")
+    return "\n".join(out)
 
 
 def _speculative_config(model, cfg, N, k):
