@@ -307,6 +307,20 @@ def _load_vllm_script():
     return mod
 
 
+def _pinned(fn, cores):
+    """``fn`` run on ``cores`` only, with as many torch threads (then the previous placement again)."""
+    def run():
+        before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
+        try:
+            return fn()
+        finally:
+            os.sched_setaffinity(0, before)
+            torch.set_num_threads(threads)
+    return run
+
+
 def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
     """vLLM's CPU build on 127.0.0.1 (``scripts/vllm_cpu.py``) and the rows through it:
 
@@ -319,7 +333,15 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
 
     llm_ms is the round trip per step (per round for the speculative rows), llm_compute_ms the engine's
     own time per request (``--enable-per-request-metrics``: queue + scheduled-to-first-token),
-    transport_ms the difference. ``checks`` receives each speculative row's "same tokens as the normal
+    transport_ms the difference.
+
+    Cores: on a machine of its own vLLM would use all of them; here it shares them with this process,
+    and two OpenMP runtimes that spin-wait on the same cores slow each other down many times over
+    (measured on 2 cores: the normal loop's local passes took 1.6 s per step beside vLLM, 0.19 s
+    with the cores split). So vLLM is bound to the last core (``VLLM_CPU_OMP_THREADS_BIND``) and the
+    rows through it run this process on the other cores: the cloud and the device on separate
+    hardware, as deployed. Every vLLM row, "alone" and "step rate" included, runs under that split.
+    ``checks`` receives each speculative row's "same tokens as the normal
     loop" verdict. Every row re-sends the same prompts, so after the warm-up the normal loop's
     requests hit vLLM's prefix cache entirely; ``prompt_logprobs`` requests never do.
     """
@@ -333,7 +355,11 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
     vc = _load_vllm_script()
     if not vc.venv_ready(vc.DEFAULT_VENV):
         raise SystemExit(f"--vllm: no vLLM environment at {vc.DEFAULT_VENV}: run python scripts/vllm_cpu.py setup")
-    print("  starting vLLM (about a minute)", file=sys.stderr, flush=True)
+    cores = sorted(os.sched_getaffinity(0))
+    device_cores = set(cores[:-1]) or set(cores)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cores[-1]))
+    print(f"  starting vLLM on core {os.environ['VLLM_CPU_OMP_THREADS_BIND']} (about a minute); the device "
+          f"side of its rows runs on {sorted(device_cores)}", file=sys.stderr, flush=True)
     proc, url = vc.start_server(venv=vc.DEFAULT_VENV)
     tok = model.tokenizer
     pubs = [build_prompts(tok, tok, p, c)[0] for p, c in CASES]
@@ -402,6 +428,7 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
         return label, run
 
     configs += [spec_row(k) for k in ks]
+    configs = [(label, _pinned(fn, device_cores)) for label, fn in configs]
     # one short request per kind warms the engine up (its first request is seconds); the rows
     # themselves get no warm-up round, which would double the run's length
     for extra in ({}, {"prompt_logprobs": 20}):
