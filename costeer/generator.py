@@ -388,6 +388,8 @@ class Generator:
             (``"drop"``, the paper's intersection variant). With a remote LLM, ``llm`` names the
             model whose tokenizer makes its prompt ids.
             For an ``http(s)://`` endpoint ``reconnect_timeout`` bounds the resends of one step.
+            None: the stream's own default (30 s for ``costeer serve``, 300 s for an
+            OpenAI-compatible engine, which takes minutes to restart).
         api_key: for an ``http(s)://`` endpoint (default ``$COSTEER_API_KEY``, then ``$OPENAI_API_KEY``).
     """
 
@@ -397,7 +399,7 @@ class Generator:
                  transport_dtype: str = "float16", topk: int = 20, topk_policy: str = "restrict",
                  context_template: str = DEFAULT_CONTEXT_TEMPLATE, system_prompt: Optional[str] = None,
                  cobatch: bool = True, gate: Optional[GateFn] = None, timeout: float = 60.0,
-                 token: Optional[str] = None, reconnect_timeout: float = 30.0, unmapped: str = "keep",
+                 token: Optional[str] = None, reconnect_timeout: Optional[float] = None, unmapped: str = "keep",
                  api_key: Optional[str] = None):
         if cfg is not None and not isinstance(cfg, SteerConfig):
             raise TypeError(f"cfg must be a SteerConfig or None, got {type(cfg).__name__}")
@@ -431,7 +433,9 @@ class Generator:
                 else (llm.tokenizer if isinstance(llm, LoadedModel) else load_tokenizer(llm))
             if llm_url.startswith(("ws://", "wss://")):
                 kw = dict(response_format=response_format, dtype=transport_dtype, k=topk, topk_policy=topk_policy, timeout=timeout,
-                          token=token, reconnect_timeout=reconnect_timeout)
+                          token=token)
+                if reconnect_timeout is not None:
+                    kw["reconnect_timeout"] = reconnect_timeout
                 probe = WebSocketLLMStream(llm_url, **kw)  # fails fast (clear error) if unreachable
                 self._ws = probe  # ONE persistent connection, reused by every generation
 
@@ -445,9 +449,10 @@ class Generator:
             elif llm_url.startswith(("http://", "https://")):
                 name = remote_model or (llm if isinstance(llm, str) else "default")
                 vocab = len(self.llm_tokenizer)
+                kw = {} if reconnect_timeout is None else {"reconnect_timeout": reconnect_timeout}
                 self._stream_factory = lambda: OpenAICompletionsStream(llm_url, model=name, vocab_size=vocab, k=topk,
                                                                        topk_policy=topk_policy, timeout=timeout,
-                                                                       api_key=api_key, reconnect_timeout=reconnect_timeout)
+                                                                       api_key=api_key, **kw)
                 self.llm_name = f"{name}@{llm_url}"
             else:
                 raise ValueError(f"llm_url must start with ws://, wss://, http:// or https://, got {llm_url!r}")

@@ -57,6 +57,10 @@ CA_ENV = "COSTEER_CA_FILE"  # PEM file of a private CA that signed a `costeer se
 # (top-k answers are made dense), so a hostile number must not become a huge allocation. Real
 # vocabularies are below 2**18.
 MAX_VOCAB = 2**22
+# How long an OpenAI-compatible stream keeps resending a step whose connection broke. An engine
+# restart is the long case: vLLM's CPU build is back in 1-2 minutes on 2 cores, a GPU engine loading a
+# large model takes minutes; costeer serve (WebSocketLLMStream, 30 s) starts in seconds.
+OPENAI_RECONNECT_TIMEOUT = 300.0
 
 
 @dataclass
@@ -603,7 +607,8 @@ class OpenAICompletionsStream(LLMStream):
     connection turns out closed (an engine closes an idle keep-alive connection, vLLM after 5 s;
     the engine restarted) or the answer is 502/503/504, the stream reconnects and sends it again,
     at once and then with exponential backoff (``backoff`` s doubling up to ``max_backoff``) for at
-    most ``reconnect_timeout`` s (0: never). Other HTTP errors, an answer slower than ``timeout`` s
+    most ``reconnect_timeout`` s (0: never; the default, 300 s, covers an engine restart: nothing is
+    lost, the prompt is the whole state). Other HTTP errors, an answer slower than ``timeout`` s
     and malformed answers raise ``StreamError`` naming the URL. ``reconnects`` counts the resends.
 
     ``api_key`` (default ``$COSTEER_API_KEY``, then ``$OPENAI_API_KEY``) is sent as
@@ -626,7 +631,7 @@ class OpenAICompletionsStream(LLMStream):
 
     def __init__(self, base_url: str, *, model: str, vocab_size: int, k: int = 20, topk_policy: str = "restrict",
                  max_len: int | str | None = "auto", timeout: float = 60.0, api_key: Optional[str] = None,
-                 reconnect_timeout: float = 30.0, backoff: float = 0.05, max_backoff: float = 2.0):
+                 reconnect_timeout: float = OPENAI_RECONNECT_TIMEOUT, backoff: float = 0.05, max_backoff: float = 2.0):
         u = urllib.parse.urlsplit(base_url if isinstance(base_url, str) else "")
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"base_url must be an http(s):// URL, got {base_url!r}")

