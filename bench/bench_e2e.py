@@ -371,8 +371,8 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
     import json
     import urllib.request
 
-    from costeer.generator import build_prompts
-    from costeer.streams import OpenAICompletionsStream
+    from costeer.loop import build_prompts
+    from costeer.llm import OpenAICompletionsStream
 
     vc = _load_vllm_script()
     if not vc.venv_ready(vc.DEFAULT_VENV):

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from costeer import Generator  # noqa: E402
 from costeer.cli import CLI_DEFAULTS  # noqa: E402
 from costeer.models import load_model  # noqa: E402
-from costeer.slm import KVBatch  # noqa: E402
+from costeer.kv import KVBatch  # noqa: E402
 from costeer.speculative import Speculation, parse_k  # noqa: E402
 from costeer_kernels import SteerConfig  # noqa: E402
 

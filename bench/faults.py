@@ -76,12 +76,12 @@ def server_faults(model, loaded, n_tokens, kills, drops, rng):
                 restarts.append(t)
             elif n in drop_at:
                 drop_at.discard(n)
-                gen._ws._ws.socket.shutdown(socket.SHUT_RDWR)  # the connection is cut under the client
+                gen.connection._ws.socket.shutdown(socket.SHUT_RDWR)  # the connection is cut under the client
         for t in restarts:
             t.join()
         wall = time.time() - t0
         return {"tokens": n_tokens, "server_kills": kills, "connection_drops": drops,
-                "reconnects": gen._ws.reconnects, "equal_to_uninterrupted": res.token_ids == ref.token_ids
+                "reconnects": gen.connection.reconnects, "equal_to_uninterrupted": res.token_ids == ref.token_ids
                 and res.text == ref.text, "wall_s": round(wall, 1)}
     finally:
         gen.close()

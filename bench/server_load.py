@@ -35,8 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from costeer import StreamError, WebSocketLLMStream  # noqa: E402
-from costeer import protocol as P  # noqa: E402
-from costeer.generator import chat_ids  # noqa: E402
+from costeer.serve import protocol as P  # noqa: E402
+from costeer.loop import chat_ids  # noqa: E402
 from costeer.models import load_tokenizer  # noqa: E402
 
 TOPICS = ["cats", "rivers", "tax law", "jazz", "volcanoes", "chess", "bread", "Mars"]
@@ -89,7 +89,7 @@ def hostile(args, url, proc, report, samples):
 
     from websockets.sync.client import connect
 
-    from costeer.protocol import score_frame
+    from costeer.serve.protocol import score_frame
 
     hello = WebSocketLLMStream(url, response_format="topk", k=5)
     limits = hello.info["limits"]

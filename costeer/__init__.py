@@ -11,24 +11,24 @@ without the decoding loop and the kernels, ``costeer generate`` without the serv
 from importlib import import_module
 
 _EXPORTS = {
-    "Generator": "generator",
-    "Request": "generator",
-    "Result": "generator",
-    "StepTiming": "generator",
-    "TextChunk": "generator",
-    "GenerationError": "generator",
-    "build_prompts": "generator",
-    "steer_step": "generator",
+    "Generator": "loop",
+    "Request": "types",
+    "Result": "types",
+    "StepTiming": "types",
+    "TextChunk": "types",
+    "GenerationError": "types",
+    "build_prompts": "loop",
+    "steer_step": "loop",
     "load_model": "models",
     "LoadedModel": "models",
     "ModelNotFoundError": "models",
     "DEFAULT_MODEL": "models",
-    "LLMStream": "streams",
-    "LLMStep": "streams",
-    "InProcessLLMStream": "streams",
-    "WebSocketLLMStream": "streams",
-    "OpenAICompletionsStream": "streams",
-    "StreamError": "streams",
+    "LLMStream": "llm",
+    "LLMStep": "llm",
+    "InProcessLLMStream": "llm",
+    "WebSocketLLMStream": "llm",
+    "OpenAICompletionsStream": "llm",
+    "StreamError": "llm",
 }
 
 __all__ = list(_EXPORTS)

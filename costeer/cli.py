@@ -265,9 +265,10 @@ def _output_key(args, context: str) -> str:
 def _generate(args) -> int:
     from costeer_kernels import SteerConfig
 
-    from .generator import GenerationError, Generator
+    from .types import GenerationError
+    from .loop import Generator
     from .models import ModelNotFoundError
-    from .streams import StreamError
+    from .llm import StreamError
 
     if args.model_cache:
         from .model_cache import ENV_VAR
@@ -304,7 +305,7 @@ def _generate(args) -> int:
         _err("--timeout must be > 0 seconds")
         return 2
     if args.ca_file is not None:  # read by the costeer serve client (WebSocketLLMStream)
-        from .streams import CA_ENV
+        from .llm import CA_ENV
 
         os.environ[CA_ENV] = args.ca_file
     if args.resume and not args.output:
@@ -458,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # serve and models parse their own arguments; dispatched first so that their start does not
     # import the eval package (which imports torch and numpy at once).
     if argv and argv[0] == "serve":
-        from .server import main as serve_main
+        from .serve.server import main as serve_main
 
         return serve_main(argv[1:])
     if argv and argv[0] == "models":

@@ -25,7 +25,7 @@ import torch
 import costeer_kernels
 from costeer_kernels import SteerConfig
 
-from .generator import DEFAULT_CONTEXT_TEMPLATE, build_prompts
+from .loop import DEFAULT_CONTEXT_TEMPLATE, build_prompts
 from .models import DEFAULT_MODEL, LoadedModel, load_model, same_vocabulary
 from .slm import LocalOutput, LocalRunner
 
@@ -78,7 +78,7 @@ class CoSteerLogitsProcessor(_Base):
             Only the small model reads it.
         prompt: the public user message of each request (string or list), as given to the chat
             template. With it, the small model's prompts are built exactly like ``costeer.Generator``
-            builds them (``costeer.generator.build_prompts``: chat template, the context inside the
+            builds them (``costeer.loop.build_prompts``: chat template, the context inside the
             user message through ``context_template``), so greedy ``generate()`` reproduces
             ``Generator`` token for token when the LLM's ``input_ids`` are
             ``chat_ids(tokenizer, prompt)``. Without it, the small model's without-context prompt is the

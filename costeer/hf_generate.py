@@ -9,7 +9,7 @@
 
 transformers prepares the inputs, the generation config, the logits processors and the stopping
 criteria, then calls this loop instead of its own ``_sample``. Per step: the LLM's next-token
-logits (its rows in a ``costeer.slm.KVBatch``: left padding from ``attention_mask``, its own KV
+logits (its rows in a ``costeer.kv.KVBatch``: left padding from ``attention_mask``, its own KV
 cache), the non-sampling logits processors (repetition penalty, min length, bad words, ...), the
 small model's two passes (the ``CoSteerLogitsProcessor``'s state), then ONE
 ``costeer_kernels.steer_sample`` call that steers and picks the token (greedy, or Gumbel-max with
@@ -33,7 +33,7 @@ import torch
 import costeer_kernels
 
 from .hf import CoSteerLogitsProcessor
-from .slm import KVBatch
+from .kv import KVBatch
 
 __all__ = ["generate", "CUSTOM_GENERATE_DIR"]
 

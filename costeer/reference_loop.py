@@ -12,8 +12,8 @@ import torch
 
 from costeer_kernels import SteerConfig, reference_steer
 
-from .generator import DEFAULT_CONTEXT_TEMPLATE, build_prompts
-from .slm import _cache_kwarg, _new_cache
+from .loop import DEFAULT_CONTEXT_TEMPLATE, build_prompts
+from .kv import _cache_kwarg, _new_cache
 
 
 class _Single:

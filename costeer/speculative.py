@@ -56,7 +56,7 @@ import costeer_kernels
 from costeer_kernels import SteerConfig, speculative_verify
 from costeer_kernels.torch_backend import llm_max_prob
 
-from .generator import Result
+from .types import Result
 
 PROPOSALS = ("ctx", "proxy")
 DRAFT_KEY = 0x9E3779B97F4A7C15  # drafts draw from the request's seed XOR this: a stream of their own

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import costeer_kernels  # noqa: E402  (registers torch.ops.costeer.*)
-from costeer.generator import build_prompts  # noqa: E402
+from costeer.loop import build_prompts  # noqa: E402
 from costeer.models import load_model  # noqa: E402
 from costeer_kernels import SteerConfig  # noqa: E402
 from transformers import DynamicCache  # noqa: E402

@@ -45,7 +45,7 @@ def _say(msg: str) -> None:
 
 def run_eval(args) -> int:
     """The ``eval`` sub-command; returns the exit status."""
-    from costeer.cli import CLI_DEFAULTS
+    from ..cli import CLI_DEFAULTS
 
     from .data import DataError, load_longlamp, project_set, read_items
     from .runner import EvalError, System, default_systems, evaluate

@@ -155,7 +155,7 @@ class _Systems:
     """Builds and caches one generator per system; ``run(system, item)`` -> (text, tokens, seconds)."""
 
     def __init__(self, llm: str, slm: str, xtok: Optional[Sequence[str]], device: str, say: Callable[[str], None]):
-        from costeer.models import load_model
+        from ..models import load_model
 
         self.llm_name, self.slm_name, self.device, self.say = llm, slm, device, say
         self.slm = load_model(slm, device=device)
@@ -166,7 +166,7 @@ class _Systems:
         self.skipped: Dict[str, str] = {}
 
     def _generator(self, s: System):
-        from costeer import Generator
+        from .. import Generator
         from costeer_kernels import SteerConfig
 
         if s.name in self._gens:
@@ -174,7 +174,7 @@ class _Systems:
         cfg = SteerConfig(T=s.T) if s.T is not None else None
         kw = dict(cfg=cfg, context_template=CONTEXT_TEMPLATE, device=self.device)
         if s.kind == "gate":
-            from costeer.gating import ConfidenceGate
+            from ..gating import ConfidenceGate
 
             gen = Generator(llm=self.llm, slm=self.slm, gate=ConfidenceGate(threshold=0.9, patience=3), **kw)
         elif s.kind in ("topk-restrict", "topk-floor"):
@@ -186,7 +186,7 @@ class _Systems:
         elif s.kind == "xtok":
             if not self.xtok:
                 raise _Skip("no different-tokenizer pair given (--xtok-pair LLM SLM, both installed locally)")
-            from costeer.models import ModelNotFoundError, load_model
+            from ..models import ModelNotFoundError, load_model
 
             try:
                 xl, xs = (load_model(m, device=self.device) for m in self.xtok)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from costeer.retokenize import TailRetokenizer
-from costeer.slm import KVBatch
+from costeer.kv import KVBatch
 from costeer.vocab import token_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

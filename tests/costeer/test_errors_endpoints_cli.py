@@ -11,7 +11,7 @@ import torch
 from costeer import GenerationError, Generator, LLMStream, ModelNotFoundError, StreamError
 from costeer.cli import main as cli_main
 from costeer.models import INSTALL_HINT, load_model, resolve_model
-from costeer.streams import InProcessLLMStream, dense_from_topk
+from costeer.llm import InProcessLLMStream, dense_from_topk
 
 PROMPT, CONTEXT = "What should I cook tonight?", "I am vegan and allergic to peanuts."
 

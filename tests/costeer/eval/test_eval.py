@@ -14,7 +14,7 @@ from costeer.eval import (DataError, GoldScorer, LikelihoodScorer, System, boots
                           read_simple, top_k_records)
 from costeer.eval.runner import CONTEXT_TEMPLATE
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _write(path, lines):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from costeer import Generator, StreamError
-from costeer import protocol as P
+from costeer.serve import protocol as P
 from costeer.cli import CLI_DEFAULTS
 from costeer_kernels import SteerConfig
 
@@ -52,7 +52,7 @@ def test_secret_never_reaches_the_server(server, smol):
         ids = tok(variant, add_special_tokens=False)["input_ids"]
         assert not _contains(stream, ids), variant
     # Everything the server got is the public prompt and the chosen tokens, nothing else.
-    from costeer.generator import chat_ids
+    from costeer.loop import chat_ids
 
     public = chat_ids(tok, PROMPT)
     assert public in tokens
@@ -65,11 +65,11 @@ def test_served_generation_equals_in_process(server, smol):
     remote = Generator(llm=None, slm=smol, llm_url=server.url, cfg=cfg, transport_dtype="float32")
     prompts = [("What should I cook tonight?", "I am vegan and allergic to peanuts."),
                ("Recommend a book for me.", "My favourite genre is science fiction; I enjoyed Dune.")]
-    connection = remote._ws
+    connection = remote.connection
     for p, c in prompts:
         a = local.generate(p, context=c, max_new_tokens=10)
         b = remote.generate(p, context=c, max_new_tokens=10)
-        assert remote._ws is connection and connection.reusable  # one persistent connection
+        assert remote.connection is connection and connection.reusable  # one persistent connection
         assert a.token_ids == b.token_ids
         s = b.timing_summary()
         assert s["transport_ms"] >= 0 and s["local_ms"] > 0

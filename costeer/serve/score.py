@@ -16,7 +16,7 @@ server's memory budget (``B * n`` rows of logits) before any work; more than ``p
 tokens (all rows counted) are scored in several forwards between other sessions' steps.
 
 The op uses the server's public hooks only (``LLMServer.session``, ``answer_logits``, ``record``);
-the client's frame builder is ``costeer.protocol.score_frame``.
+the client's frame builder is ``costeer.serve.protocol.score_frame``.
 """
 from __future__ import annotations
 

@@ -14,9 +14,9 @@ import pytest
 from websockets.sync.client import connect
 
 from costeer import StreamError, WebSocketLLMStream
-from costeer import protocol as P
-from costeer.generator import chat_ids
-from costeer.slm import KVBatch
+from costeer.serve import protocol as P
+from costeer.loop import chat_ids
+from costeer.kv import KVBatch
 from tests.costeer.tiny import ServerThread
 
 N_CONCURRENT = 32

@@ -1,6 +1,6 @@
 """``costeer serve``: a WebSocket server hosting a Hugging Face causal LM (the "cloud" side).
 
-One persistent connection per client; every message is one binary frame (``costeer.protocol``).
+One persistent connection per client; every message is one binary frame (``costeer.serve.protocol``).
 A client opens a session with the public prompts' token ids (one row per request), receives the
 next-token logits (full vocabulary in float16/bfloat16/float32, or top-k ids + log-probs), sends
 back the chosen token of every row, and so on. Each session has its own KV cache (a ``KVBatch``),
@@ -270,7 +270,7 @@ class Scheduler:
 
 
 def _chunked_kv_class():
-    from .slm import KVBatch
+    from ..kv import KVBatch
 
     class ChunkedKV(KVBatch):
         """A ``KVBatch`` whose prefill can run as several forwards (chunked prefill)."""
@@ -677,8 +677,8 @@ class LLMServer:
 
     async def _score(self, frame, header, payload, sessions):
         """Speculative steering: roll back, then score n tokens per row in one forward
-        (``costeer/spec_server.py``)."""
-        from .spec_server import handle_score
+        (``costeer/serve/score.py``)."""
+        from .score import handle_score
 
         return await handle_score(self, header, payload, sessions)
 
@@ -848,7 +848,7 @@ def _unbindable(host: str, port: int) -> Optional[str]:
 
 
 def main(argv=None) -> int:
-    from .models import DEFAULT_MODEL, ModelNotFoundError, load_model
+    from ..models import DEFAULT_MODEL, ModelNotFoundError, load_model
 
     ap = argparse.ArgumentParser(prog="costeer serve", description="Serve an LLM's next-token logits over WebSocket.")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="alias, Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)")

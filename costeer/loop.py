@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -47,13 +46,21 @@ from .gating import ConfidenceGate
 from .models import DEFAULT_MODEL, LoadedModel, load_model, load_tokenizer, same_vocabulary
 from .retokenize import TailRetokenizer
 from .slm import LocalOutput, LocalRunner
-from .streams import InProcessLLMStream, LLMStream, OpenAICompletionsStream, WebSocketLLMStream
+from .llm import LLMStream, factory as llm_factory
+from .types import GenerationError, Request, Result, StepTiming, TextChunk
+
 
 MODES = ("costeer", "llm", "slm")
+
+
 UNMAPPED = ("keep", "drop")
+
+
 # c_T = 0: the op's input rows pass through unsteered (the LLM alone, the small model alone, or a
 # gated-off row), so every mode picks its tokens with the same kernel and the same RNG.
 _UNSTEERED = SteerConfig(T=0)
+
+
 DEFAULT_CONTEXT_TEMPLATE = "Here is some information about me:\n{context}\n\n{prompt}"
 
 
@@ -62,83 +69,6 @@ def steer_step(llm_logits: torch.Tensor, local: LocalOutput, cfg: SteerConfig) -
     speculative verification compares. The decoding loop itself never materializes them: it picks
     tokens with one fused op (``Generator``'s module docstring)."""
     return costeer_kernels.steer(llm_logits, local.logits["ctx"], local.logits["noctx"], cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests, results, timings
-
-
-@dataclass
-class Request:
-    """One generation request. ``context`` is private: only the small model ever reads it."""
-
-    prompt: str
-    context: str = ""
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: Sequence[str] = ()
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0  # 0: off
-
-
-@dataclass
-class StepTiming:
-    """Seconds spent in one decoding step of a batch."""
-
-    step: int
-    llm_s: float  # waiting for the LLM's logits (its compute, or the rest of the round trip)
-    llm_compute_s: float  # the LLM's own compute (server-side for costeer serve; 0 if unknown)
-    transport_s: float  # round trip minus LLM compute (remote streams)
-    local_s: float  # small-model passes (and the co-batched LLM rows)
-    steer_s: float  # the fused op: projection of the delta, steering and the token choice
-    sample_s: float  # the token ids' read-back, detokenization, stop checks
-    total_s: float
-
-
-@dataclass
-class Result:
-    text: str = ""
-    token_ids: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None  # "eos", "stop", "length", "error"
-    error: Optional[str] = None
-    prompt_tokens: int = 0
-    context_tokens: int = 0
-    elapsed_s: float = 0.0
-    prefill_s: float = 0.0
-    timings: List[StepTiming] = field(default_factory=list)  # shared by the requests of a batch
-    steered_tokens: int = 0  # tokens chosen from the steered distribution (the rest: gated off)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-    def timing_summary(self) -> Dict[str, float]:
-        """Mean milliseconds per decoding step of each component."""
-        n = max(1, len(self.timings))
-        keys = ("llm_s", "llm_compute_s", "transport_s", "local_s", "steer_s", "sample_s", "total_s")
-        out = {k.replace("_s", "_ms"): 1e3 * sum(getattr(t, k) for t in self.timings) / n for k in keys}
-        out["steps"] = len(self.timings)
-        out["prefill_ms"] = 1e3 * self.prefill_s
-        return out
-
-
-@dataclass
-class TextChunk:
-    index: int  # which request
-    text: str  # new text (may be "")
-    done: bool = False
-    result: Optional[Result] = None  # set when done
-    token: Optional[int] = None  # the token id this step appended to the request (None: none, e.g. EOS)
-
-
-class GenerationError(RuntimeError):
-    """Generation failed part way; ``results`` hold everything produced before the failure."""
-
-    def __init__(self, message: str, results: List[Result]):
-        super().__init__(message)
-        self.results = results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +298,7 @@ class Generator:
         cfg: ``SteerConfig`` (the op's default is the paper's T=20; see ``docs/defaults_sweep.md``
             for settings that suit one model in both roles).
         response_format / transport_dtype / topk / topk_policy: how a remote LLM answers
-            (``costeer.streams``).
+            (``costeer.llm``).
         context_template: how the private context enters the with-context pass's user message.
         cobatch: put the LLM rows into the small model's batch when both are the same in-process
             model (one forward per step for all three passes).
@@ -416,53 +346,23 @@ class Generator:
         self.cobatch = bool(cobatch)
         self.gate = gate
         self.slm = slm if isinstance(slm, LoadedModel) else load_model(slm, device=device)
-        self._stream_factory: Callable[[], LLMStream]
         self.llm: Optional[LoadedModel] = None
         if llm_stream is not None:
-            if not isinstance(llm_stream, LLMStream):
-                raise TypeError(f"llm_stream must be an LLMStream, got {type(llm_stream).__name__}")
-            self._stream_factory = lambda: llm_stream
-            self._reuse_stream = True
+            self.source = llm_factory.from_stream(llm_stream)
             self.llm_tokenizer = self.slm.tokenizer
-            self.llm_name = llm_stream.name
         elif llm_url is not None:
-            if not isinstance(llm_url, str):
-                raise TypeError(f"llm_url must be a string, got {type(llm_url).__name__}")
             # The remote LLM's prompt ids are made here, with the tokenizer that ``llm`` names.
             self.llm_tokenizer = self.slm.tokenizer if llm is None or llm == DEFAULT_MODEL or isinstance(llm, LoadedModel) and llm is self.slm \
                 else (llm.tokenizer if isinstance(llm, LoadedModel) else load_tokenizer(llm))
-            if llm_url.startswith(("ws://", "wss://")):
-                kw = dict(response_format=response_format, dtype=transport_dtype, k=topk, topk_policy=topk_policy, timeout=timeout,
-                          token=token)
-                if reconnect_timeout is not None:
-                    kw["reconnect_timeout"] = reconnect_timeout
-                probe = WebSocketLLMStream(llm_url, **kw)  # fails fast (clear error) if unreachable
-                self._ws = probe  # ONE persistent connection, reused by every generation
-
-                def factory():
-                    if self._ws is None or not self._ws.reusable:
-                        self._ws = WebSocketLLMStream(llm_url, **kw)
-                    return self._ws
-
-                self._stream_factory = factory
-                self.llm_name = probe.name
-            elif llm_url.startswith(("http://", "https://")):
-                name = remote_model or (llm if isinstance(llm, str) else "default")
-                vocab = len(self.llm_tokenizer)
-                kw = {} if reconnect_timeout is None else {"reconnect_timeout": reconnect_timeout}
-                self._stream_factory = lambda: OpenAICompletionsStream(llm_url, model=name, vocab_size=vocab, k=topk,
-                                                                       topk_policy=topk_policy, timeout=timeout,
-                                                                       api_key=api_key, **kw)
-                self.llm_name = f"{name}@{llm_url}"
-            else:
-                raise ValueError(f"llm_url must start with ws://, wss://, http:// or https://, got {llm_url!r}")
-            self._reuse_stream = False
+            self.source = llm_factory.from_url(
+                llm_url, vocab_size=len(self.llm_tokenizer), model=remote_model or (llm if isinstance(llm, str) else "default"),
+                response_format=response_format, transport_dtype=transport_dtype, topk=topk, topk_policy=topk_policy,
+                timeout=timeout, token=token, api_key=api_key, reconnect_timeout=reconnect_timeout)
         else:
             self.llm = llm if isinstance(llm, LoadedModel) else load_model(llm if llm is not None else DEFAULT_MODEL, device=device)
             self.llm_tokenizer = self.llm.tokenizer
-            self._stream_factory = lambda: InProcessLLMStream(self.llm)
-            self._reuse_stream = False
-            self.llm_name = self.llm.name
+            self.source = llm_factory.in_process(self.llm)
+        self.llm_name = self.source.name
         self.vocab_map = None  # costeer.vocab.VocabMap when the tokenizers differ
         if not same_vocabulary(self.llm_tokenizer, self.slm.tokenizer):
             if llm_stream is not None:
@@ -681,7 +581,7 @@ class Generator:
             elif mode == "slm":
                 groups["ctx"] = [p[1] for p in prompts]
             if use_llm and not cobatched:
-                stream = self._stream_factory()
+                stream = self.source.stream()
                 if stream.max_len:
                     for i, p in enumerate(prompts):
                         if len(p[0]) >= stream.max_len:
@@ -850,7 +750,7 @@ class Generator:
         except GeneratorExit:
             raise
         except Exception as exc:
-            if stream is not None and not self._reuse_stream:
+            if stream is not None and not self.source.reuse:
                 stream.close()  # its state is unknown after a failure: reconnect next time
             failed = []
             for i in range(B):
@@ -870,15 +770,19 @@ class Generator:
             for i in failed:
                 yield TextChunk(i, "", True, results[i])
         finally:
-            if stream is not None and not self._reuse_stream:
+            if stream is not None and not self.source.reuse:
                 stream.finish()  # ends the session; a WebSocket connection stays open for the next call
 
     def close(self):
         """Close a persistent connection to a remote LLM (if any)."""
-        ws = getattr(self, "_ws", None)
-        if ws is not None:
-            ws.close()
-            self._ws = None
+        source = getattr(self, "source", None)
+        if source is not None:
+            source.close()
+
+    @property
+    def connection(self) -> Optional[LLMStream]:
+        """The persistent connection to a ``costeer serve`` (None for other LLM sources)."""
+        return self.source.connection
 
     def __enter__(self):
         return self

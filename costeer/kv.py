@@ -1,0 +1,223 @@
+"""The batched KV cache for any Hugging Face causal LM: rows with their own lengths (left padding),
+append, rollback and edit of a row's tail, used by the small model, the in-process LLM and
+``costeer serve``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class StepOutput:
+    logits: Optional[torch.Tensor]  # float32 [R, V]; None when the head was skipped (head=False)
+    hidden: Optional[torch.Tensor]  # [R, H] final hidden states (post final norm), or None
+
+
+def _cache_kwarg(fn) -> str:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # pragma: no cover - older transformers
+        return DynamicCache()
+
+
+class KVBatch:
+    """R token rows of different lengths, left-padded, sharing one KV cache."""
+
+    def __init__(self, model, rows: Sequence[Sequence[int]], pad_token_id: int, max_len: Optional[int] = None):
+        if not rows:
+            raise ValueError("rows must hold at least one prompt")
+        for i, r in enumerate(rows):
+            if len(r) == 0:
+                raise ValueError(f"rows[{i}] is empty: every prompt needs at least one token")
+        self.model = model
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        lengths = [len(r) for r in rows]
+        L = max(lengths)
+        R = len(rows)
+        ids = torch.full((R, L), int(pad_token_id), dtype=torch.long)
+        mask = torch.zeros((R, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, L - len(r):] = 1
+        self._rows = R
+        self._ids = ids.to(self.device)
+        self._mask = mask.to(self.device)
+        self._pos = (mask.cumsum(1) - 1).clamp(min=0).to(self.device)
+        self.lengths = torch.tensor(lengths, dtype=torch.long)  # real tokens per row so far
+        self.cache = _new_cache(model)
+        out_emb = model.get_output_embeddings()
+        base = getattr(model, "model", None)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        # Split "base model -> final hidden -> lm_head" when the model is that simple (Llama, Qwen,
+        # Mistral, ...); otherwise call the full model and report no hidden states.
+        self._split = base is not None and out_emb is not None and not softcap and callable(base)
+        self._base = base
+        self._head = out_emb
+        self._kw = _cache_kwarg((base if self._split else model).forward)
+        self._prefilled = False
+
+    @property
+    def rows(self) -> int:
+        return self._rows
+
+    @property
+    def head(self) -> Optional[torch.nn.Module]:
+        """The vocabulary projection applied to ``hidden`` (None when the model is not split)."""
+        return self._head if self._split else None
+
+    def _forward(self, ids, mask, pos, head: bool = True) -> StepOutput:
+        kw = {self._kw: self.cache, "use_cache": True, "attention_mask": mask, "position_ids": pos}
+        with torch.inference_mode():
+            if self._split:
+                h = self._base(input_ids=ids, **kw).last_hidden_state[:, -1]
+                logits = self._head(h).float() if head else None
+            else:
+                out = self.model(input_ids=ids, logits_to_keep=1, **kw)
+                logits, h = out.logits[:, -1].float(), None
+        return StepOutput(logits=logits, hidden=h)
+
+    def prefill(self, head: bool = True) -> StepOutput:
+        """Run the prompts. ``head=False``: return the hidden states only (split models), the
+        vocabulary projection is left to the caller (``steer_from_hidden``)."""
+        if self._prefilled:
+            raise RuntimeError("KVBatch.prefill called twice")
+        self._prefilled = True
+        out = self._forward(self._ids, self._mask, self._pos, head)
+        self._next_pos = self._pos[:, -1] + 1
+        self._ids = None
+        return out
+
+    def step(self, tokens, head: bool = True) -> StepOutput:
+        """Append one token per row (int list or LongTensor [R]) and return the next logits."""
+        if not self._prefilled:
+            raise RuntimeError("KVBatch.step called before prefill")
+        t = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
+        if t.numel() != self.rows:
+            raise ValueError(f"tokens has {t.numel()} entries, expected one per row ({self.rows})")
+        if self.max_len is not None and int(self.lengths.max()) + 1 > self.max_len:
+            raise ValueError(f"sequence would exceed the model's window of {self.max_len} tokens")
+        self._mask = torch.cat([self._mask, torch.ones((self.rows, 1), dtype=self._mask.dtype, device=self.device)], 1)
+        pos = self._next_pos[:, None]
+        out = self._forward(t[:, None], self._mask, pos, head)
+        self._next_pos = self._next_pos + 1
+        self.lengths += 1
+        return out
+
+    def edit(self, rollback: Sequence[int], tokens: Sequence[Sequence[int]], head: bool = True) -> StepOutput:
+        """Per row: forget its last ``rollback[r]`` tokens, then append ``tokens[r]`` (any counts).
+
+        For a small model that follows another model's text (different tokenizers): a re-tokenized
+        tail changes a few tokens per row. Rows advance by different counts, so the forgotten
+        positions and the shorter rows' padding become masked holes in the cache (attention skips
+        them; position ids count real tokens only) instead of re-running any prefix. One forward
+        of max(len(tokens[r])) positions; a row with no new tokens keeps its position.
+
+        Returns the outputs at each row's last appended token ([R, V] / [R, H]); rows that
+        appended nothing get zeros there (the caller keeps their previous output).
+        """
+        if not self._prefilled:
+            raise RuntimeError("KVBatch.edit called before prefill")
+        if len(rollback) != self.rows or len(tokens) != self.rows:
+            raise ValueError(f"rollback and tokens need one entry per row ({self.rows})")
+        lengths = self.lengths.tolist()
+        for r, (k, t) in enumerate(zip(rollback, tokens)):
+            if k < 0 or lengths[r] - k < 1:
+                raise ValueError(f"row {r}: cannot roll back {k} of its {lengths[r]} tokens")
+            if self.max_len is not None and lengths[r] - k + len(t) > self.max_len:
+                raise ValueError(f"sequence would exceed the model's window of {self.max_len} tokens")
+        if any(rollback):
+            mask = self._mask.clone()
+            for r, k in enumerate(rollback):
+                if k:
+                    real = torch.nonzero(mask[r]).flatten()
+                    mask[r, real[-k:]] = 0
+            self._mask = mask
+        n = max(len(t) for t in tokens)
+        back = torch.as_tensor(list(rollback), dtype=torch.long, device=self.device)
+        self._next_pos = self._next_pos - back
+        self.lengths -= back.cpu()
+        if n == 0:
+            return StepOutput(logits=None, hidden=None)
+        ids = torch.full((self.rows, n), 0, dtype=torch.long)
+        new = torch.zeros((self.rows, n), dtype=self._mask.dtype)
+        for r, t in enumerate(tokens):
+            if t:  # right-aligned: the last column is every appending row's newest token
+                ids[r, n - len(t):] = torch.as_tensor(list(t), dtype=torch.long)
+                new[r, n - len(t):] = 1
+        new = new.to(self.device)
+        counts = new.sum(1)
+        # Real tokens continue the row's positions; holes take the row's next position (masked anyway).
+        pos = self._next_pos[:, None] + (new.cumsum(1) - 1).clamp(min=0)
+        self._mask = torch.cat([self._mask, new], 1)
+        out = self._forward(ids.to(self.device), self._mask, pos, head)
+        self._next_pos = self._next_pos + counts
+        self.lengths += counts.cpu()
+        keep = (counts > 0)[:, None]
+        if out.logits is not None:
+            out.logits = torch.where(keep, out.logits, torch.zeros_like(out.logits))
+        if out.hidden is not None:
+            out.hidden = torch.where(keep.to(out.hidden.device), out.hidden, torch.zeros_like(out.hidden))
+        return out
+
+    # -- speculative steering (costeer/speculative.py): several tokens per row, and rollback
+
+    def extend(self, tokens) -> StepOutput:
+        """Append n tokens to every row (LongTensor / nested list [R, n]) in ONE forward.
+
+        Returns the logits of every appended position, float32 [R, n, V] (hidden: [R, n, H] or None).
+        """
+        if not self._prefilled:
+            raise RuntimeError("KVBatch.extend called before prefill")
+        t = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if t.dim() != 2 or t.shape[0] != self.rows or t.shape[1] < 1:
+            raise ValueError(f"tokens must have shape [{self.rows}, n>=1], got {tuple(t.shape)}")
+        n = int(t.shape[1])
+        if self.max_len is not None and int(self.lengths.max()) + n > self.max_len:
+            raise ValueError(f"sequence would exceed the model's window of {self.max_len} tokens")
+        self._mask = torch.cat([self._mask, torch.ones((self.rows, n), dtype=self._mask.dtype, device=self.device)], 1)
+        pos = self._next_pos[:, None] + torch.arange(n, device=self.device)[None, :]
+        kw = {self._kw: self.cache, "use_cache": True, "attention_mask": self._mask, "position_ids": pos}
+        with torch.inference_mode():
+            if self._split:
+                h = self._base(input_ids=t, **kw).last_hidden_state
+                logits = self._head(h)
+            else:
+                logits, h = self.model(input_ids=t, **kw).logits, None
+        self._next_pos = self._next_pos + n
+        self.lengths += n
+        return StepOutput(logits=logits.float(), hidden=h)
+
+    @property
+    def cached(self) -> int:
+        """Positions held in the KV cache (padding included)."""
+        return int(self._mask.shape[1]) if self._prefilled else 0
+
+    def rollback(self, n: int) -> None:
+        """Forget the last ``n`` positions of every row (KV cache, mask, positions): afterwards the
+        batch is as if those tokens had never been fed."""
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"rollback count must be >= 0, got {n}")
+        if n == 0:
+            return
+        if not self._prefilled or int(self.lengths.min()) - n < 1:
+            raise ValueError(f"cannot roll back {n} positions: some row would have fewer than 1 token")
+        self.cache.crop(-n)  # negative: remove n (transformers >= 4.4x; absolute length in older ones)
+        self._mask = self._mask[:, :-n]
+        self._next_pos = self._next_pos - n
+        self.lengths -= n

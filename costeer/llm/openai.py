@@ -1,0 +1,380 @@
+"""The LLM behind any OpenAI-compatible ``/v1/completions`` endpoint with logprobs (vLLM, SGLang's
+OpenAI server): prompt as token ids, ``max_tokens=1``, ``logprobs=k``,
+``return_tokens_as_token_ids=true``; resends on a closed keep-alive connection.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import time
+import urllib.parse
+from typing import List, Optional
+
+import torch
+
+from .base import LLMStep, LLMStream, StreamError, TOPK_POLICIES, _check_prompts, dense_from_topk
+
+
+# How long an OpenAI-compatible stream keeps resending a step whose connection broke. An engine
+# restart is the long case: vLLM's CPU build is back in 1-2 minutes on 2 cores, a GPU engine loading a
+# large model takes minutes; costeer serve (WebSocketLLMStream, 30 s) starts in seconds.
+OPENAI_RECONNECT_TIMEOUT = 300.0
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) OpenAI-compatible completions endpoint
+
+API_KEY_ENVS = ("COSTEER_API_KEY", "OPENAI_API_KEY")  # read in this order when api_key is not given
+
+
+_RETRY_STATUSES = (502, 503, 504)  # a proxy or an engine that is (re)starting: send the request again
+
+
+def _parse_token_key(key: str) -> int:
+    # vLLM with return_tokens_as_token_ids: "token_id:123"; accept a bare integer too.
+    s = key.split(":", 1)[1] if key.startswith("token_id:") else key
+    try:
+        return int(s)
+    except ValueError:
+        raise StreamError(
+            f"the endpoint returned token {key!r}, not a token id: it must support "
+            f"return_tokens_as_token_ids (vLLM) or return ids"
+        ) from None
+
+
+class OpenAICompletionsStream(LLMStream):
+    """``POST {base_url}/v1/completions`` per step, batch prompts as lists of token ids.
+
+    Request: ``{"model", "prompt": [[ids...], ...], "max_tokens": 1, "temperature": 0,
+    "logprobs": k, "return_tokens_as_token_ids": true}`` (one request for the whole batch); the
+    answer's ``choices[i].logprobs.top_logprobs[0]`` ({"token_id:ID": logprob}) gives row i. Tokens
+    outside the top k follow ``topk_policy`` (module docstring). The request is written in ``send``
+    and the answer read in ``recv``.
+
+    Faults: the request is idempotent (the whole prefix, greedy, one token), so when the HTTP
+    connection turns out closed (an engine closes an idle keep-alive connection, vLLM after 5 s;
+    the engine restarted) or the answer is 502/503/504, the stream reconnects and sends it again,
+    at once and then with exponential backoff (``backoff`` s doubling up to ``max_backoff``) for at
+    most ``reconnect_timeout`` s (0: never; the default, 300 s, covers an engine restart: nothing is
+    lost, the prompt is the whole state). Other HTTP errors, an answer slower than ``timeout`` s
+    and malformed answers raise ``StreamError`` naming the URL. ``reconnects`` counts the resends.
+
+    ``api_key`` (default ``$COSTEER_API_KEY``, then ``$OPENAI_API_KEY``) is sent as
+    ``Authorization: Bearer KEY``. ``max_len="auto"`` asks ``GET /v1/models`` for the model's
+    ``max_model_len`` (vLLM and SGLang report it; None when the endpoint does not); an int sets it;
+    None means unknown. The prompt plus the generated tokens must stay below it.
+
+    Speculative steering (``costeer.speculative``): ``score_send`` / ``score_recv`` score several
+    appended tokens in one request with ``prompt_logprobs=k`` (vLLM): the next-token top k after each
+    of them. Engines compute every position of such a request (no prefix-cache reuse).
+
+    Timing: ``LLMStep.roundtrip_s`` is the last attempt's request-to-answer time; ``compute_s`` is
+    the engine's own time when its answer reports one (vLLM started with
+    ``--enable-per-request-metrics``: its queue time plus scheduled-to-first-token), else 0.
+    ``last_usage`` keeps the answer's ``usage`` (``prompt_tokens_details.cached_tokens`` is vLLM's
+    prefix-cache hit when it runs with ``--enable-prompt-tokens-details``).
+    """
+
+    remote = True
+
+    def __init__(self, base_url: str, *, model: str, vocab_size: int, k: int = 20, topk_policy: str = "restrict",
+                 max_len: int | str | None = "auto", timeout: float = 60.0, api_key: Optional[str] = None,
+                 reconnect_timeout: float = OPENAI_RECONNECT_TIMEOUT, backoff: float = 0.05, max_backoff: float = 2.0):
+        u = urllib.parse.urlsplit(base_url if isinstance(base_url, str) else "")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"base_url must be an http(s):// URL, got {base_url!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be the endpoint's model name (a non-empty string), got {model!r}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        if topk_policy not in TOPK_POLICIES:
+            raise ValueError(f"topk_policy must be one of {TOPK_POLICIES}, got {topk_policy!r}")
+        if not (max_len is None or max_len == "auto" or (isinstance(max_len, int) and not isinstance(max_len, bool)
+                                                         and max_len > 1)):
+            raise ValueError(f"max_len must be an int > 1, 'auto' or None, got {max_len!r}")
+        for name, v in (("timeout", timeout), ("reconnect_timeout", reconnect_timeout), ("backoff", backoff),
+                        ("max_backoff", max_backoff)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {v!r}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 s, got {timeout!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise ValueError("api_key must be a non-empty string or None")
+        if api_key is None:
+            api_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+        self.base_url = base_url
+        self.model, self.vocab_size, self.k, self.policy = model, vocab_size, k, topk_policy
+        self.timeout = float(timeout)
+        self.reconnect_timeout, self.backoff, self.max_backoff = float(reconnect_timeout), float(backoff), float(max_backoff)
+        self.name = f"{model}@{base_url}"
+        path = u.path.rstrip("/")
+        self._root = path[:-3] if path.endswith("/v1") else path
+        self._path = self._root + "/v1/completions"
+        self.url = f"{u.scheme}://{u.netloc}{self._path}"
+        self._conn_args = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection,
+                           u.hostname, u.port)
+        self._conn = self._new_conn()
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self.reconnects = 0
+        self.last_usage: Optional[dict] = None
+        self._prompts: List[List[int]] = []
+        self._body: Optional[bytes] = None
+        self._written = False
+        self._score_n: Optional[int] = None
+        self._sent_at = None
+        self._server_s = 0.0
+        self.max_len = self._discover_max_len() if max_len == "auto" else max_len
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    def _new_conn(self):
+        cls, host, port = self._conn_args
+        return cls(host, port, timeout=self.timeout)
+
+    def _reset(self):
+        try:
+            self._conn.close()  # the next request opens a new connection
+        except Exception:
+            pass
+
+    def _discover_max_len(self) -> Optional[int]:
+        """``max_model_len`` of ``self.model`` from ``GET /v1/models``; None when not reported."""
+        url = self.url[: -len("/completions")] + "/models"
+        try:
+            self._conn.request("GET", self._root + "/v1/models", headers=self._headers)
+            resp = self._conn.getresponse()
+            raw = resp.read()
+        except TimeoutError:
+            self._reset()
+            raise StreamError(f"no answer from {url} within {self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            self._reset()
+            raise StreamError(f"cannot reach the completions endpoint at {url}: {exc}") from None
+        if resp.status in (401, 403):
+            raise StreamError(f"{url} refused the API key (HTTP {resp.status}): pass it with --api-key or "
+                              f"{' / '.join(API_KEY_ENVS)}: {raw[:200]!r}")
+        if resp.status != 200:
+            return None  # an endpoint without the model list: the length is unknown
+        try:
+            models = json.loads(raw)["data"]
+            entry = next((m for m in models if m.get("id") == self.model), None)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if entry is None:
+            raise StreamError(f"{url} does not serve a model named {self.model!r} (it serves "
+                              f"{[m.get('id') for m in models]}): pass one of them with --remote-model")
+        n = entry.get("max_model_len")
+        return int(n) if isinstance(n, int) and n > 1 else None
+
+    def _post(self, body: dict) -> None:
+        self._body = json.dumps(body).encode()
+        self._written = self._write()
+
+    def _write(self) -> bool:
+        """Write the pending request; False when the connection turned out to be broken."""
+        self._sent_at = time.perf_counter()
+        try:
+            self._conn.request("POST", self._path, body=self._body, headers=self._headers)
+            return True
+        except (OSError, http.client.HTTPException):
+            self._reset()
+            return False
+
+    def _answer(self) -> dict:
+        """The parsed JSON answer to the pending request, resending it as the class docstring says."""
+        if self._body is None:
+            raise RuntimeError("recv without a pending request")
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay, attempts = self.backoff, 1
+        while True:
+            if self._written:
+                try:
+                    resp = self._conn.getresponse()
+                    raw = resp.read()
+                except TimeoutError:
+                    self._reset()
+                    raise StreamError(f"no answer from {self.url} within {self.timeout:g} s (raise --timeout "
+                                      f"for slow steps)") from None
+                except (OSError, http.client.HTTPException) as exc:
+                    self._reset()
+                    cause = f"{type(exc).__name__}: {exc}"
+                else:
+                    if resp.status == 200:
+                        break
+                    if resp.status in (401, 403):
+                        raise StreamError(f"{self.url} answered HTTP {resp.status}: {_error_text(raw)} (pass the "
+                                          f"endpoint's key with --api-key or {' / '.join(API_KEY_ENVS)})")
+                    if resp.status not in _RETRY_STATUSES:
+                        raise StreamError(f"{self.url} answered HTTP {resp.status}: {_error_text(raw)}")
+                    cause = f"HTTP {resp.status}: {_error_text(raw)}"
+            else:
+                cause = "the connection was closed before the request could be written"
+            if self.reconnect_timeout <= 0:
+                raise StreamError(f"lost the connection to {self.url}: {cause}")
+            if attempts > 1:  # the first resend goes at once: a keep-alive close needs no wait
+                if time.monotonic() + delay > deadline:
+                    raise StreamError(f"lost the connection to {self.url} and got no answer within "
+                                      f"{self.reconnect_timeout:g} s ({attempts} attempts): {cause}")
+                time.sleep(delay)
+                delay = min(self.max_backoff, max(2 * delay, 0.01))
+            attempts += 1
+            self.reconnects += 1
+            self._written = self._write()
+        self._body = None
+        try:
+            data = json.loads(raw)
+            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StreamError(f"{self.url} gave a malformed answer ({type(exc).__name__}: {exc}): {raw[:200]!r}") from None
+        if len(choices) != len(self._prompts):
+            raise StreamError(f"{self.url} answered {len(choices)} choices for {len(self._prompts)} prompts")
+        self.last_usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+        data["choices"] = choices
+        return data
+
+    # -- the stream protocol --------------------------------------------------------------------
+
+    def _request(self, **extra) -> dict:
+        return {"model": self.model, "prompt": self._prompts, "max_tokens": 1, "temperature": 0.0,
+                "logprobs": self.k, "return_tokens_as_token_ids": True, **extra}
+
+    def _check_room(self, n: int) -> None:
+        if self.max_len is not None and max(len(p) for p in self._prompts) + n > self.max_len - 1:
+            raise ValueError(f"the sequence would reach the endpoint's max_len of {self.max_len} tokens "
+                             f"(prompt + generated); generate fewer tokens or serve a longer window")
+
+    def open(self, prompts):
+        self._prompts = _check_prompts(prompts, self.vocab_size, self.max_len)
+        self._score_n = None
+        self._post(self._request())
+
+    def send(self, tokens):
+        tokens = [int(t) for t in tokens]
+        if len(tokens) != len(self._prompts):
+            raise ValueError(f"tokens has {len(tokens)} entries, expected {len(self._prompts)}")
+        self._check_room(1)
+        for p, t in zip(self._prompts, tokens):
+            p.append(t)
+        self._score_n = None
+        self._post(self._request())
+
+    def _step(self, t0: float, rows: List[dict]) -> LLMStep:
+        k = max(1, max(len(r) for r in rows))
+        ids = torch.zeros(len(rows), k, dtype=torch.long)
+        lps = torch.full((len(rows), k), float("-inf"))
+        for i, top in enumerate(rows):
+            for j, (tid, v) in enumerate(sorted(top.items(), key=lambda x: -x[1])):
+                if not 0 <= tid < self.vocab_size:
+                    raise StreamError(f"{self.url} returned token id {tid} outside the vocabulary [0, {self.vocab_size})")
+                ids[i, j] = tid
+                lps[i, j] = v if math.isfinite(v) else float("-inf")
+            for j in range(len(top), k):  # pad short rows with a repeat of their best entry
+                ids[i, j], lps[i, j] = ids[i, 0], lps[i, 0]
+        t1 = time.perf_counter()
+        return LLMStep(logits=dense_from_topk(ids, lps, self.vocab_size, self.policy), compute_s=self._server_s,
+                       wait_s=t1 - t0, roundtrip_s=t1 - (self._sent_at or t0))
+
+    def _generated_top(self, choice: dict) -> dict:
+        try:
+            top = choice["logprobs"]["top_logprobs"][0]
+            return {_parse_token_key(key): float(v) for key, v in top.items()}
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise StreamError(f"{self.url} gave no top logprobs ({type(exc).__name__}: {exc}): it must support "
+                              f"\"logprobs\" up to {self.k} (vLLM: --max-logprobs)") from None
+
+    def _read(self) -> dict:
+        data = self._answer()
+        self._server_s = _server_seconds(data)
+        return data
+
+    def recv(self) -> LLMStep:
+        if self._score_n is not None:
+            raise RuntimeError("the pending request is a score request: read it with score_recv")
+        t0 = time.perf_counter()
+        data = self._read()
+        return self._step(t0, [self._generated_top(c) for c in data["choices"]])
+
+    # -- speculative steering (costeer/speculative.py's rounds)
+
+    def score_send(self, tokens, rollback: int = 0) -> None:
+        """Drop the last ``rollback`` tokens of every row, append ``tokens`` (one equal-length list per row)
+        and request the next-token top k after each appended token (``prompt_logprobs``)."""
+        if not isinstance(tokens, (list, tuple)) or len(tokens) != len(self._prompts):
+            raise ValueError(f"tokens must hold one list per row ({len(self._prompts)} rows)")
+        rows = [[int(t) for t in r] for r in tokens]
+        n = len(rows[0]) if rows else 0
+        if n < 1 or any(len(r) != n for r in rows):
+            raise ValueError("score: every row needs the same number (>= 1) of tokens")
+        if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0 or \
+                any(rollback >= len(p) for p in self._prompts):
+            raise ValueError(f"rollback must be an int in [0, prompt length), got {rollback!r}")
+        for p in self._prompts:
+            del p[len(p) - rollback:]
+        self._check_room(n)
+        for p, r in zip(self._prompts, rows):
+            p.extend(r)
+        self._score_n = n
+        self._post(self._request(prompt_logprobs=self.k))
+
+    def score_recv(self, n: int) -> LLMStep:
+        """The answer to ``score_send``: log-probs [rows * n, V], row-major (row, appended token)."""
+        if self._score_n is None or n != self._score_n:
+            raise RuntimeError(f"score_recv({n}) does not match the pending score request ({self._score_n})")
+        t0 = time.perf_counter()
+        data = self._read()
+        self._score_n = None
+        out = []
+        for p, c in zip(self._prompts, data["choices"]):
+            plp = c.get("prompt_logprobs")
+            if not isinstance(plp, list) or len(plp) != len(p):
+                raise StreamError(f"{self.url} gave no prompt_logprobs for the {len(p)} prompt positions (got "
+                                  f"{type(plp).__name__}{'' if not isinstance(plp, list) else f' of {len(plp)}'}): "
+                                  f"the endpoint must support \"prompt_logprobs\" (vLLM)")
+            # position j's entry is the distribution of token j given tokens < j: the answer after the
+            # appended token at j - 1. The one after the last token is the generated token's top k.
+            out.extend(self._prompt_top(plp[j]) for j in range(len(p) - n + 1, len(p)))
+            out.append(self._generated_top(c))
+        return self._step(t0, out)
+
+    def _prompt_top(self, entry) -> dict:
+        """A ``prompt_logprobs`` entry ({id: {"logprob", "rank"}}) as {id: logprob}, top k only: vLLM adds the
+        prompt's own token with its rank when it lies outside the top k."""
+        try:
+            items = [(_parse_token_key(str(key)), v) for key, v in entry.items()]
+            items = [(tid, float(v["logprob"]) if isinstance(v, dict) else float(v),
+                      v.get("rank") if isinstance(v, dict) else None) for tid, v in items]
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise StreamError(f"{self.url} gave a malformed prompt_logprobs entry ({type(exc).__name__}: {exc})") from None
+        if all(r is not None for _, _, r in items):
+            return {tid: v for tid, v, r in items if r <= self.k}
+        return dict(sorted(((tid, v) for tid, v, _ in items), key=lambda x: -x[1])[: self.k])
+
+    def close(self):
+        self._reset()
+
+
+def _server_seconds(data: dict) -> float:
+    """The engine's own time for a one-token request, when the answer reports it: vLLM with
+    ``--enable-per-request-metrics`` (``metrics``: queue time + scheduled-to-first-token), else 0."""
+    m = data.get("metrics")
+    if not isinstance(m, dict):
+        return 0.0
+    parts = [m.get("queue_time_ms"), m.get("time_to_first_token_ms")]
+    return sum(float(x) for x in parts if isinstance(x, (int, float))) / 1e3
+
+
+def _error_text(raw: bytes) -> str:
+    """The message of an error answer (OpenAI style ``{"error": {"message"}}``, or the raw start)."""
+    try:
+        data = json.loads(raw)
+        msg = data.get("error", data) if isinstance(data, dict) else data
+        msg = msg.get("message", msg) if isinstance(msg, dict) else msg
+        return str(msg)[:300]
+    except ValueError:
+        return repr(raw[:300])

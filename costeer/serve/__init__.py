@@ -1,0 +1,2 @@
+"""``costeer serve``: the embedded cloud for one machine (server, wire protocol, score op).
+"""
