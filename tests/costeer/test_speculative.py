@@ -220,19 +220,8 @@ def _tiny(seed, V):
                        eos_token_ids=[], pad_token_id=0)
 
 
-@pytest.mark.parametrize("proposal", ["ctx", "proxy"])
-def test_sampling_distribution_tiny_model(proposal):
-    """End to end on tiny random models (LLM != small model): the joint distribution of the first
-    3 sampled tokens equals the steered distribution computed exactly by enumeration."""
-    from costeer.loop import build_prompts
-
-    V, n_tok, n = 3, 4, 1000
-    llm, slm = _tiny(1, V), _tiny(2, V)
-    cfg = SteerConfig(T=3)
-    gen = Generator(llm=llm, slm=slm, cfg=cfg)
-    prompt, context = "ab", "cd"
-    pub, ctx, noctx = build_prompts(llm.tokenizer, slm.tokenizer, prompt, context)
-
+def _exact_joint(llm, slm, cfg, pub, ctx, noctx, V, n_tok):
+    """The steered joint distribution of the first ``n_tok`` tokens, by enumeration in float64."""
     def last(model, ids):
         with torch.inference_mode():
             return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
@@ -250,6 +239,23 @@ def test_sampling_distribution_tiny_model(proposal):
             fill(prefix + [t], prob * float(p[t]))
 
     fill([], 1.0)
+    return exact
+
+
+@pytest.mark.parametrize("proposal", ["ctx", "proxy"])
+def test_sampling_distribution_tiny_model(proposal):
+    """End to end on tiny random models (LLM != small model): the joint distribution of the first
+    3 sampled tokens equals the steered distribution computed exactly by enumeration."""
+    from costeer.loop import build_prompts
+
+    V, n_tok, n = 3, 4, 1000
+    llm, slm = _tiny(1, V), _tiny(2, V)
+    cfg = SteerConfig(T=3)
+    gen = Generator(llm=llm, slm=slm, cfg=cfg)
+    prompt, context = "ab", "cd"
+    pub, ctx, noctx = build_prompts(llm.tokenizer, slm.tokenizer, prompt, context)
+
+    exact = _exact_joint(llm, slm, cfg, pub, ctx, noctx, V, n_tok)
     spec = Speculation(2, proposal=proposal)
     counts = torch.zeros([V] * n_tok)
     drafted = accepted = 0
@@ -476,23 +482,7 @@ def test_sampling_distribution_tiny_model_batched():
     prompt, context = "ab", "cd"
     pub, ctx, noctx = build_prompts(llm.tokenizer, slm.tokenizer, prompt, context)
 
-    def last(model, ids):
-        with torch.inference_mode():
-            return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-
-    exact = torch.zeros([V] * n_tok, dtype=torch.float64)
-
-    def fill(prefix, prob):
-        if len(prefix) == n_tok:
-            exact[tuple(prefix)] = prob
-            return
-        lp = steer(last(llm.model, pub + prefix)[None], last(slm.model, ctx + prefix)[None],
-                   last(slm.model, noctx + prefix)[None], cfg)[0]
-        p = torch.softmax(lp.double(), -1)
-        for t in range(V):
-            fill(prefix + [t], prob * float(p[t]))
-
-    fill([], 1.0)
+    exact = _exact_joint(llm, slm, cfg, pub, ctx, noctx, V, n_tok)
     reqs = [Request(prompt=prompt, context=context, temperature=1.0, seed=5000 + s) for s in range(n)]
     res = gen.generate(reqs, max_new_tokens=n_tok, speculative=2)
     counts = torch.zeros([V] * n_tok)
