@@ -46,14 +46,16 @@ class LLMStream:
     eos_token_ids: Sequence[int] = ()
     remote: bool = False
 
+    # open/send/recv are what a source must provide; a subclass that lacks one fails loudly at the
+    # first call, naming the class, rather than at import (sources are also built by users' code)
     def open(self, prompts: Sequence[Sequence[int]]) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement LLMStream.open")
 
     def send(self, tokens: Sequence[int]) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement LLMStream.send")
 
     def recv(self) -> LLMStep:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement LLMStream.recv")
 
     def finish(self) -> None:
         """End the current batch; a stream that can be reused stays open (default: close)."""

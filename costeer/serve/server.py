@@ -957,7 +957,7 @@ def main(argv=None) -> int:
             try:
                 loop.add_signal_handler(sig, stop.set)
             except (NotImplementedError, RuntimeError):  # pragma: no cover
-                pass
+                pass  # no signal handlers on this platform's event loop (Windows): Ctrl-C still stops it
         await serve_forever(server, args.host, args.port, max_frame_bytes=args.max_frame_bytes, ready=ready,
                             stop=stop, token=token, max_connections=args.max_connections,
                             send_timeout=args.send_timeout, ssl_context=ssl_context)
