@@ -143,7 +143,12 @@ def _assemble(spec: str, emb: EmbeddedModel) -> Tuple[str, str]:
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> LoadedModel:
-    """Load (or return the cached) causal LM + tokenizer for ``spec``, in eval mode on ``device``."""
+    """Load (or return the cached) causal LM + tokenizer for ``spec``, in eval mode on ``device``.
+
+    On CPU the model's ``nn.Linear`` layers run calls of up to 32 rows (decode steps) through the
+    few-row kernel ``costeer_kernels.linear_rows`` (``costeer.fast_linear``); set
+    ``COSTEER_LINEAR_ROWS=0`` to keep BLAS for every call.
+    """
     if isinstance(device, str):
         try:
             device = torch.device(device)
@@ -179,6 +184,12 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
                     f"For the embedded default model run: {INSTALL_HINT}"
                 ) from None
         model = model.to(device).eval()
+        if device.type == "cpu" and os.environ.get("COSTEER_LINEAR_ROWS", "1") != "0":
+            # Decode steps multiply 1-32 rows: the few-row kernel reads each weight once for all of
+            # them, where BLAS takes 1.5-3x longer for 2-3 rows than for one (costeer/fast_linear.py).
+            from .fast_linear import use_linear_rows
+
+            use_linear_rows(model)
         loaded = _describe(spec, model, tokenizer)
         _CACHE[key] = loaded
         return loaded

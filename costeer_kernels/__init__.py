@@ -13,6 +13,8 @@ Public API:
     speculative_verify               speculative steering's verification: steer the k+1 scored rows,
                                      accept / reject the drafts, the residual draw
                                      (torch.ops.costeer.speculative_verify; verify.py)
+    linear_rows                      x @ W.T + b for a few rows, W streamed once (the small batches
+                                     of decoding; torch.ops.costeer.linear_rows; linear.py)
     available_backends               which backends run in this process (registry.py)
 
 Layout: ``registry.py`` (the one backend registry), ``checks.py`` (argument checks), ``config.py``
@@ -21,6 +23,7 @@ Layout: ``registry.py`` (the one backend registry), ``checks.py`` (argument chec
 """
 from . import torch_backend  # noqa: F401 - registers backend "torch" first
 from .config import MAX_T, SteerConfig, steer_coefficient
+from .linear import linear_rows
 from .ops import steer
 from .projection import steer_from_hidden
 from .reference import closed_form_steer, reference_steer
@@ -40,5 +43,6 @@ __all__ = [
     "register_sampler",
     "steer_from_hidden",
     "speculative_verify",
+    "linear_rows",
 ]
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ from . import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = ("steer_cpu.cpp", "sample_cpu.cpp", "cpu_isa.cpp", "bindings.cpp")
+CPU_SOURCES = ("steer_cpu.cpp", "sample_cpu.cpp", "cpu_isa.cpp", "linear_cpu.cpp", "bindings.cpp")
 HEADERS = ("steer_math.h", "steer_cpu.h", "steer_cuda.h", "cpu_loops.inc", "cpu_simd.inc")
 # Same flags as setup.py: no -march=native, the AVX2/AVX-512 paths are target regions of
 # csrc/cpu_isa.cpp chosen at run time (cpu_isa()).
@@ -143,6 +143,16 @@ def sample_hidden_kernel(zl, hc, hn, weight, hp, params, want_maxp: bool, num_sa
     return tok, lp, (maxp if want_maxp else None), status
 
 
+def linear_cpp(x, weight, bias):
+    """The registry's ``linear`` contract on the C++ kernel: float32 rows, the weight streamed once."""
+    rows = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32, device=rows.device)
+    torch.ops.costeer_ext.linear_rows(rows, weight, bias, out)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
 def register_backends() -> None:
     """Register "cpu" (and "cuda" when built with it) in the backend registry, or record why not."""
     if not load_extension():
@@ -150,7 +160,8 @@ def register_backends() -> None:
         registry.mark_unavailable("cuda", _state["reason"])
         return
     registry.register_backend("cpu", registry.on_cpu, steer=steer_cpp, sample=sample_cpp,
-                              steer_hidden=steer_hidden_kernel, sample_hidden=sample_hidden_kernel)
+                              steer_hidden=steer_hidden_kernel, sample_hidden=sample_hidden_kernel,
+                              linear=linear_cpp)
     if has_cuda_kernel():
         registry.register_backend("cuda", registry.on_cuda, steer=steer_cpp)
     elif not torch.cuda.is_available():

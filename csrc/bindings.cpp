@@ -22,6 +22,8 @@ at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
                      const c10::optional<at::Tensor>& noctx, const at::Tensor& hparams,
                      at::Tensor& out, c10::string_view mode, int64_t num_splits);
 std::string cpu_isa(c10::string_view request);
+at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           at::Tensor& out);
 std::vector<std::string> cpu_isas();
 at::Tensor steer_hidden_cpu(const at::Tensor& llm, const at::Tensor& hdiff, const at::Tensor& weight,
                             const at::Tensor& hparams, at::Tensor& out, int64_t num_splits);
@@ -143,6 +145,9 @@ TORCH_LIBRARY(costeer_ext, m) {
       "sample_hidden(Tensor llm, Tensor hdiff, Tensor weight, Tensor hparams, Tensor temperature, "
       "Tensor top_k, Tensor top_p, Tensor min_p, Tensor seed, Tensor offset, bool row_keyed, "
       "bool want_maxp, int num_samples) -> (Tensor, Tensor, Tensor, Tensor)");
+  // out[M, N] = x W^T (+ bias) for a few float32 rows x [M, K], the weight rows [N, K] (fp32/fp16/bf16)
+  // streamed once for all M rows (csrc/linear_cpu.cpp).
+  m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> Tensor(a!)");
   // The CPU kernels' instruction-set path: request "" queries, "portable" | "avx2" | "avx512" |
   // "auto" selects (ValueError for a path this CPU lacks); returns the path in use.
   m.def("cpu_isa(str request='') -> str", &costeer::cpu_isa);
@@ -155,6 +160,7 @@ TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) {
   m.impl("steer_hidden", &costeer::steer_hidden_cpu);
   m.impl("sample", &costeer::sample_cpu);
   m.impl("sample_hidden", &costeer::sample_hidden_cpu);
+  m.impl("linear_rows", &costeer::linear_rows_cpu);
 }
 
 #ifdef COSTEER_WITH_CUDA

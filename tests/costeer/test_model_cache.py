@@ -33,7 +33,10 @@ with torch.no_grad():
 
 
 def _env(cache):
+    # COSTEER_LINEAR_ROWS=0: the logits are compared bit for bit with transformers' own load of the
+    # GGUF file, so both go through the same products (load_model's few-row kernel sums in another order).
     env = dict(os.environ, COSTEER_MODEL_CACHE=str(cache), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               COSTEER_LINEAR_ROWS="0",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return env
 

@@ -1,0 +1,145 @@
+"""Few-row products: ``costeer_kernels.linear_rows`` against ``F.linear`` (BLAS) at decode shapes.
+
+    python bench/bench_linear.py [--rows 1,2,3,4,8,16,24,32] [--threads 2] [--runs 15] [--no-model]
+
+Part 1, the matrices of SmolLM2-135M and Gemma 3 270M (random float32 weights): each timed call
+multiplies the M rows by a set of distinct matrices totalling >= 200 MB (a model's worth), so the
+weights come from DRAM as in a decode step and not from cache. Both candidates run round-robin in
+the same run; the table gives us per matrix, the weight bytes read per second and the speed-up.
+
+Part 2, one decode step of the embedded SmolLM2 (KV cache of 64 positions) with M rows, with the
+model's ``nn.Linear`` layers on BLAS (``COSTEER_LINEAR_ROWS=0`` behaviour) and on the kernel
+(``costeer.fast_linear``, what ``load_model`` does on CPU): M = 1 is the LLM alone, 3 the
+co-batched CoSteer step, 24 a batch of 8. Writes JSON and Markdown under bench/results/<machine>/.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Report, git_rev, machine_info  # noqa: E402
+from costeer_kernels import linear_rows  # noqa: E402
+
+SHAPES = {  # (N, K) of nn.Linear.weight
+    "smollm2 q/o 576x576": (576, 576),
+    "smollm2 k/v 192x576": (192, 576),
+    "smollm2 gate/up 1536x576": (1536, 576),
+    "smollm2 down 576x1536": (576, 1536),
+    "smollm2 head 49152x576": (49152, 576),
+    "gemma3-270m q 1024x640": (1024, 640),
+    "gemma3-270m gate/up 2048x640": (2048, 640),
+    "gemma3-270m down 640x2048": (640, 2048),
+}
+
+
+def _median_round_robin(fns, runs: int):
+    for f in fns:
+        f()
+    samples = [[] for _ in fns]
+    for _ in range(runs):
+        for i, f in enumerate(fns):
+            t0 = time.perf_counter()
+            f()
+            samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(s) for s in samples]
+
+
+def matrices(rows, runs):
+    out = []
+    for label, (N, K) in SHAPES.items():
+        count = max(1, min(64, (200 << 20) // (N * K * 4)))
+        ws = [torch.randn(N, K) for _ in range(count)]
+        nbytes = N * K * 4 * count
+        for M in rows:
+            x = torch.randn(M, K)
+            blas = lambda: [F.linear(x, w) for w in ws]  # noqa: E731
+            ours = lambda: [linear_rows(x, w) for w in ws]  # noqa: E731
+            tb, to = _median_round_robin([blas, ours], runs)
+            out.append({"matrix": label, "rows": M, "blas_us": tb / count * 1e6, "kernel_us": to / count * 1e6,
+                        "blas_GBps": nbytes / tb / 1e9, "kernel_GBps": nbytes / to / 1e9, "speedup": tb / to})
+            print(f"  {label:30s} M={M:3d}  F.linear {out[-1]['blas_us']:9.1f} us ({out[-1]['blas_GBps']:5.1f} GB/s)"
+                  f"  linear_rows {out[-1]['kernel_us']:9.1f} us ({out[-1]['kernel_GBps']:5.1f} GB/s)"
+                  f"  x{out[-1]['speedup']:.2f}", flush=True)
+        del ws
+    return out
+
+
+def decode_steps(rows, runs):
+    from costeer.fast_linear import use_linear_rows
+    from costeer.models import load_model
+
+    base = load_model("smollm2").model
+    blas = copy.deepcopy(base)  # load_model routed base's layers; a deep copy keeps that, so undo it
+    for mod in blas.modules():
+        mod.__dict__.pop("forward", None)
+    fast = copy.deepcopy(blas)
+    use_linear_rows(fast)
+    out = []
+    for M in rows:
+        ids = torch.randint(0, 49152, (M, 64), generator=torch.Generator().manual_seed(M))
+        nxt = torch.randint(0, 49152, (M, 1), generator=torch.Generator().manual_seed(M + 1))
+        with torch.inference_mode():
+            caches = {}
+            for name, model in (("blas", blas), ("kernel", fast)):
+                caches[name] = model(ids, use_cache=True).past_key_values
+
+            def step(model, name):
+                def run():
+                    model(nxt, past_key_values=caches[name], use_cache=True)
+                    caches[name].crop(-1)  # drop the appended position: every round the same 64-position step
+                return run
+
+            tb, to = _median_round_robin([step(blas, "blas"), step(fast, "kernel")], runs)
+        out.append({"matrix": "SmolLM2 decode step (64 cached)", "rows": M, "blas_us": tb * 1e6,
+                    "kernel_us": to * 1e6, "speedup": tb / to})
+        print(f"  decode step M={M:3d}  BLAS {tb * 1e3:7.1f} ms  linear_rows {to * 1e3:7.1f} ms  x{tb / to:.2f}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,2,3,4,8,16,24,32")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--no-model", action="store_true", help="skip part 2 (the SmolLM2 decode step)")
+    ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
+    args = ap.parse_args(argv)
+    try:
+        rows = [int(r) for r in args.rows.split(",") if r.strip()]
+    except ValueError:
+        ap.error(f"--rows: comma-separated ints expected, got {args.rows!r}")
+    if not rows or min(rows) < 1:
+        ap.error("--rows: at least one row count, each >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = machine_info("cpu")
+    from costeer_kernels._extension import load_extension
+
+    isa = torch.ops.costeer_ext.cpu_isa() if load_extension() else "- (C++ extension unavailable)"
+    print(f"{info['cpu']}, torch {info['torch']}, threads {torch.get_num_threads()}, kernel path {isa}, "
+          f"load average {info.get('load_avg')}")
+    results = matrices(rows, args.runs)
+    if not args.no_model:
+        results += decode_steps([r for r in rows if r in (1, 2, 3, 8, 24)] or rows[:1], args.runs)
+    info["load_avg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    info["cpu_isa"] = isa
+    report = Report(f"few-row products: linear_rows vs F.linear (git {git_rev()}, kernel path {isa})", info,
+                    "python bench/bench_linear.py " + " ".join(argv if argv is not None else sys.argv[1:]), results)
+    out = report.write("linear", ["matrix", "rows", "blas_us", "kernel_us", "blas_GBps", "kernel_GBps", "speedup"],
+                       args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Few-row matrix products for a model's decode steps on CPU.
+
+A decode step of the embedded pair multiplies 1-3 rows per request by every weight matrix, and
+BLAS handles those shapes badly here: on a 2-core AMD EPYC, MKL's product of 2-3 rows takes
+1.5-3.3x one row's time and reads the vocabulary head at 3-8 GB/s (bench/bench_linear.py).
+``use_linear_rows(model)`` routes each ``nn.Linear`` of a model through
+``costeer_kernels.linear_rows`` (every weight read once for all rows) whenever the call has at
+most ``max_rows`` rows, on CPU, in float32, without autograd; anything else (prefill, training,
+GPU, half precision) keeps ``F.linear``. Results equal ``F.linear`` up to float32 rounding of the
+dot products (the summation order differs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["use_linear_rows", "DEFAULT_MAX_ROWS"]
+
+# Up to 32-64 rows the kernel beat MKL at every shape of SmolLM2 and Gemma 3 270M measured
+# (bench/bench_linear.py); beyond, the product becomes compute-bound and BLAS's blocking wins.
+DEFAULT_MAX_ROWS = 32
+
+
+def _kernel():
+    from costeer_kernels import _extension, registry
+
+    name = registry.resolve("linear", None, torch.device("cpu"))
+    return _extension.linear_cpp if name == "cpu" else None
+
+
+class _FewRowForward:
+    """The replacement ``forward`` of one ``nn.Linear`` (an instance attribute, so the module's
+    class, parameters, state dict and hooks are untouched)."""
+
+    __slots__ = ("module", "max_rows", "kernel")
+
+    def __init__(self, module: nn.Linear, max_rows: int, kernel):
+        self.module = module
+        self.max_rows = max_rows
+        self.kernel = kernel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        w = m.weight
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
+                and x.numel() <= self.max_rows * m.in_features and x.numel() > 0
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and not torch.compiler.is_compiling()):
+            rows = x.reshape(-1, m.in_features)
+            return self.kernel(rows, w, m.bias).reshape(*x.shape[:-1], m.out_features)
+        return F.linear(x, w, m.bias)
+
+
+def use_linear_rows(model: nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
+    """Route ``model``'s ``nn.Linear`` layers through the few-row kernel; returns how many.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module; only layers whose type is exactly ``nn.Linear`` are changed (quantized or
+        otherwise specialized subclasses keep their own forward). Calling it again updates
+        ``max_rows``.
+    max_rows : int
+        Calls with at most this many rows (the product of the leading dimensions) use the kernel.
+
+    Returns
+    -------
+    int
+        The number of layers routed; 0 when the C++ kernel is not available here (nothing changes).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from costeer.fast_linear import use_linear_rows
+    >>> net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    >>> x = torch.randn(3, 64)
+    >>> with torch.no_grad():
+    ...     before = net(x)
+    ...     n = use_linear_rows(net)
+    ...     after = net(x)
+    >>> n in (0, 2), bool(torch.allclose(before, after, atol=1e-5))
+    (True, True)
+    """
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int):
+        raise TypeError(f"max_rows must be an int, got {type(max_rows).__name__}")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    kernel = _kernel()
+    if kernel is None:
+        return 0
+    n = 0
+    for mod in model.modules():
+        if type(mod) is nn.Linear:
+            mod.forward = _FewRowForward(mod, max_rows, kernel)
+            n += 1
+    return n

@@ -1,0 +1,56 @@
+// torch.ops.costeer_ext.linear_rows: out[M, N] = x[M, K] W[N, K]^T (+ bias) for a few rows M.
+//
+// A decode step multiplies 1-8 rows by every weight matrix of the model (the LLM row and the
+// small model's two passes, co-batched), so the step is bound by streaming the weights from
+// memory. MKL's sgemm for 2-3 rows on this kind of CPU runs 2-3x slower than its 1-row gemv, and
+// its gemv reads the big vocabulary head at a third of the memory bandwidth; the projection loop
+// of the steering kernels (Kernels::project: each block of four weight rows loaded once, in
+// registers, for all M rows) reads W once at any M. Weight rows are split across threads in
+// blocks, so each thread streams its own contiguous part of W.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+#include "steer_cpu.h"
+
+namespace costeer {
+
+at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                           at::Tensor& out) {
+  constexpr const char* op = "costeer_ext::linear_rows";
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x [M, K] and weight [N, K] expected, got x ",
+              x.sizes(), " and weight ", weight.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, op, ": x has K = ", K, " columns but weight has ", weight.size(1));
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.stride(1) == 1, op, ": x must be float32 with unit column stride");
+  TORCH_CHECK(weight.stride(1) == 1 || K <= 1, op, ": weight must have unit column stride");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == M && out.size(1) == N &&
+                  out.is_contiguous(),
+              op, ": out must be a contiguous float32 [", M, ", ", N, "] tensor");
+  if (M == 0 || N == 0) return out;
+  if (K == 0) {
+    out.zero_();
+  } else {
+    const cpu::Kernels& kern = cpu::kernels();
+    cpu::Operand w = cpu::operand(weight, op);
+    w.row_stride = weight.stride(0);
+    const float* h = x.data_ptr<float>();
+    const int64_t hs = x.stride(0);
+    float* d = out.data_ptr<float>();
+    // ~64 KB of weights per task: big enough to amortize the fork, small enough to balance
+    // two to sixteen threads over the model's smallest matrices (N = 192 here).
+    const int64_t grain = std::max<int64_t>(4, ((16384 + K - 1) / K + 3) / 4 * 4);
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      kern.project(w, begin, end - begin, h, hs, M, K, d + begin, N);
+    });
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [", N, "], got ", bias->sizes());
+    out.add_(bias->to(at::kFloat).unsqueeze(0));
+  }
+  return out;
+}
+
+}  // namespace costeer

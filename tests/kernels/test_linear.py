@@ -1,0 +1,130 @@
+"""linear_rows (costeer_kernels/linear.py, csrc/linear_cpu.cpp): x @ W.T + b for a few rows, against
+float64 of the same inputs on every CPU instruction-set path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import costeer_kernels as ck
+from costeer_kernels import linear_rows
+from costeer_kernels._extension import build_status
+
+ISAS = ["portable", "avx2", "avx512"]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def ext():
+    s = build_status()
+    assert s["loaded"], f"C++ extension unavailable: {s['reason']}"
+    return s
+
+
+@pytest.fixture(params=ISAS)
+def isa(ext, request):
+    if request.param not in torch.ops.costeer_ext.cpu_isas():
+        pytest.skip(f"the {request.param} path needs CPU features this machine lacks")
+    before = torch.ops.costeer_ext.cpu_isa()
+    torch.ops.costeer_ext.cpu_isa(request.param)
+    yield request.param
+    torch.ops.costeer_ext.cpu_isa(before)
+
+
+def _check(y, x, w, b=None):
+    """|y - exact| within 4x F.linear's own float32 error plus 4 ulps of sum |x_k w_k| (the rounding
+    of a K-term dot product grows with that sum; both summation orders are legitimate)."""
+    xd, wd = x.double(), w.double()
+    ref = xd @ wd.T + (0 if b is None else b.double())
+    eager = F.linear(x.float(), w.float(), None if b is None else b.float()).double()
+    mag = xd.abs() @ wd.abs().T + (0 if b is None else b.double().abs())
+    err = (y.double() - ref).abs()
+    bound = 4 * (eager - ref).abs() + 4 * EPS32 * mag + 1e-30
+    worst = (err / bound).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"error {err.max().item():.3e} exceeds the bound (worst ratio {worst:.2f})"
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 8, 13, 33])
+@pytest.mark.parametrize("N,K", [(1, 7), (5, 16), (192, 576), (577, 17), (67, 1536)])
+def test_matches_float64(isa, M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g)
+    _check(linear_rows(x, w, b, backend="cpu"), x, w, b)
+    _check(linear_rows(x, w, backend="cpu"), x, w)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 6])
+def test_half_precision_weights_accumulate_in_float32(isa, wdtype, M):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(M, 129, generator=g)
+    w = torch.randn(301, 129, generator=g).to(wdtype)
+    y = linear_rows(x, w, backend="cpu")
+    assert y.dtype == torch.float32
+    _check(y, x, w.float())  # exact with respect to the half weights' own values
+
+
+def test_row_stride_leading_dims_and_dtype_of_x(ext):
+    base = torch.randn(4, 2, 64)
+    x = base[:, 0]  # row stride 128
+    w = torch.randn(10, 64)
+    _check(linear_rows(x, w, backend="cpu"), x, w)
+    x3 = torch.randn(2, 3, 64)
+    y3 = linear_rows(x3, w, backend="cpu")
+    assert y3.shape == (2, 3, 10)
+    _check(y3.reshape(6, 10), x3.reshape(6, 64), w)
+    yb = linear_rows(x3.bfloat16(), w.bfloat16(), backend="cpu")
+    assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, 10)
+
+
+def test_empty_shapes(ext):
+    w = torch.randn(5, 8)
+    assert linear_rows(torch.randn(0, 8), w, backend="cpu").shape == (0, 5)
+    assert linear_rows(torch.randn(3, 8), torch.randn(0, 8), backend="cpu").shape == (3, 0)
+    y = linear_rows(torch.randn(3, 0), torch.randn(4, 0), torch.ones(4), backend="cpu")
+    assert torch.equal(y, torch.ones(3, 4))
+
+
+def test_nan_stays_in_its_row(ext):
+    x = torch.randn(3, 40)
+    x[1, 5] = float("nan")
+    w = torch.randn(9, 40)
+    y = linear_rows(x, w, backend="cpu")
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_default_backend_on_cpu_is_the_kernel(ext):
+    assert ck.registry.resolve("linear", None, torch.device("cpu")) == "cpu"
+    x, w = torch.randn(2, 33), torch.randn(7, 33)
+    assert torch.allclose(linear_rows(x, w), linear_rows(x, w, backend="torch"), atol=1e-5)
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 5)), ValueError, "K = weight.shape[1] = 5"),
+    (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4, 1)), ValueError, "weight must be 2-D"),
+    (lambda: linear_rows(torch.ones(2, 4, dtype=torch.int32), torch.randn(3, 4)), TypeError, "x must be float32"),
+    (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError, "bias must be [N] = [3]"),
+    (lambda: linear_rows(torch.randn(2, 4), [[1.0] * 4]), TypeError, "weight must be a torch.Tensor"),
+    (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4), backend="gpu"), ValueError, "backend must be one of"),
+    (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4), backend=1), TypeError, "backend must be a string"),
+])
+def test_bad_arguments_name_themselves(call, exc, words):
+    with pytest.raises(exc, match=None) as info:
+        call()
+    assert words in str(info.value)
+
+
+def test_opcheck():
+    x, w, b = torch.randn(3, 20), torch.randn(6, 20), torch.randn(6)
+    torch.library.opcheck(torch.ops.costeer.linear_rows.default, (x, w, b, "auto"))
+    torch.library.opcheck(torch.ops.costeer.linear_rows.default, (x, w, None, "torch"))
+
+
+def test_compile_fullgraph_matches_eager():
+    x, w, b = torch.randn(3, 20), torch.randn(6, 20), torch.randn(6)
+
+    def f(x, w, b):
+        return linear_rows(x, w, b) * 2.0
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(x, w, b)
+    assert torch.allclose(got, f(x, w, b), atol=1e-6)
