@@ -117,6 +117,18 @@ struct Avx2 {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
+  // 16 bfloat16 as two vectors by interleaving with zeros: lo holds elements 0-3 and 8-11, hi 4-7
+  // and 12-15 (one in-lane unpack each; in order would take a zero-extension and a shift each).
+  static void load_bf16_pair(const uint16_t* p, V& lo, V& hi) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), w));
+    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), w));
+  }
+  // The 16 floats of a load_bf16_pair order, stored in order.
+  static void store_pair(float* p, V lo, V hi) {
+    _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
 };
 using S = Avx2;
 #include "cpu_simd.inc"
@@ -167,6 +179,20 @@ struct Avx512 {
   static V load_bf16(const uint16_t* p) {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  // 32 bfloat16 as two vectors: the even elements shifted into the high halves, the odd ones with
+  // the low halves cleared (AVX-512F has no 16-bit unpack; one shift / and each, no shuffle).
+  static void load_bf16_pair(const uint16_t* p, V& even, V& odd) {
+    const __m512i w = _mm512_loadu_si512(p);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)));
+  }
+  // The 32 floats of a load_bf16_pair order, stored in order (one two-source permute per 16).
+  static void store_pair(float* p, V even, V odd) {
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    _mm512_storeu_ps(p, _mm512_permutex2var_ps(even, lo, odd));
+    _mm512_storeu_ps(p + 16, _mm512_permutex2var_ps(even, hi, odd));
   }
 };
 using S = Avx512;
