@@ -24,13 +24,16 @@ def add_eval_parser(sub) -> None:
                                                      "summary.json, quality_vs_T.png, quality_vs_speed.png)")
     e.add_argument("--systems", nargs="+", default=None,
                    help="systems: llm, slm+ctx, llm+ctx, KIND@T=N with KIND costeer, gate, spec, topk-restrict, "
-                        "topk-floor, xtok (default: the baselines, costeer over --T-sweep, the rest at the CLI's T)")
+                        "topk-floor, xtok; xtok-llm, xtok-llm+ctx (the --xtok-pair's LLM alone / with the context) "
+                        "(default: the baselines, costeer over --T-sweep, the rest at the CLI's T, the pair's "
+                        "baselines)")
     e.add_argument("--T-sweep", type=int, nargs="+", default=list(T_SWEEP), help="T values of the CoSteer sweep")
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--llm", default="smollm2", help="LLM (in process)")
     e.add_argument("--slm", default="smollm2", help="small model")
     e.add_argument("--xtok-pair", nargs=2, default=None, metavar=("LLM", "SLM"),
-                   help="a pair with different tokenizers for the xtok system (skipped, with a note, without one)")
+                   help="a pair with different tokenizers for the xtok, xtok-llm and xtok-llm+ctx systems "
+                        "(skipped, with a note, without one)")
     e.add_argument("--batch", type=int, default=8, help="items decoded together (1-16); tokens/s is then throughput")
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -101,6 +101,22 @@ class LikelihoodScorer:
         return {"llr": (ctx - noctx) / n, "ppl": math.exp(-llm_lp / n), "answer_tokens": n}
 
 
+class Perplexity:
+    """``exp(-mean log p(answer | prompt))`` per token under one model (its own tokenization of the
+    answer, its chat template or plain text): the fluency of a different-tokenizer pair's answers
+    under the pair's own LLM without the context (``ppl_pair``)."""
+
+    def __init__(self, loaded):
+        self.model = loaded
+
+    def __call__(self, text: str, prompt: str) -> float:
+        tok = self.model.tokenizer
+        ans = list(tok(text, add_special_tokens=False)["input_ids"]) if text.strip() else []
+        if not ans:
+            return float("nan")
+        return math.exp(-answer_logprob(self.model, chat_ids(tok, prompt), ans) / len(ans))
+
+
 def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, level: float = 0.95, seed: int = 0):
     """(mean, low, high, n): percentile bootstrap interval of the mean over items (NaNs left out)."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)

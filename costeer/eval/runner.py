@@ -21,23 +21,31 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .data import EvalItem
-from .metrics import GoldScorer, LikelihoodScorer, bootstrap_ci, derived_keywords, keyword_hits
+from .metrics import GoldScorer, LikelihoodScorer, Perplexity, bootstrap_ci, derived_keywords, keyword_hits
 
 CONTEXT_TEMPLATE = "Here is some information about me:\n{context}\n\n{prompt}"
 BASELINES = ("llm", "slm+ctx", "llm+ctx")
+# The different-tokenizer pair's own baselines: its LLM alone and its LLM given the context (the
+# pair's non-private upper bound), so that xtok is compared with the LLM it steers.
+PAIR_BASELINES = ("xtok-llm", "xtok-llm+ctx")
 KINDS = ("costeer", "gate", "spec", "topk-restrict", "topk-floor", "xtok")
+PAIR_KINDS = ("xtok",) + PAIR_BASELINES  # systems that run on --xtok-pair; their records carry the pair
 TITLES = {"llm": "LLM alone (public prompt)", "slm+ctx": "small model + context",
           "llm+ctx": "LLM + context (not private; upper bound)", "costeer": "CoSteer",
           "gate": "CoSteer + confidence gate (0.9, patience 3)", "spec": "CoSteer, speculative (k=4)",
           "topk-restrict": "CoSteer, top-20 transport, restrict", "topk-floor": "CoSteer, top-20 transport, floor",
-          "xtok": "CoSteer, different-tokenizer pair"}
-METRICS = ("keywords", "llr", "rouge1", "rougeL", "chrf", "ppl")
+          "xtok": "CoSteer, different-tokenizer pair", "xtok-llm": "pair's LLM alone (public prompt)",
+          "xtok-llm+ctx": "pair's LLM + context (not private; the pair's upper bound)"}
+# ppl_pair: perplexity under the pair's LLM without the context, for the pair's systems only (the
+# fluency measure of ppl with the LLM that xtok actually steers; NaN for the other systems).
+METRICS = ("keywords", "llr", "rouge1", "rougeL", "chrf", "ppl", "ppl_pair")
 _SYSTEM = re.compile(r"^(?P<kind>[a-z-]+)@T=(?P<T>\d+)$")
 
 
 @dataclass(frozen=True)
 class System:
-    """``llm``, ``slm+ctx``, ``llm+ctx``, or ``KIND@T=N`` with KIND in :data:`KINDS`."""
+    """``llm``, ``slm+ctx``, ``llm+ctx``, ``xtok-llm``, ``xtok-llm+ctx``, or ``KIND@T=N`` with KIND in
+    :data:`KINDS`."""
 
     name: str
     kind: str
@@ -47,19 +55,22 @@ class System:
     def parse(cls, name: str) -> "System":
         if not isinstance(name, str):
             raise TypeError(f"system must be a string, got {type(name).__name__}")
-        if name in BASELINES:
+        if name in BASELINES + PAIR_BASELINES:
             return cls(name, name)
         m = _SYSTEM.match(name)
         if not m or m["kind"] not in KINDS:
-            raise ValueError(f"system {name!r}: expected one of {', '.join(BASELINES)} or KIND@T=N with KIND in "
+            raise ValueError(f"system {name!r}: expected one of {', '.join(BASELINES + PAIR_BASELINES)} or KIND@T=N "
+                             f"with KIND in "
                              f"{', '.join(KINDS)} (e.g. costeer@T=3)")
         return cls(name, m["kind"], int(m["T"]))
 
 
 def default_systems(T_sweep: Sequence[int], T_default: int) -> List[str]:
-    """The baselines, CoSteer over the sweep, then gate / speculative / top-k / cross-tokenizer at the default."""
+    """The baselines, CoSteer over the sweep, then gate / speculative / top-k / cross-tokenizer at the
+    default, and the cross-tokenizer pair's own baselines (skipped, like xtok, without a pair)."""
     return (list(BASELINES) + [f"costeer@T={T}" for T in T_sweep]
-            + [f"{k}@T={T_default}" for k in ("gate", "spec", "topk-restrict", "topk-floor", "xtok")])
+            + [f"{k}@T={T_default}" for k in ("gate", "spec", "topk-restrict", "topk-floor", "xtok")]
+            + list(PAIR_BASELINES))
 
 
 class EvalError(RuntimeError):
@@ -161,6 +172,7 @@ class _Systems:
         self.slm = load_model(slm, device=device)
         self.llm = self.slm if llm == slm else load_model(llm, device=device)
         self.xtok = xtok
+        self._pair = None  # (LLM, small model) of --xtok-pair, loaded on first use
         self._gens: Dict[str, object] = {}
         self._server: Optional[_TopkServer] = None
         self.skipped: Dict[str, str] = {}
@@ -183,20 +195,32 @@ class _Systems:
                 self._server = _TopkServer(self.llm_name)
             gen = Generator(llm=None, slm=self.slm, llm_url=self._server.url, response_format="topk", topk=20,
                             topk_policy=s.kind.split("-")[1], **kw)
-        elif s.kind == "xtok":
+        elif s.kind in PAIR_KINDS:
+            xl, xs = self.pair()
+            key = "pair" if s.kind in PAIR_BASELINES else s.name  # the two baselines share one Generator
+            if key not in self._gens:
+                try:
+                    self._gens[key] = Generator(llm=xl, slm=xs, **kw)
+                except (ValueError, TypeError) as exc:
+                    raise _Skip(f"different-tokenizer pair {self.xtok[0]} / {self.xtok[1]} refused: {exc}") from None
+            gen = self._gens[key]
+        else:
+            gen = Generator(llm=self.llm, slm=self.slm, **kw)
+        self._gens[s.name] = gen
+        return gen
+
+    def pair(self):
+        """The loaded (LLM, small model) of the different-tokenizer pair; raises _Skip without one."""
+        if self._pair is None:
             if not self.xtok:
                 raise _Skip("no different-tokenizer pair given (--xtok-pair LLM SLM, both installed locally)")
             from ..models import ModelNotFoundError, load_model
 
             try:
-                xl, xs = (load_model(m, device=self.device) for m in self.xtok)
-                gen = Generator(llm=xl, slm=xs, **kw)
+                self._pair = tuple(load_model(m, device=self.device) for m in self.xtok)
             except (ModelNotFoundError, ValueError, TypeError) as exc:
                 raise _Skip(f"different-tokenizer pair {self.xtok[0]} / {self.xtok[1]} unavailable: {exc}") from None
-        else:
-            gen = Generator(llm=self.llm, slm=self.slm, **kw)
-        self._gens[s.name] = gen
-        return gen
+        return self._pair
 
     def run(self, s: System, items: Sequence[EvalItem], max_new_tokens: int):
         """Generate for the items as one batch; (text, tokens) per item and the batch's wall seconds."""
@@ -211,9 +235,9 @@ class _Systems:
         t0 = time.perf_counter()
         if s.kind == "spec":  # the loop's speculative policy, k = 4
             res = gen.generate([{"prompt": it.prompt, "context": it.context} for it in items], speculative=4, **kw)
-        elif s.kind == "llm":
+        elif s.kind in ("llm", "xtok-llm"):
             res = gen.generate([{"prompt": it.prompt} for it in items], mode="llm", **kw)
-        elif s.kind == "llm+ctx":
+        elif s.kind in ("llm+ctx", "xtok-llm+ctx"):  # a base LLM without a chat template reads it as plain text
             res = gen.generate([{"prompt": CONTEXT_TEMPLATE.format(context=it.context, prompt=it.prompt)}
                                 for it in items], mode="llm", **kw)
         else:
@@ -268,28 +292,43 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, systems: Sequence[str], *,
         if header.get("key") != key:
             raise EvalError(f"{path} was written for other items or settings (max_new_tokens, models); "
                             f"give the same ones, or choose another --out")
-        # The key cannot hold the cross-tokenizer pair (xtok may be added on a resume), so its
-        # records carry the pair: results of two pairs must not be merged under one name.
+        # The key cannot hold the cross-tokenizer pair (its systems may be added on a resume), so
+        # their records carry the pair: results of two pairs must not be merged under one name,
+        # nor a pair's baselines compared with another pair's xtok in one run.
         pair = list(xtok_pair) if xtok_pair else None
-        for r in recs:
-            if pair and "pair" in r and r["pair"] != pair and r["system"] in {s.name for s in parsed}:
-                raise EvalError(f"{path}: {r['system']} was run with the pair {' / '.join(r['pair'])}, not "
-                                f"{' / '.join(pair)}: give --xtok-pair {' '.join(r['pair'])}, or choose another --out")
+        if pair and any(s.kind in PAIR_KINDS for s in parsed):
+            for r in recs:
+                if "pair" in r and r["pair"] != pair:
+                    raise EvalError(f"{path}: {r['system']} was run with the pair {' / '.join(r['pair'])}, not "
+                                    f"{' / '.join(pair)}: give --xtok-pair {' '.join(r['pair'])}, or choose another "
+                                    f"--out")
         done = {(r["item"], r["system"]) for r in recs}
         say(f"resuming {path}: {len(done)} results already there")
-        fh = open(path, "a", encoding="utf-8")
+        # Records of the pair's systems written before ppl_pair existed get it from their text.
+        backfill = [r for r in recs if pair and "ppl_pair" not in r and r["system"] in {s.name for s in parsed}
+                    and System.parse(r["system"]).kind in PAIR_KINDS]
     else:
-        fh = open(path, "w", encoding="utf-8")
-        fh.write(json.dumps({"costeer_eval": 1, "key": key, "config": cfg}) + "\n")
-        fh.flush()
+        backfill = []
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"costeer_eval": 1, "key": key, "config": cfg}) + "\n")
     todo = [it for it in items if any((it.id, s.name) not in done for s in parsed)]
     runner = gold = lik = None
+    pair_ppl: Optional[Perplexity] = None
+    fh = None
     try:
-        if todo:
+        if todo or backfill:
             say(f"loading {slm} (small model) and {llm} (LLM) ...")
             runner = _Systems(llm, slm, xtok_pair, device, say)
             gold = GoldScorer()
             lik = LikelihoodScorer(runner.llm, runner.slm, CONTEXT_TEMPLATE)
+            if xtok_pair and any(s.kind in PAIR_KINDS for s in parsed):
+                try:
+                    pair_ppl = Perplexity(runner.pair()[0])
+                except _Skip as exc:  # the pair's systems are then skipped with this note
+                    runner.skipped.update({s.name: str(exc) for s in parsed if s.kind in PAIR_KINDS})
+        if backfill and pair_ppl is not None:
+            _backfill_ppl_pair(path, backfill, {it.id: it for it in items}, pair_ppl, say)
+        fh = open(path, "a", encoding="utf-8")
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="costeer eval", unit="item",
@@ -310,10 +349,12 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, systems: Sequence[str], *,
                     rec = {"item": it.id, "system": s.name, "kind": it.kind, "persona": it.persona, "text": text,
                            "tokens": ntok, "seconds": wall / len(pending), "batch": len(pending),
                            "keywords": keyword_hits(text, kws), "keyword_source": "item" if it.keywords else "derived"}
-                    if s.kind == "xtok":
+                    if s.kind in PAIR_KINDS:
                         rec["pair"] = list(xtok_pair)
                     rec.update(gold(text, it.gold))
                     rec.update(lik(text, it.prompt, it.context))
+                    if s.kind in PAIR_KINDS:
+                        rec["ppl_pair"] = pair_ppl(text, it.prompt)
                     recs[it.id].append(rec)
             for it in chunk:  # item by item, once every system has run on the chunk
                 for rec in recs[it.id]:
@@ -322,13 +363,35 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, systems: Sequence[str], *,
                 bar.update(1)
         bar.close()
     finally:
-        fh.close()
+        if fh is not None:
+            fh.close()
         if runner is not None:
             runner.close()
     skipped = dict(runner.skipped) if runner is not None else {}
     for name, why in skipped.items():
         say(f"skipped {name}: {why}")
     return write_report(out_dir, [s.name for s in parsed], skipped=skipped, plots=plots)
+
+
+def _backfill_ppl_pair(path: str, recs: Sequence[Dict], items: Dict[str, EvalItem], pair_ppl: "Perplexity",
+                       say: Callable[[str], None]):
+    """Add ``ppl_pair`` (computed from the stored text) to the given records of ``path``; the file is
+    rewritten to a temporary file and renamed over the old one, so a kill leaves either version."""
+    keys = {(r["item"], r["system"]) for r in recs}
+    header, all_recs = read_results(path)
+    missing = [r for r in all_recs if "ppl_pair" not in r and (r["item"], r["system"]) in keys]
+    say(f"adding ppl_pair (the pair's LLM) to {len(missing)} earlier records of the pair's systems ...")
+    for r in missing:
+        it = items.get(r["item"])
+        r["ppl_pair"] = pair_ppl(r["text"], it.prompt) if it is not None else float("nan")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        for r in all_recs:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,12 +416,12 @@ def summarize(records: Sequence[Dict], systems: Sequence[str]) -> List[Dict]:
         s = System.parse(name)
         row = {"system": name, "title": TITLES[s.kind], "T": s.T, "c_T": _c_T(s.T), "items": len(rs)}
         for m in METRICS:
-            if m == "ppl":  # perplexity over items: exp of the mean per-token NLL (one outlier cannot dominate)
-                mean, lo, hi, n = bootstrap_ci([math.log(r["ppl"]) if r["ppl"] == r["ppl"] else float("nan")
-                                                for r in rs])
+            vals = [r.get(m, float("nan")) for r in rs]  # ppl_pair: only the pair's systems have it
+            if m in ("ppl", "ppl_pair"):  # over items: exp of the mean per-token NLL (one outlier cannot dominate)
+                mean, lo, hi, n = bootstrap_ci([math.log(v) if v == v else float("nan") for v in vals])
                 mean, lo, hi = (math.exp(v) if v == v else v for v in (mean, lo, hi))
             else:
-                mean, lo, hi, n = bootstrap_ci([r[m] for r in rs])
+                mean, lo, hi, n = bootstrap_ci(vals)
             row[m], row[m + "_lo"], row[m + "_hi"], row[m + "_n"] = mean, lo, hi, n
         toks, secs = sum(r["tokens"] for r in rs), sum(r["seconds"] for r in rs)
         row["tokens_per_s"] = toks / secs if secs > 0 else float("nan")
@@ -373,7 +436,7 @@ def _fmt(v, digits):
 
 def markdown_table(rows: Sequence[Dict]) -> str:
     head = ("| system | c_T | items | keyword hits | LLR (nats/token) | ROUGE-1 | ROUGE-L | chrF | "
-            "perplexity (LLM, no context) | tokens/s |")
+            "perplexity (LLM, no context) | perplexity (pair's LLM, no context) | tokens/s |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         def ci(m, d):
@@ -381,7 +444,7 @@ def markdown_table(rows: Sequence[Dict]) -> str:
                 return "-"
             return f"{_fmt(r[m], d)} [{_fmt(r[m + '_lo'], d)}, {_fmt(r[m + '_hi'], d)}]"
         out.append(f"| {r['system']} | {_fmt(r['c_T'], 3)} | {r['items']} | {ci('keywords', 3)} | {ci('llr', 3)} | "
-                   f"{ci('rouge1', 3)} | {ci('rougeL', 3)} | {ci('chrf', 1)} | {ci('ppl', 2)} | "
+                   f"{ci('rouge1', 3)} | {ci('rougeL', 3)} | {ci('chrf', 1)} | {ci('ppl', 2)} | {ci('ppl_pair', 2)} | "
                    f"{_fmt(r['tokens_per_s'], 1)} |")
     return "\n".join(out)
 
@@ -397,9 +460,15 @@ def write_report(out_dir: str, systems: Optional[Sequence[str]] = None, *, skipp
     notes = [f"{name}: skipped ({why})" for name, why in (skipped or {}).items()]
     table = markdown_table(rows)
     cfg = header["config"]
+    pairs = sorted({" / ".join(r["pair"]) for r in recs if "pair" in r and r["system"] in systems})
     with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
         f.write(f"LLM {cfg['llm']}, small model {cfg['slm']}, greedy, {cfg['max_new_tokens']} new tokens, "
-                f"{len(cfg['items'])} items; mean [95% bootstrap interval over items]\n\n{table}\n")
+                f"{len(cfg['items'])} items; mean [95% bootstrap interval over items]\n")
+        if pairs:
+            f.write(f"Different-tokenizer pair (xtok systems; LLM / small model): {', '.join(pairs)}. LLR and "
+                    f"perplexity (LLM) are scored by {cfg['slm']} / {cfg['llm']} for every system; perplexity "
+                    f"(pair's LLM) by the pair's LLM, for the pair's systems only.\n")
+        f.write(f"\n{table}\n")
         for n in notes:
             f.write(f"\n* {n}")
         f.write("\n")
@@ -409,7 +478,7 @@ def write_report(out_dir: str, systems: Optional[Sequence[str]] = None, *, skipp
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    summary = {"config": cfg, "systems": rows, "skipped": skipped or {}, "results": len(recs)}
+    summary = {"config": cfg, "pairs": pairs, "systems": rows, "skipped": skipped or {}, "results": len(recs)}
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1, allow_nan=True)
     if plots and rows:

@@ -140,6 +140,11 @@ def test_likelihood_ratio_rewards_context(smol):
 def test_system_names():
     assert System.parse("costeer@T=3") == System("costeer@T=3", "costeer", 3)
     assert System.parse("llm").kind == "llm"
+    assert System.parse("xtok-llm") == System("xtok-llm", "xtok-llm")
+    assert System.parse("xtok-llm+ctx") == System("xtok-llm+ctx", "xtok-llm+ctx")
+    from costeer.eval import default_systems
+
+    assert default_systems([3], 3)[-3:] == ["xtok@T=3", "xtok-llm", "xtok-llm+ctx"]
     for bad in ("costeer", "costeer@T=x", "fast@T=3"):
         with pytest.raises(ValueError, match="system"):
             System.parse(bad)
@@ -241,3 +246,80 @@ def test_cli_rejects_bad_threads(tmp_path):
     r = subprocess.run([sys.executable, "-m", "costeer", "eval", "--threads", "0", "--out", str(tmp_path / "o")],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--threads must be >= 1" in r.stderr
+
+
+# -- the different-tokenizer pair's own baselines, on tiny random models (fast) --------------
+
+
+def test_pair_baselines_run_score_report_and_resume(tmp_path, tiny_dir):
+    # Main LLM = small model = tiny A; the pair is (tiny B, tiny A): xtok-llm must be B alone,
+    # xtok-llm+ctx B given the context in its prompt, and ppl_pair B's perplexity (not A's).
+    import torch
+
+    from costeer.eval import EvalError, evaluate
+    from costeer.eval.metrics import Perplexity
+    from costeer.loop import chat_ids
+    from costeer.models import load_model
+    from tests.costeer.tiny import make_tiny_model
+
+    b_dir = make_tiny_model(str(tmp_path / "tiny_b"), seed=1)
+    pair = (b_dir, tiny_dir)
+    items = project_set()[:2]
+    out = tmp_path / "run"
+    systems = ["llm", "xtok@T=3", "xtok-llm", "xtok-llm+ctx"]
+    kw = dict(max_new_tokens=3, llm=tiny_dir, slm=tiny_dir, batch=2, progress=False, plots=False)
+    summary = evaluate(items, str(out), systems, xtok_pair=pair, **kw)
+    header, recs = read_results(str(out / "results.jsonl"))
+    assert sorted((r["item"], r["system"]) for r in recs) == sorted((it.id, s) for it in items for s in systems)
+    b = load_model(b_dir)
+    ppl_b = Perplexity(b)
+    by = {(r["item"], r["system"]): r for r in recs}
+    for it in items:
+        for name, prompt in (("xtok-llm", it.prompt), ("xtok-llm+ctx", CONTEXT_TEMPLATE.format(context=it.context,
+                                                                                              prompt=it.prompt))):
+            ids = chat_ids(b.tokenizer, prompt)
+            with torch.no_grad():  # B's own greedy continuation of the plain prompt
+                ref = b.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)[0, len(ids):]
+            r = by[(it.id, name)]
+            assert r["text"] == b.tokenizer.decode(ref, skip_special_tokens=True) and r["tokens"] == 3
+        for name in ("xtok@T=3", "xtok-llm", "xtok-llm+ctx"):
+            r = by[(it.id, name)]
+            assert r["pair"] == list(pair) and r["llr"] == r["llr"] and 0 <= r["keywords"] <= 1
+            assert r["ppl_pair"] == pytest.approx(ppl_b(r["text"], it.prompt)) and r["ppl_pair"] != r["ppl"]
+        assert "ppl_pair" not in by[(it.id, "llm")] and "pair" not in by[(it.id, "llm")]
+    # every artifact has the new systems; ppl_pair only for the pair's
+    assert [row["system"] for row in summary["systems"]] == systems and summary["pairs"] == [" / ".join(pair)]
+    table = (out / "table.md").read_text()
+    assert all(f"| {s} |" in table for s in systems) and "perplexity (pair's LLM, no context)" in table
+    with open(out / "results.csv") as f:
+        rows = {row["system"]: row for row in csv.DictReader(f)}
+    assert rows["llm"]["ppl_pair_n"] == "0" and all(rows[s]["ppl_pair_n"] == "2" for s in systems[1:])
+    # a resume with another pair is refused, even for the baselines alone (they would be compared
+    # with the other pair's xtok in one table)
+    with pytest.raises(EvalError, match="was run with the pair"):
+        evaluate(items, str(out), ["xtok-llm"], xtok_pair=(tiny_dir, tiny_dir), resume=True, **kw)
+    # records written before ppl_pair existed get it from their text on a resume; nothing else changes
+    path = out / "results.jsonl"
+    full = path.read_text()
+    lines = full.splitlines(keepends=True)
+    old = [lines[0]] + [json.dumps({k: v for k, v in json.loads(ln).items() if k != "ppl_pair"}) + "\n"
+                        for ln in lines[1:]]
+    path.write_text("".join(old))
+    evaluate(items, str(out), systems, xtok_pair=pair, resume=True, **kw)
+    new = [json.loads(ln) for ln in path.read_text().splitlines()]
+    assert len(new) == len(lines) and new[0] == header
+    for r, r0 in zip(new[1:], (json.loads(ln) for ln in lines[1:])):
+        assert r.keys() == r0.keys() and r["text"] == r0["text"]
+        if "ppl_pair" in r:
+            assert r["ppl_pair"] == pytest.approx(r0["ppl_pair"])
+    evaluate(items, str(out), systems, xtok_pair=pair, resume=True, **kw)  # finished: nothing is rewritten
+    assert [json.loads(ln) for ln in path.read_text().splitlines()] == new
+
+
+def test_pair_baselines_skipped_without_a_pair(tmp_path, tiny_dir):
+    from costeer.eval import evaluate
+
+    summary = evaluate(project_set()[:1], str(tmp_path), ["llm", "xtok-llm", "xtok-llm+ctx"], max_new_tokens=2,
+                       llm=tiny_dir, slm=tiny_dir, progress=False, plots=False)
+    assert [row["system"] for row in summary["systems"]] == ["llm"]
+    assert set(summary["skipped"]) == {"xtok-llm", "xtok-llm+ctx"} and "--xtok-pair" in summary["skipped"]["xtok-llm"]
