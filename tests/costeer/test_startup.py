@@ -18,6 +18,7 @@ def _gc_restored():
     was = gc.isenabled()
     yield
     startup._paused = False
+    gc.unfreeze()  # what resume_gc froze in this test process
     (gc.enable if was else gc.disable)()
 
 
