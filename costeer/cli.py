@@ -9,6 +9,8 @@ import textwrap
 import time
 from typing import List, Optional
 
+from .startup import pause_gc, resume_gc
+
 # CLI defaults for one model in both roles (the embedded SmolLM2-135M-Instruct pair), chosen from
 # the measured sweep in docs/defaults_sweep.md. The op's own defaults stay the paper's (T=20,
 # alpha=2, beta=1, lambda=2, eta=10, c_T = 1.78), which garbles text with the same model twice.
@@ -348,6 +350,7 @@ def _generate(args) -> int:
                         response_format=args.response_format, transport_dtype=args.transport_dtype, topk=args.topk,
                         topk_policy=args.topk_policy, timeout=args.timeout, gate=gate, token=args.token,
                         reconnect_timeout=args.reconnect_timeout, unmapped=args.unmapped, api_key=args.api_key)
+        resume_gc()  # the models are loaded (costeer/startup.py); counted in "ready in"
         if gen.coverage is not None:
             cov = gen.coverage
             say(f"different tokenizers: {cov['matched']} of {cov['llm_size']} LLM tokens ({100 * cov['llm_coverage']:.1f}%) "
@@ -455,7 +458,18 @@ def _generate(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``costeer ...``; ``argv`` None: this process's own command line (``python -m costeer``, the
+    ``costeer`` script), whose ``generate`` and ``serve`` start with the cyclic garbage collector
+    paused until the models are loaded (``costeer/startup.py``)."""
+    if argv is None and sys.argv[1:2] and sys.argv[1] in ("generate", "serve"):
+        pause_gc()
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        resume_gc()  # an error or an early return before the models were loaded
+
+
+def _main(argv: List[str]) -> int:
     # serve and models parse their own arguments; dispatched first so that their start does not
     # import the eval package (which imports torch and numpy at once).
     if argv and argv[0] == "serve":

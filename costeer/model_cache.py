@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import os
@@ -296,6 +297,19 @@ def _tokenizer_from_json(path: Path, spec: Dict[str, Any]):
     return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), name_or_path=str(path), **kwargs)
 
 
+def _no_init_weights():
+    """transformers' context that skips weight initialization while a model is built to be loaded
+    (``from_pretrained`` uses it the same way); a no-op where this transformers has none."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def _model_from_safetensors(path: Path):
     """The model built empty from config.json, its weights assigned from the memory-mapped safetensors file."""
     import itertools
@@ -306,7 +320,13 @@ def _model_from_safetensors(path: Path):
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    with init_empty_weights():  # parameters on the meta device; buffers (RoPE tables) computed as usual
+    # Parameters on the meta device; buffers (RoPE tables, Gemma's embedding scale) computed by the
+    # constructors as usual. ``no_init_weights`` skips the random initialization of the parameters
+    # (every one is assigned from the file below, and one left on meta stops the load): on meta
+    # tensors it costs nothing numerically but runs torch's Python reference kernels for each of
+    # them, about 0.3 s for SmolLM2 on 2 cores. Buffers come out identical either way
+    # (tests/costeer/test_model_cache.py compares every tensor with from_pretrained's).
+    with init_empty_weights(), _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     result = model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=False, assign=True)
     model.tie_weights()  # the assigned embedding replaced the one lm_head was tied to
@@ -590,6 +610,11 @@ def _ensure(entry: CacheEntry, *, dtype=None, tokenizer_only: bool = False, load
                 return _direct(entry, dtype, tokenizer_only)
     if built is None:
         return _load_folder(entry.path, dtype, tokenizer_only) if load else (None, None)
+    if not gc.isenabled():
+        # The start-up pauses the collector and then freezes what is alive (costeer/startup.py):
+        # a reference cycle among what the build dropped (the GGUF-loaded model) is freed now,
+        # not frozen for the process's life. About 0.5 s, once, on a build of 20 s or more.
+        gc.collect()
     model, tokenizer = built
     if dtype is not None and model.dtype != dtype:
         model = model.to(dtype)

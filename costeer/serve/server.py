@@ -849,6 +849,7 @@ def _unbindable(host: str, port: int) -> Optional[str]:
 
 def main(argv=None) -> int:
     from ..models import DEFAULT_MODEL, ModelNotFoundError, load_model
+    from ..startup import resume_gc
 
     ap = argparse.ArgumentParser(prog="costeer serve", description="Serve an LLM's next-token logits over WebSocket.")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="alias, Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)")
@@ -933,6 +934,7 @@ def main(argv=None) -> int:
     except (ModelNotFoundError, ValueError, TypeError) as exc:
         print(f"costeer serve: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    resume_gc()  # the model is loaded (costeer/startup.py: paused only on `costeer serve`'s own command line)
     print(f"costeer serve: loaded {args.model} in {time.perf_counter() - t0:.1f} s "
           f"(vocab {loaded.vocab_size}, window {loaded.max_len})", file=sys.stderr, flush=True)
     server = LLMServer(loaded, max_prompt_tokens=args.max_prompt_tokens, max_rows=args.max_rows,

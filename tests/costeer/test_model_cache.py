@@ -5,6 +5,7 @@ One cold build per test session, into a temporary cache folder, made by two firs
 weights) so that only one more build (a damaged entry being rebuilt) is paid.
 """
 import copy
+import itertools
 import json
 import os
 import shutil
@@ -169,6 +170,12 @@ def test_warm_start_reads_the_folder_the_recorded_fast_way(cold):
     generic = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again after the assignment
     assert not any(t.is_meta for t in model.state_dict().values())
+    # Every parameter and buffer (the RoPE tables too, built without transformers' weight init)
+    # equals from_pretrained's, bit for bit.
+    ours = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    theirs = dict(itertools.chain(generic.named_parameters(), generic.named_buffers()))
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])] == []
     assert model.generation_config.to_dict() == generic.generation_config.to_dict()
     assert not model.training
     assert not mc._logits_differ(tok, generic, model)
