@@ -218,7 +218,7 @@ class _Picker:
         return cfg
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.linear(h, self.W)
+        out = costeer_kernels.linear_rows(h, self.W)  # the few-row kernel on CPU, F.linear elsewhere
         return out if self.bias is None else out + self.bias
 
     def llm_logits(self, zl, lo: Optional[LocalOutput]) -> torch.Tensor:
@@ -246,10 +246,10 @@ class _Picker:
             hc, hn = lo.hidden.get("ctx"), lo.hidden.get("noctx")
             if self.cobatched and hc is not None:
                 B = hc.shape[0]
-                # W @ x.T, not x @ W.T: MKL's x @ W.T for a few rows is up to 2x slower than one
-                # GEMV (measured on a 2-core Zen 5, docs/decoding.md); this form reads W once at
-                # bandwidth. The transposed result is made row-contiguous for the kernel.
-                proj = torch.mm(self.W, torch.cat([lo.hidden["llm"], hc - hn]).T).T.contiguous()
+                # One product of the 2B rows [h_llm; h_c - h_n] with W, read once for all of them:
+                # the few-row kernel on CPU (BLAS takes 1.5-3x longer for 2-16 rows, and reads the
+                # head at a third of the bandwidth for one; docs/decoding.md), F.linear elsewhere.
+                proj = costeer_kernels.linear_rows(torch.cat([lo.hidden["llm"], hc - hn]), self.W)
                 zl, delta = proj[:B], proj[B:]
                 if self.bias is not None:
                     zl = zl + self.bias
