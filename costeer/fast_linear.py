@@ -23,10 +23,11 @@ DEFAULT_MAX_ROWS = 32
 
 
 def _kernel():
-    from costeer_kernels import _extension, registry
+    # The C++ library only: resolving through the registry would also import the Triton backend,
+    # which a CPU process does not need before its first steering call (start-up time, issue 21).
+    from costeer_kernels import _extension
 
-    name = registry.resolve("linear", None, torch.device("cpu"))
-    return _extension.linear_cpp if name == "cpu" else None
+    return _extension.linear_cpp if _extension.load_extension() else None
 
 
 class _FewRowForward:
