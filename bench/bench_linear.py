@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -27,6 +25,7 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
+from bench.bench_cpp_cpu import interleaved  # noqa: E402
 from bench.harness import Report, git_rev, machine_info  # noqa: E402
 from costeer_kernels import linear_rows  # noqa: E402
 
@@ -42,18 +41,6 @@ SHAPES = {  # (N, K) of nn.Linear.weight
 }
 
 
-def _median_round_robin(fns, runs: int):
-    for f in fns:
-        f()
-    samples = [[] for _ in fns]
-    for _ in range(runs):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            samples[i].append(time.perf_counter() - t0)
-    return [statistics.median(s) for s in samples]
-
-
 def matrices(rows, runs):
     out = []
     for label, (N, K) in SHAPES.items():
@@ -64,7 +51,7 @@ def matrices(rows, runs):
             x = torch.randn(M, K)
             blas = lambda: [F.linear(x, w) for w in ws]  # noqa: E731
             ours = lambda: [linear_rows(x, w) for w in ws]  # noqa: E731
-            tb, to = _median_round_robin([blas, ours], runs)
+            tb, to = interleaved([blas, ours], runs, warmup=1)
             out.append({"matrix": label, "rows": M, "blas_us": tb / count * 1e6, "kernel_us": to / count * 1e6,
                         "blas_GBps": nbytes / tb / 1e9, "kernel_GBps": nbytes / to / 1e9, "speedup": tb / to})
             print(f"  {label:30s} M={M:3d}  F.linear {out[-1]['blas_us']:9.1f} us ({out[-1]['blas_GBps']:5.1f} GB/s)"
@@ -99,7 +86,7 @@ def decode_steps(rows, runs):
                     caches[name].crop(-1)  # drop the appended position: every round the same 64-position step
                 return run
 
-            tb, to = _median_round_robin([step(blas, "blas"), step(fast, "kernel")], runs)
+            tb, to = interleaved([step(blas, "blas"), step(fast, "kernel")], runs, warmup=1)
         out.append({"matrix": "SmolLM2 decode step (64 cached)", "rows": M, "blas_us": tb * 1e6,
                     "kernel_us": to * 1e6, "speedup": tb / to})
         print(f"  decode step M={M:3d}  BLAS {tb * 1e3:7.1f} ms  linear_rows {to * 1e3:7.1f} ms  x{tb / to:.2f}", flush=True)

@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from costeer.fast_linear import DEFAULT_MAX_ROWS, use_linear_rows
 from costeer_kernels._extension import build_status
 
-pytestmark = pytest.mark.skipif(not build_status()["loaded"], reason="the C++ extension is not built here")
+_BUILD = build_status()
+pytestmark = pytest.mark.skipif(not _BUILD["loaded"], reason=f"the C++ extension is not loaded: {_BUILD['reason']}")
 
 
 def _llama(seed=0):
