@@ -65,6 +65,7 @@ struct Avx2 {
   static constexpr const char* NAME = "avx2";
   static constexpr int W = 8;
   static constexpr int MAX_NR = 3;  // 4 x 3 accumulators + 3 h + 1 w = 16 ymm registers
+  static constexpr int WIDE_NR = 1;  // 8 x 1 accumulators + 1 h + 1 w (8 x 2 would spill)
   static constexpr int EXP_LANES = 1;
   using V = __m256;
   using M = __m256;  // lane masks (all ones / zero)
@@ -99,6 +100,11 @@ struct Avx2 {
   static V first_n(V v, int n) {  // lanes >= n zeroed (bitwise: NaN lanes too)
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane)), v);
+  }
+  // The four horizontal sums of a, b, c, e into out[0..4): one tree for the four.
+  static void hsum4(V a, V b, V c, V e, float* out) {
+    const __m256 abce = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, e));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abce), _mm256_extractf128_ps(abce, 1)));
   }
   static float hsum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -144,6 +150,7 @@ struct Avx512 {
   static constexpr const char* NAME = "avx512";
   static constexpr int W = 16;
   static constexpr int MAX_NR = 4;  // 4 x 4 accumulators of 32 zmm registers
+  static constexpr int WIDE_NR = 3;  // 8 x 3 accumulators + 3 h + 1 w = 28 zmm registers
   static constexpr int EXP_LANES = 2;
   using V = __m512;
   using M = __mmask16;
@@ -174,6 +181,13 @@ struct Avx512 {
   }
   static V first_n(V v, int n) { return _mm512_maskz_mov_ps((M)((1u << n) - 1u), v); }
   static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  static __m256 fold(V v) {  // the two 256-bit halves added (AVX-512F only: no 32x8 extract)
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  static void hsum4(V a, V b, V c, V e, float* out) {
+    const __m256 abce = _mm256_hadd_ps(_mm256_hadd_ps(fold(a), fold(b)), _mm256_hadd_ps(fold(c), fold(e)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abce), _mm256_extractf128_ps(abce, 1)));
+  }
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   static V load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static V load_bf16(const uint16_t* p) {
