@@ -35,22 +35,22 @@ namespace portable {
 
 const Kernels table = {
     "portable", widen_f16, widen_bf16,    steer_chunk, nullptr, chunk_max, exp_sum, subtract, store_shifted,
-    iterate_chunk, delta_chunk, project, count_ge, mass_ge, tempered,
+    iterate_chunk, delta_chunk, project, count_ge, mass_ge, tempered, store_shifted,
 };
 }  // namespace portable
 
 #if STEER_X86_PATHS
 
-// Bytes j of entry m: the index of the j-th set bit of m (vpermps indices of AVX2's left-pack).
-struct PackTable {
-  uint64_t idx[256];
+// Entry m, lane j: the index of the j-th set bit of m (vpermps indices of AVX2's left-pack), as
+// 32-bit lanes ready to load (8 KiB): byte indices widened by vpmovzxbd would cost a second
+// shuffle on the port the permute and the bfloat16 interleave already share.
+struct alignas(32) PackTable {
+  int32_t idx[256][8];
   constexpr PackTable() : idx() {
     for (int m = 0; m < 256; ++m) {
-      uint64_t v = 0;
       int k = 0;
       for (int b = 0; b < 8; ++b)
-        if (m & (1 << b)) v |= (uint64_t)b << (8 * k++);
-      idx[m] = v;
+        if (m & (1 << b)) idx[m][k++] = b;
     }
   }
 };
@@ -71,6 +71,7 @@ struct Avx2 {
   using M = __m256;  // lane masks (all ones / zero)
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }  // p 32-byte aligned
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V zero() { return _mm256_setzero_ps(); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -90,10 +91,25 @@ struct Avx2 {
     const __m256i e = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
+  // p 2^n for t as above, as n << 23 added to p's bits (t << 23 is n << 23: the rest shifts out).
+  static V scale_by_rounded(V p, V t) {
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+  }
+  // Per-lane counters of mask lanes (a true lane is all ones: -1).
+  using CI = __m256i;
+  static CI zero_i() { return _mm256_setzero_si256(); }
+  static CI count(CI c, M m) { return _mm256_sub_epi32(c, _mm256_castps_si256(m)); }
+  static CI add_i(CI a, CI b) { return _mm256_add_epi32(a, b); }
+  static int64_t hsum_i(CI c) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+  }
   // The lanes of v under m packed to dst[0..count) (W floats written); returns count.
   static int compress_store(float* dst, M m, V v) {
     const unsigned bits = (unsigned)_mm256_movemask_ps(m);
-    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kPack.idx[bits])));
+    const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx[bits]));
     _mm256_storeu_ps(dst, _mm256_permutevar8x32_ps(v, idx));
     return __builtin_popcount(bits);
   }
@@ -123,15 +139,18 @@ struct Avx2 {
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
   }
-  // 16 bfloat16 as two vectors by interleaving with zeros: lo holds elements 0-3 and 8-11, hi 4-7
-  // and 12-15 (one in-lane unpack each; in order would take a zero-extension and a shift each).
-  static void load_bf16_pair(const uint16_t* p, V& lo, V& hi) {
+  // 16 bfloat16 as two vectors: the even elements shifted into the high halves, the odd ones with
+  // the low halves cleared (no shuffle: AVX2's one shuffle port also carries compress_store's
+  // permute and store_pair's interleave; unpacking with zeros took one shuffle per vector).
+  static void load_bf16_pair(const uint16_t* p, V& even, V& odd) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), w));
-    hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), w));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u)));
   }
-  // The 16 floats of a load_bf16_pair order, stored in order.
-  static void store_pair(float* p, V lo, V hi) {
+  // The 16 floats of a load_bf16_pair order, stored in order: in-lane interleave, then the
+  // 128-bit halves exchanged.
+  static void store_pair(float* p, V even, V odd) {
+    const V lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);  // 0-3 8-11 | 4-7 12-15
     _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
     _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
   }
@@ -156,6 +175,7 @@ struct Avx512 {
   using M = __mmask16;
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V zero() { return _mm512_setzero_ps(); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -174,6 +194,14 @@ struct Avx512 {
     const __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000));
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
+  static V scale_by_rounded(V p, V t) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+  }
+  using CI = __m512i;
+  static CI zero_i() { return _mm512_setzero_si512(); }
+  static CI count(CI c, M m) { return _mm512_mask_sub_epi32(c, m, c, _mm512_set1_epi32(-1)); }
+  static CI add_i(CI a, CI b) { return _mm512_add_epi32(a, b); }
+  static int64_t hsum_i(CI c) { return _mm512_reduce_add_epi32(c); }
   // Compress in a register, then a plain store (vcompressps to memory is slow on AMD).
   static int compress_store(float* dst, M m, V v) {
     _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(m, v));

@@ -77,12 +77,13 @@ static void prefetch_chunk(const Operand& o, int64_t r, int64_t off, int64_t n) 
 
 // First sweep over [start, end) of row r from the steer inputs. Three fp16 or three bf16 rows are
 // read as they are where the path can (steer_chunk16), unless z_L's own statistics are asked for.
+// xrow: where x goes in place of row r of a.out (indexed like the row), if not nullptr.
 static Part closed_form_segment(const Kernels& K, const Args& a, int64_t r, int64_t start, int64_t end,
-                                float c, bool keep_x, bool track_argmax, Part* llm) {
+                                float c, bool keep_x, bool track_argmax, Part* llm, float* xrow = nullptr) {
   alignas(64) float buf[3][CHUNK];
   alignas(64) float xbuf[CHUNK];
   Part p;
-  float* out = a.out != nullptr && keep_x ? a.out + r * a.out_stride : nullptr;
+  float* out = xrow != nullptr ? xrow : a.out != nullptr && keep_x ? a.out + r * a.out_stride : nullptr;
   const bool raw16 = K.steer_chunk16 != nullptr && llm == nullptr && a.zl.dtype != F32 && a.zc.dtype == a.zl.dtype &&
                      (!a.has_noctx || a.zn.dtype == a.zl.dtype);
   for (int64_t off = start; off < end; off += CHUNK) {
@@ -242,13 +243,24 @@ static void closed_form(const Args& a, int64_t num_splits) {
   const Layout L = layout(a, num_splits);
   const std::vector<RowParams> hp = all_row_params(a);
   if (L.splits == 1 && a.proj == nullptr) {
-    // One task per row: the second sweep follows while the row is still in cache.
+    // One task per row: the second sweep follows while the row is still in cache. An output too
+    // large to stay in cache (kStreamOut) is written once, by the second sweep, with streaming
+    // stores, from x kept in a per-thread row of scratch (reused row after row, so it stays in
+    // L2): writing x into out first would read each line of out for ownership and write it back
+    // dirty, 8 bytes of memory traffic per element on top of the inputs' 6 (bfloat16) or 12 (fp32),
+    // where the streaming stores move 4.
+    constexpr int64_t kStreamOut = int64_t(16) << 20;
+    const bool stream = B * V * int64_t(sizeof(float)) >= kStreamOut;
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+      thread_local std::vector<float> scratch;
+      if (stream && (int64_t)scratch.size() < V) scratch.resize(V);
       for (int64_t r = r0; r < r1; ++r) {
-        const Part p = closed_form_segment(K, a, r, 0, V, hp[r].cf, true, false, nullptr);
+        float* xrow = stream ? scratch.data() : nullptr;
+        const Part p = closed_form_segment(K, a, r, 0, V, hp[r].cf, true, false, nullptr, xrow);
         float lse;
         a.status[r] = finish_row(p.m, p.s, p.flags, hp[r].ok, &lse);
-        K.subtract(a.out + r * a.out_stride, V, lse);
+        if (stream) K.store_shifted_stream(xrow, a.out + r * a.out_stride, V, lse);
+        else K.subtract(a.out + r * a.out_stride, V, lse);
       }
     });
     return;

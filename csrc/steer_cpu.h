@@ -70,6 +70,8 @@ struct Kernels {
   float (*mass_ge)(const float* x, const float* w, int64_t n, float t);
   // w = exp((x - m) * inv_tau): the tempered weights of top-p.
   void (*tempered)(const float* x, float* w, int64_t n, float m, float inv_tau);
+  // out = x - v with non-temporal stores where the path has them (out is not read back soon).
+  void (*store_shifted_stream)(const float* x, float* out, int64_t n, float v);
 };
 
 // The path in use: the best this CPU runs, COSTEER_CPU_ISA at first use, or cpu_isa(request).

@@ -279,6 +279,67 @@ def test_coefficient_below_float32_still_steers_infinities(isa):
     torch.testing.assert_close(out[1, 5:], torch.log_softmax(torch.cat([zl[1, :4], zl[1, 5:]]), 0)[4:])
 
 
+def mode_mixing_rows(dtype, seed=0):
+    """Rows whose chunks switch the SIMD sweep's sum mode (csrc/cpu_simd.inc: per 256-element
+    block, lanes packed or every exponential inline) back and forth: flat logits (scale 0.5, every
+    lane within 30 of the max: inline blocks) with whole blocks pushed 200 below the max (no lane
+    passes: back to packed), blocks where half the lanes pass, -inf masks inside the inline blocks,
+    and a row of peaked logits (scale 30: few lanes pass)."""
+    V = 4 * 2048 + 77
+    zl, zc, zn = make_logits(4, V, scale=0.5, mask_frac=0.05, seed=seed)
+    for b0 in range(2048 + 512, V, 1024):  # one block of 256 in four, from the second chunk on
+        zl[:3, b0 : b0 + 256] -= 200.0
+    zl[1, 2048 + 256 : 4096 : 2] -= 200.0  # half the lanes of a chunk's blocks pass
+    zl[3] = torch.randn(V, generator=torch.Generator().manual_seed(seed + 1)) * 30.0
+    return [t.to(dtype) for t in (zl, zc, zn)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_modes_match_reference(isa, dtype):
+    zl, zc, zn = mode_mixing_rows(dtype)
+    out = steer(zl, zc, zn, backend="cpu")
+    check_accuracy(out, zl, zc, zn)
+    # The sums themselves: each row's log-softmax normalizes, up to the float32 rounding of the
+    # log-probs that carry the mass (x - lse rounds at ulp(|x| + |lse|)).
+    ref = reference_steer(zl, zc, zn, None, dtype=torch.float64)
+    lse = torch.logsumexp(out.double(), -1)
+    heavy = torch.where(ref > -20.0, ref.abs(), torch.zeros_like(ref)).amax(-1)
+    for r in range(out.shape[0]):
+        assert abs(lse[r].item()) <= 1e-6 + 4 * EPS32 * heavy[r].item(), (r, lse[r].item())
+
+
+def test_nan_in_an_inline_block_is_reported(isa):
+    """A NaN input inside a block whose exponentials are computed inline (its lane is zeroed in
+    the sum bitwise, never added) still sets the status bit and poisons only its row."""
+    zl, zc, zn = mode_mixing_rows(torch.float32, seed=4)
+    zc[2, 2048 + 300] = float("nan")
+    zl[0, 3 * 2048 + 5] = float("nan")
+    out, status = cpp(zl, zc, zn, SteerConfig().packed(None, "cpu"))
+    assert status.tolist() == [st.NAN_LLM, 0, st.NAN_CTX, 0]
+    assert torch.isnan(out[[0, 2]]).all() and not torch.isnan(out[[1, 3]]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streamed_output_equals_cached(isa, dtype):
+    """An output of >= 16 MiB is written by the second sweep with streaming stores from a per-thread
+    row of scratch (csrc/steer_cpu.cpp, kStreamOut): the same values, bit for bit, as a row
+    computed alone (subtracted in place), here into out rows that start off a 64-byte boundary."""
+    B, V = 32, 131072
+    zl, zc, zn = make_logits(B, V, dtype=dtype, mask_frac=0.01, seed=11)
+    zc[5, 777] = float("nan")
+    hp = SteerConfig().packed(None, "cpu")
+    big = torch.full((B, V + 3), 7.0)
+    out = big[:, 1 : V + 1]  # row starts 4 bytes past an aligned address, stride V + 3
+    _, status = cpp(zl, zc, zn, hp, out=out)
+    assert out.numel() * 4 >= 16 << 20
+    assert (big[:, 0] == 7.0).all() and (big[:, V + 1 :] == 7.0).all()  # nothing written outside out
+    for r in (0, 5, 17, 31):
+        one, s_one = cpp(zl[r : r + 1], zc[r : r + 1], zn[r : r + 1], hp, splits=1)
+        torch.testing.assert_close(out[r], one[0], rtol=0, atol=0, equal_nan=True)
+        assert status[r].item() == s_one.item() == (st.NAN_CTX if r == 5 else 0)
+    check_accuracy(out[[0, 17]], zl[[0, 17]], zc[[0, 17]], zn[[0, 17]])
+
+
 @pytest.mark.parametrize("V", [1, 2048, 4097, 151936])
 def test_split_rows_equal_whole_rows(isa, V):
     """B=1 split across tasks (num_splits > 1) against the same row processed whole in a batch.
