@@ -225,15 +225,17 @@ class _Picker:
         """The LLM's logits of this step (computed from its hidden states when co-batched)."""
         if zl is not None:
             return zl[:, :self.N]
-        if "llm" in lo.logits:
-            return lo.logits["llm"][:, :self.N]
+        logits = self._llm_rows(lo.logits)
+        if logits is not None:
+            return logits[:, :self.N]
         with torch.inference_mode():
-            return self._project(self._llm_hidden(lo))[:, :self.N]
+            return self._project(self._llm_rows(lo.hidden))[:, :self.N]
 
     @staticmethod
-    def _llm_hidden(lo: LocalOutput) -> torch.Tensor:
-        # Co-batched without an "llm" group: the LLM row is the no-context row (Generator._run).
-        return lo.hidden["llm"] if "llm" in lo.hidden else lo.hidden["noctx"]
+    def _llm_rows(rows: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The co-batched LLM rows of a local output's logits or hidden states: the "llm" group's, or
+        the no-context group's where Generator._run made no "llm" group (the same prompt ids)."""
+        return rows["llm"] if "llm" in rows else rows.get("noctx")
 
     def __call__(self, zl, lo: Optional[LocalOutput], active: Sequence[bool], step: int, want_maxp: bool = False):
         """(token ids int64 [B] (-1: invalid row), the LLM's max probability float32 [B] or None)."""
@@ -254,7 +256,7 @@ class _Picker:
                 # One product of the 2B rows [h_llm; h_c - h_n] with W, read once for all of them:
                 # the few-row kernel on CPU (BLAS takes 1.5-3x longer for 2-16 rows, and reads the
                 # head at a third of the bandwidth for one; docs/decoding.md), F.linear elsewhere.
-                proj = costeer_kernels.linear_rows(torch.cat([self._llm_hidden(lo), hc - hn]), self.W)
+                proj = costeer_kernels.linear_rows(torch.cat([self._llm_rows(lo.hidden), hc - hn]), self.W)
                 zl, delta = proj[:B], proj[B:]
                 if self.bias is not None:
                     zl = zl + self.bias
@@ -262,7 +264,7 @@ class _Picker:
                 return self._unpack(costeer_kernels.steer_sample(zl[:, :N], delta[:, :N], None, cfg, validate=False, **kw),
                                     want_maxp)
             if self.cobatched:
-                zl = lo.logits["llm"] if "llm" in lo.logits else lo.logits["noctx"]
+                zl = self._llm_rows(lo.logits)
             kw = self._kw(zl.device, step, want_maxp)
             if hc is not None and self.W is not None:
                 if self.cross:
@@ -578,11 +580,11 @@ class Generator:
             cobatched = (mode == "costeer" and self.cobatch and spec is None and self.llm is not None
                          and self.llm.model is slm.model)
             groups: Dict[str, List[List[int]]] = {}
+            # When the LLM's prompt ids are the no-context pass's (one model in both roles, one
+            # tokenizer and template) the two rows would be the same computation on the same tokens:
+            # the no-context row then serves as the LLM row (2 rows per request, not 3).
             if cobatched and any(p[0] != p[2] for p in prompts):
                 groups["llm"] = [p[0] for p in prompts]
-            # Otherwise the LLM's prompt ids are the no-context pass's (one model in both roles, one
-            # tokenizer and template): the two rows would be the same computation on the same
-            # tokens, so the no-context row serves as the LLM row (2 rows per request, not 3).
             if mode == "costeer":
                 groups["ctx"] = [p[1] for p in prompts]
                 groups["noctx"] = [p[2] for p in prompts]
