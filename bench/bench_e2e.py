@@ -42,7 +42,17 @@ from costeer_kernels import SteerConfig  # noqa: E402
 CASES = [
     ("Suggest a weekend activity for me.", "I live in Zurich. I love hiking in the mountains and photography."),
     ("What should I cook for dinner tonight?", "I am vegan and allergic to peanuts. I like spicy Thai food."),
+    ("Recommend a book for my next flight.", "I enjoy hard science fiction and I read Liu Cixin last month."),
+    ("How should I train this week?", "I am preparing for my first marathon in October and my left knee hurts after long runs."),
+    ("Which gift should I buy for my sister?", "My sister is twelve, plays the violin and collects minerals."),
+    ("Plan my Saturday evening.", "I am an introvert, I live in Lisbon and I love jazz and small restaurants."),
+    ("What laptop should I get?", "I am a video editor on a budget of 1500 euros and I travel a lot."),
+    ("Suggest a hobby I could start.", "I work night shifts as a nurse and I have a small balcony."),
 ]
+# The batch row runs these requests as ONE batch (all different: they share only the chat
+# template's system prompt, so the prefill cannot skip a duplicate); the batch-1 rows run them one
+# after another, so both rows decode the same requests. The vLLM rows use the first two.
+VLLM_CASES = CASES[:2]
 STEP_KEYS = ("llm_ms", "llm_compute_ms", "transport_ms", "local_ms", "steer_ms", "sample_ms", "total_ms")
 COLUMNS = ["configuration", "tokens/s", "tokens", "seconds", "ms/step", "vs LLM alone", "vs reference loop", "rt/token",
            "steer share", "llm_ms",
@@ -240,9 +250,13 @@ def main(argv=None) -> int:
         pair = Generator(llm=gemma, slm=model, cfg=cfg)
         configs += [("Gemma 3 270M alone (in process)", gen_fn(pair, "llm")),
                     (f"CoSteer cross-tokenizer (Gemma 3 270M + {model.name})", gen_fn(pair))]
-    spec_fn = _speculative_config(model, cfg, N, args.speculative)
-    if spec_fn is not None:
-        configs.append((f"speculative CoSteer in process (k={args.speculative})", spec_fn))
+    if args.speculative > 0:
+        # One model in both roles, co-batched: speculation runs the co-batched step (no rounds); with a
+        # separate LLM stream (cobatch=False) it drafts: compare that row with the separate-forward row.
+        configs.append((f"speculative CoSteer in process (k={args.speculative}; co-batched: the step, no rounds)",
+                        _speculative_config(model, cfg, N, args.speculative, cobatch=True)))
+        configs.append((f"speculative CoSteer in process (k={args.speculative}, separate LLM stream, drafting)",
+                        _speculative_config(model, cfg, N, args.speculative, cobatch=False)))
         if args.batch > 1:
             configs.append((f"speculative CoSteer in process, batch {args.batch} (k={args.speculative}, aggregate)",
                             batch_fn(inproc, args.batch, speculative=args.speculative)))
@@ -384,7 +398,7 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
           f"side of its rows runs on {sorted(device_cores)}", file=sys.stderr, flush=True)
     proc, url = vc.start_server(venv=vc.DEFAULT_VENV)
     tok = model.tokenizer
-    pubs = [build_prompts(tok, tok, p, c)[0] for p, c in CASES]
+    pubs = [build_prompts(tok, tok, p, c)[0] for p, c in VLLM_CASES]
     V = len(tok)
 
     def alone():
@@ -417,7 +431,7 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
 
     def normal():
         n, steps = 0, []
-        for p, c in CASES:
+        for p, c in VLLM_CASES:
             r = remote.generate(p, context=c, max_new_tokens=N)
             normal_ids[p] = r.token_ids
             n += len(r.token_ids)
@@ -435,14 +449,14 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
 
         def run():
             n, calls, decided, steps, same = 0, 0, 0, [], True
-            for p, c in CASES:
+            for p, c in VLLM_CASES:
                 r = remote.generate(p, context=c, max_new_tokens=N, speculative=k)
                 n += len(r.token_ids)
                 calls += r.llm_calls
                 decided += r.decided
                 steps.append(r.timing_summary())
                 same = same and (p not in normal_ids or r.token_ids == normal_ids[p])
-            checks[label] = same and len(normal_ids) == len(CASES)
+            checks[label] = same and len(normal_ids) == len(VLLM_CASES)
             mean = {key: sum(st.get(key, 0.0) for st in steps) / len(steps) for key in STEP_KEYS}
             mean["rt/token"] = calls / max(1, decided)
             return n, mean
@@ -481,13 +495,11 @@ def _vllm_summary(rows, checks) -> str:
     return "\n".join(out)
 
 
-def _speculative_config(model, cfg, N, k):
-    """The speculative row: the loop's speculative policy (``generate(speculative=k)``) drafts k
-    tokens per LLM round trip, at the normal row's settings; ``rt/token`` is its cloud round trips
-    per decided token (the normal loop: 1)."""
-    if k <= 0:
-        return None
-    gen = Generator(llm=model, slm=model, cfg=cfg)
+def _speculative_config(model, cfg, N, k, cobatch=True):
+    """A speculative row: the loop's speculative policy (``generate(speculative=k)``) at the normal
+    rows' settings and requests; ``rt/token`` is its cloud round trips per decided token (the normal
+    loop: 1; the co-batched step: 0)."""
+    gen = Generator(llm=model, slm=model, cfg=cfg, cobatch=cobatch)
 
     def run():
         n, calls, decided, steps = 0, 0, 0, []

@@ -43,6 +43,11 @@ called once per token in the normal loop, which a round cannot promise: it is re
 
 The LLM: any stream with ``score_send`` / ``score_recv`` (in process, ``costeer serve``'s op
 "score", an OpenAI-compatible endpoint with ``prompt_logprobs``). One tokenizer for both models.
+When the LLM is the in-process small model itself on the no-context prompt (the embedded default:
+one model in both roles, co-batched), the LLM's score of a draft IS the no-context rows' own output,
+so a round cannot decide more tokens per forward than the co-batched step: the loop runs that step
+(``SpecResult.cobatched``, no rounds). ``Generator(cobatch=False)`` keeps a separate LLM stream and
+drafts.
 """
 from __future__ import annotations
 
@@ -117,6 +122,9 @@ class SpecResult(Result):
     decided: int = 0  # tokens decided: output tokens, plus the final EOS when there is one
     ks: List[int] = field(default_factory=list)  # k used in each round
     local_steps: int = 0  # small-model forwards (each: the ctx and noctx rows of the batch)
+    # True when the LLM is the in-process small model itself (one model in both roles, co-batched):
+    # the loop then ran its co-batched step, which no draft round can beat (no rounds, no LLM calls).
+    cobatched: bool = False
 
     @property
     def acceptance_rate(self) -> float:
@@ -133,6 +141,9 @@ class SpecResult(Result):
         return self.cloud_tokens / self.decided if self.decided else 0.0
 
     def spec_summary(self) -> str:
+        if self.cobatched:
+            return ("no rounds: the LLM is the small model itself, so the co-batched step ran (one forward "
+                    "per token, no round trips; Generator(cobatch=False) drafts), round trips/token: 0.000")
         return (f"acceptance {self.acceptance_rate:.2f} ({self.accepted}/{self.drafted} drafts), "
                 f"{self.rounds} rounds, mean k {sum(self.ks) / max(1, len(self.ks)):.1f}, "
                 f"cloud forward tokens/token: {self.cloud_tokens_per_token:.2f}, "

@@ -77,3 +77,60 @@ def test_batch_selection_replacing_keys_is_copied_not_overwritten(model):
     layer.batch_select_indices(torch.tensor([0, 1, 2]))  # keys now a new tensor, not the buffer
     k, _ = layer.update(torch.zeros(3, 2, 1, 8), torch.zeros(3, 2, 1, 8))
     assert torch.equal(k[:, :, :-1], before) and not k[:, :, -1].any()
+
+
+# Rows that share prefixes (the system prompt of a chat template: both passes of a request and
+# every request of a batch), one duplicate, and one row that is another row's prefix.
+PREFIX = list(range(40, 70))
+SHARED_ROWS = [PREFIX + [3, 4, 5, 6], PREFIX + [7, 8], PREFIX + [3, 4, 5, 6], PREFIX[:20], list(range(5, 12))]
+
+
+def _positions(model, rows, packed, monkeypatch, script=()):
+    """Token positions the prefill's forward ran, and the logits of the prefill and the script."""
+    monkeypatch.setattr(kvmod, "_PACKED_PREFILL", packed)
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].numel()))
+    try:
+        kv = KVBatch(model, rows, pad_token_id=0)
+        outs = [kv.prefill().logits]
+        ran = list(seen)
+        for op, arg in script:
+            if op == "step":
+                outs.append(kv.step(arg).logits)
+            elif op == "extend":
+                outs.append(kv.extend(arg).logits.reshape(len(rows), -1))
+            elif op == "rollback":
+                kv.rollback(arg)
+            elif op == "edit":
+                outs.append(kv.edit(*arg).logits)
+    finally:
+        hook.remove()
+    return ran, outs
+
+
+def test_packed_prefill_runs_each_shared_prefix_once(model, monkeypatch):
+    R = len(SHARED_ROWS)
+    script = [("step", [1] * R), ("extend", [[4, 5, 6]] * R), ("rollback", 2), ("step", [9] * R),
+              ("edit", ([1, 0, 2, 0, 1], [[11, 12], [13], [], [14], [15]]))] + [("step", [2] * R)] * 40
+    ran, packed = _positions(model, SHARED_ROWS, True, monkeypatch, script)
+    distinct = len(PREFIX) + 4 + 2 + 7  # the prefix once, each row's own tail once, the duplicate not at all
+    assert ran == [distinct]
+    ran_padded, padded = _positions(model, SHARED_ROWS, False, monkeypatch, script)
+    assert ran_padded == [R * len(SHARED_ROWS[0])]
+    assert len(packed) == len(padded)
+    for a, b in zip(packed, padded):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    # The duplicate rows stay the same computation; the prefix row equals the model on its own tokens.
+    torch.testing.assert_close(packed[0][0], packed[0][2], rtol=0, atol=0)
+    alone = model(torch.tensor([PREFIX[:20]])).logits[0, -1]
+    torch.testing.assert_close(packed[0][3], alone, rtol=0, atol=1e-5)
+
+
+def test_packed_prefill_only_where_it_saves(model, monkeypatch):
+    one, _ = _positions(model, [PREFIX], True, monkeypatch)
+    assert one == [len(PREFIX)]  # one row: nothing to pack
+    same_len, _ = _positions(model, [PREFIX, list(range(3, 33))], True, monkeypatch)
+    assert same_len == [2 * len(PREFIX)]  # no padding and no shared prefix: the plain prefill
+    _plain(monkeypatch)  # transformers' own layers: not re-laid out, the plain prefill
+    plain, _ = _positions(model, SHARED_ROWS, True, monkeypatch)
+    assert plain == [len(SHARED_ROWS) * len(SHARED_ROWS[0])]

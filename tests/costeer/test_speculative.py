@@ -49,7 +49,9 @@ def chi2(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0):
 
 @pytest.fixture(scope="module")
 def gen(smol):
-    return Generator(llm=smol, slm=smol, cfg=SteerConfig(**CLI_DEFAULTS))
+    # cobatch=False: the LLM keeps a stream of its own, so speculation drafts (one model in both roles
+    # co-batched runs the co-batched step instead: test_one_model_cobatched_runs_the_step).
+    return Generator(llm=smol, slm=smol, cfg=SteerConfig(**CLI_DEFAULTS), cobatch=False)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,24 @@ def test_greedy_auto_k_stop_and_streaming(gen, baselines):
     assert stopped.finish_reason == "stop" and word not in stopped.text and ref.text.startswith(stopped.text)
     short = gen.generate(prompt, context=context, max_new_tokens=5, speculative=8)
     assert short.token_ids == ref.token_ids[:5] and short.finish_reason == "length"
+
+
+def test_one_model_cobatched_runs_the_step(smol, baselines):
+    """The LLM is the in-process small model itself (co-batched): a round's LLM scores would be the
+    no-context rows' own, so speculation runs the co-batched step: same tokens, no rounds."""
+    g = Generator(llm=smol, slm=smol, cfg=SteerConfig(**CLI_DEFAULTS))
+    for k in (4, "auto"):
+        reqs = [Request(prompt=p, context=c) for p, c in CASES[:2]]
+        res = g.generate(reqs, max_new_tokens=N, speculative=k)
+        for r, (p, _) in zip(res, CASES[:2]):
+            ref = baselines[p]
+            assert r.cobatched and r.rounds == 0 and r.llm_calls == 0 and r.drafted == 0
+            assert r.token_ids == ref.token_ids and r.finish_reason == ref.finish_reason
+            assert r.decided == len(ref.token_ids) + (ref.finish_reason == "eos")
+            assert r.round_trips_per_token == 0.0 and "no rounds" in r.spec_summary()
+    drafting = Generator(llm=smol, slm=smol, cfg=SteerConfig(**CLI_DEFAULTS), cobatch=False)
+    r = drafting.generate(CASES[0][0], context=CASES[0][1], max_new_tokens=6, speculative=2)
+    assert not r.cobatched and r.rounds >= 1
 
 
 def test_adaptive_k_follows_acceptance_and_costs():
@@ -282,8 +302,9 @@ def test_cli_speculative_prints_round_trips(smol, baselines, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 0
     assert out[0] == baselines[prompt].text
-    assert out[-1].startswith("speculative: acceptance") and "round trips/token: " in out[-1]
-    assert float(out[-1].rsplit("round trips/token: ", 1)[1]) < 0.5
+    # The CLI's one model in both roles is co-batched: the step runs, no round trips (see below).
+    assert out[-1].startswith("speculative: no rounds") and "round trips/token: " in out[-1]
+    assert float(out[-1].rsplit("round trips/token: ", 1)[1]) == 0.0
     assert cli_main(["generate", "--prompt", prompt, "--context", context, "--speculative", "0"]) == 2
     assert cli_main(["generate", "--prompt", prompt, "--context", context, "--speculative", "x"]) == 2
 
@@ -356,7 +377,7 @@ def test_batch_greedy_identical_to_normal_loop_with_stop_strings(gen, baselines)
 def test_gate_greedy_identical_to_normal_loop(smol, gen):
     from costeer.gating import ConfidenceGate
 
-    g = Generator(llm=smol, slm=smol, cfg=gen.cfg, gate=ConfidenceGate(threshold=0.5, patience=2))
+    g = Generator(llm=smol, slm=smol, cfg=gen.cfg, gate=ConfidenceGate(threshold=0.5, patience=2), cobatch=False)
     reqs = [Request(prompt=p, context=c) for p, c in CASES]
     normal = g.generate(reqs, max_new_tokens=N)
     spec = g.generate(reqs, max_new_tokens=N, speculative=3)
