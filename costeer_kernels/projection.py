@@ -162,10 +162,12 @@ def sample_from_hidden_op(
                         zl)
     d = delta_from_hidden(hidden_ctx, hidden_noctx, lm_head_weight)
     if slm_index is not None:
-        has = (slm_index >= 0)[None, :]
-        d = torch.where(has, d[:, slm_index.clamp(min=0).long()], torch.zeros((), dtype=d.dtype, device=d.device))
+        # One gather from d behind a zero column: entry -1 (no counterpart) reads that column. Four
+        # 262144-wide torch ops fewer than where(has, d[idx], 0): 1.4 -> 0.3 ms per step for Gemma
+        # 3's vocabulary on a 2-core Xeon.
+        d = torch.cat([d.new_zeros((d.shape[0], 1)), d], 1).index_select(1, slm_index + 1)
         if drop_unmapped:
-            zl = zl.masked_fill(~has, float("-inf"))
+            zl = zl.masked_fill((slm_index < 0)[None, :], float("-inf"))
     else:
         d = d[:, :zl.shape[1]]
     # The map is applied above: any sampler takes the gathered rows, so a steer backend without
