@@ -24,19 +24,24 @@ def _plain(monkeypatch):
     monkeypatch.setattr(kvmod, "_new_cache", lambda m: DynamicCache(config=m.config))
 
 
-def _run(model, script):
-    kv = KVBatch(model, ROWS, pad_token_id=0)
+def _play(kv, script):
+    """The logits of the prefill and of each operation of ``script`` on ``kv``."""
     outs = [kv.prefill().logits]
     for op, arg in script:
         if op == "step":
             outs.append(kv.step(arg).logits)
         elif op == "extend":
-            outs.append(kv.extend(arg).logits.reshape(len(ROWS), -1))
+            outs.append(kv.extend(arg).logits.reshape(kv.rows, -1))
         elif op == "rollback":
             kv.rollback(arg)
         elif op == "edit":
             outs.append(kv.edit(*arg).logits)
-    return kv, outs
+    return outs
+
+
+def _run(model, script):
+    kv = KVBatch(model, ROWS, pad_token_id=0)
+    return kv, _play(kv, script)
 
 
 SCRIPT = [("step", [1, 2, 3])] * 3 + [
@@ -91,21 +96,10 @@ def _positions(model, rows, packed, monkeypatch, script=()):
     seen = []
     hook = model.model.embed_tokens.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].numel()))
     try:
-        kv = KVBatch(model, rows, pad_token_id=0)
-        outs = [kv.prefill().logits]
-        ran = list(seen)
-        for op, arg in script:
-            if op == "step":
-                outs.append(kv.step(arg).logits)
-            elif op == "extend":
-                outs.append(kv.extend(arg).logits.reshape(len(rows), -1))
-            elif op == "rollback":
-                kv.rollback(arg)
-            elif op == "edit":
-                outs.append(kv.edit(*arg).logits)
+        outs = _play(KVBatch(model, rows, pad_token_id=0), script)
     finally:
         hook.remove()
-    return ran, outs
+    return seen[:1], outs
 
 
 def test_packed_prefill_runs_each_shared_prefix_once(model, monkeypatch):
