@@ -26,12 +26,18 @@ def _cache_kwarg(fn) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def _right_aligned_positions(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """Position ids [R, width] of rows whose ``counts[r]`` real tokens are right-aligned: 0, 1, ...
+    over the real tokens, 0 on the padding in front of them (masked anyway)."""
+    return (torch.arange(width, device=counts.device)[None, :] - (width - counts)[:, None]).clamp(min=0)
+
+
 _GROWING = None
 # The prefill packs the rows into ONE sequence that holds each shared prompt prefix once (a prefix
 # tree: the two passes of a request share the chat template's system prompt, as do the requests of
 # a batch), with a tree-shaped attention mask, instead of padding every row to the longest. Used
 # while the packed sequence is at most this long (its mask is P x P and its attention does the
-# work of all rows at once) and cheaper than the padded rows by the cost model in _packed_len.
+# work of all rows at once) and cheaper than the padded rows by the cost model in KVBatch._pack.
 # COSTEER_PACKED_PREFILL=0 turns it off.
 _MAX_PACKED = 1024
 _PACKED_PREFILL = os.environ.get("COSTEER_PACKED_PREFILL", "1") != "0"
@@ -142,11 +148,10 @@ class KVBatch:
             mask[i, L - len(r):] = 1
         self._rows = R
         self._prompts = [list(r) for r in rows]
-        self._pad = int(pad_token_id)
         self._ids = ids.to(self.device)
         self._mask = mask.to(self.device)
-        self._pos = (mask.cumsum(1) - 1).clamp(min=0).to(self.device)
         self.lengths = torch.tensor(lengths, dtype=torch.long)  # real tokens per row so far
+        self._pos = _right_aligned_positions(self.lengths, L).to(self.device)
         self.cache = _new_cache(model)
         out_emb = model.get_output_embeddings()
         base = getattr(model, "model", None)
@@ -316,7 +321,7 @@ class KVBatch:
         new = new.to(self.device)
         counts = new.sum(1)
         # Real tokens continue the row's positions; holes take the row's next position (masked anyway).
-        pos = self._next_pos[:, None] + (new.cumsum(1) - 1).clamp(min=0)
+        pos = self._next_pos[:, None] + _right_aligned_positions(counts, n)
         self._mask = torch.cat([self._mask, new], 1)
         out = self._forward(ids.to(self.device), self._mask, pos, head)
         self._next_pos = self._next_pos + counts

@@ -545,7 +545,7 @@ class Generator:
                 raise ValueError(f"context is too long (request {i}): the small model's prompt with the context has "
                                  f"{len(ctx)} tokens but its window is {slm.max_len}; shorten the context")
         result_type = Result if spec is None else SpecResult
-        speculated = spec is not None  # results count decided tokens (SpecResult) even without rounds
+        speculated = spec is not None  # SpecResults count decided tokens, with rounds or without
         results = [result_type(prompt_tokens=len(p[0]), context_tokens=len(p[1])) for p in prompts]
         timings: List[StepTiming] = []
         for r in results:
@@ -584,7 +584,7 @@ class Generator:
                 # those rows for at most k + 1 tokens, never fewer steps per token than the
                 # co-batched step (measured: k=4 rounds 0.53-0.88x the step). Speculation then runs
                 # that step (no rounds, no LLM calls: SpecResult.cobatched); cobatch=False drafts.
-                spec, speculated = None, True
+                spec = None
                 for r in results:
                     r.cobatched = True
             elif spec is not None:

@@ -18,7 +18,6 @@ FORBIDDEN_CALLS = {"multinomial", "sort", "argsort", "argmax", "topk", "rand", "
 EXEMPT = {
     "reference_loop.py": ({"argmax"}, "the paper's plain loop, kept literal as the baseline of tests and bench/"),
     "serve/protocol.py": ({"topk"}, "the server's top-k wire format (which tokens are sent), not a token choice"),
-    "kv.py": ({"cumsum"}, "position ids from the attention mask"),
 }
 
 
