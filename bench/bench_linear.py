@@ -10,7 +10,10 @@ the same run; the table gives us per matrix, the weight bytes read per second an
 Part 2, one decode step of the embedded SmolLM2 (KV cache of 64 positions) with M rows, with the
 model's ``nn.Linear`` layers on BLAS (``COSTEER_LINEAR_ROWS=0`` behaviour) and on the kernel
 (``costeer.fast_linear``, what ``load_model`` does on CPU): M = 1 is the LLM alone, 3 the
-co-batched CoSteer step, 24 a batch of 8. Writes JSON and Markdown under bench/results/<machine>/.
+co-batched CoSteer step, 24 a batch of 8; and the kernel with the head read as its GGUF Q8_0 blocks
+(what the model cache attaches: the same logits bit for bit). Part 3, the SmolLM2 head alone as
+float32 and as Q8_0 blocks, both on the kernel, each from a set of distinct copies >= 600 MB (DRAM,
+as in a step). Writes JSON and Markdown under bench/results/<machine>/.
 """
 from __future__ import annotations
 
@@ -71,13 +74,22 @@ def decode_steps(rows, runs):
         mod.__dict__.pop("forward", None)
     fast = copy.deepcopy(blas)
     use_linear_rows(fast)
+    from costeer.fast_linear import attach_q8_0, q8_0_weight
+
+    blocks = q8_0_weight(base.get_output_embeddings())
+    fast8 = None
+    if blocks is not None:
+        fast8 = copy.deepcopy(fast)
+        use_linear_rows(fast8)
+        attach_q8_0(fast8.get_output_embeddings(), blocks)
     out = []
     for M in rows:
         ids = torch.randint(0, 49152, (M, 64), generator=torch.Generator().manual_seed(M))
         nxt = torch.randint(0, 49152, (M, 1), generator=torch.Generator().manual_seed(M + 1))
         with torch.inference_mode():
             caches = {}
-            for name, model in (("blas", blas), ("kernel", fast)):
+            models = [("blas", blas), ("kernel", fast)] + ([("q8", fast8)] if fast8 is not None else [])
+            for name, model in models:
                 caches[name] = model(ids, use_cache=True).past_key_values
 
             def step(model, name):
@@ -86,10 +98,40 @@ def decode_steps(rows, runs):
                     caches[name].crop(-1)  # drop the appended position: every round the same 64-position step
                 return run
 
-            tb, to = interleaved([step(blas, "blas"), step(fast, "kernel")], runs, warmup=1)
+            times = interleaved([step(m, name) for name, m in models], runs, warmup=1)
+        tb, to = times[0], times[1]
         out.append({"matrix": "SmolLM2 decode step (64 cached)", "rows": M, "blas_us": tb * 1e6,
                     "kernel_us": to * 1e6, "speedup": tb / to})
-        print(f"  decode step M={M:3d}  BLAS {tb * 1e3:7.1f} ms  linear_rows {to * 1e3:7.1f} ms  x{tb / to:.2f}", flush=True)
+        line = f"  decode step M={M:3d}  BLAS {tb * 1e3:7.1f} ms  linear_rows {to * 1e3:7.1f} ms  x{tb / to:.2f}"
+        if fast8 is not None:
+            out.append({"matrix": "SmolLM2 decode step, Q8_0 head", "rows": M, "blas_us": tb * 1e6,
+                        "kernel_us": times[2] * 1e6, "speedup": tb / times[2]})
+            line += f"  with the Q8_0 head {times[2] * 1e3:7.1f} ms  x{tb / times[2]:.2f}"
+        print(line, flush=True)
+    return out
+
+
+def q8_0_head(rows, runs):
+    """The SmolLM2 head (49152 x 576) on the kernel as float32 and as Q8_0 blocks (random weights
+    quantized; "blas" columns: the float32 head on the kernel), each from DRAM."""
+    from costeer_kernels.q8_0 import quantize_q8_0
+
+    N, K = 49152, 576
+    w = torch.randn(N, K)
+    dense = [w.clone() for _ in range(6)]  # 680 MB
+    q8 = quantize_q8_0(w)
+    blocks = [q8.clone() for _ in range(20)]  # 600 MB
+    out = []
+    for M in rows:
+        x = torch.randn(M, K)
+        f32 = lambda: [linear_rows(x, t) for t in dense]  # noqa: E731
+        q = lambda: [linear_rows(x, t) for t in blocks]  # noqa: E731
+        tf, tq = interleaved([f32, q], runs, warmup=1)
+        tf, tq = tf / len(dense), tq / len(blocks)
+        out.append({"matrix": "smollm2 head float32 vs Q8_0 (kernel)", "rows": M, "blas_us": tf * 1e6,
+                    "kernel_us": tq * 1e6, "blas_GBps": N * K * 4 / tf / 1e9, "kernel_GBps": N * K * 34 / 32 / tq / 1e9,
+                    "speedup": tf / tq})
+        print(f"  head M={M:3d}  float32 {tf * 1e6:8.1f} us  Q8_0 {tq * 1e6:8.1f} us  x{tf / tq:.2f}", flush=True)
     return out
 
 
@@ -116,6 +158,7 @@ def main(argv=None) -> int:
     print(f"{info['cpu']}, torch {info['torch']}, threads {torch.get_num_threads()}, kernel path {isa}, "
           f"load average {info.get('load_avg')}")
     results = matrices(rows, args.runs)
+    results += q8_0_head([r for r in rows if r <= 8] or rows[:1], args.runs)
     if not args.no_model:
         results += decode_steps([r for r in rows if r in (1, 2, 3, 8, 24)] or rows[:1], args.runs)
     info["load_avg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]

@@ -8,6 +8,10 @@ BLAS handles those shapes badly here: on a 2-core AMD EPYC, MKL's product of 2-3
 most ``max_rows`` rows, on CPU, in float32, without autograd; anything else (prefill, training,
 GPU, half precision) keeps ``F.linear``. Results equal ``F.linear`` up to float32 rounding of the
 dot products (the summation order differs).
+
+A layer given the Q8_0 blocks of its own weight (``attach_q8_0``: the model cache does it for a
+GGUF model's vocabulary head stored as Q8_0) reads those instead: a quarter of the bytes, the
+float32 weight's result bit for bit (``costeer_kernels.q8_0``).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["use_linear_rows", "DEFAULT_MAX_ROWS"]
+__all__ = ["use_linear_rows", "attach_q8_0", "q8_0_weight", "DEFAULT_MAX_ROWS"]
 
 # Up to 32-64 rows the kernel beat MKL at every shape of SmolLM2 and Gemma 3 270M measured
 # (bench/bench_linear.py); beyond, the product becomes compute-bound and BLAS's blocking wins.
@@ -28,6 +32,37 @@ def _kernel():
     from costeer_kernels import _extension
 
     return _extension.linear_cpp if _extension.load_extension() else None
+
+
+def attach_q8_0(module: nn.Linear, blocks: torch.Tensor) -> None:
+    """Give ``module`` the Q8_0 blocks of its float32 weight (exactly its values, the caller's
+    guarantee: the model cache checks it at the build), for the few-row kernel to read instead.
+
+    They are used while the weight is the one they were attached to, unchanged: a weight written
+    in place (its version counter moves), replaced or converted to another dtype or device drops
+    them (``q8_0_weight`` returns None).
+    """
+    from costeer_kernels.q8_0 import q8_0_shape
+
+    if type(module) is not nn.Linear or not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
+        raise TypeError("attach_q8_0 needs an nn.Linear and its Q8_0 blocks as a uint8 tensor")
+    if q8_0_shape(blocks, "blocks") != tuple(module.weight.shape):
+        raise ValueError(f"blocks hold a {q8_0_shape(blocks)} weight but the layer's is {tuple(module.weight.shape)}")
+    w = module.weight
+    module._costeer_q8_0 = (blocks.contiguous(), w._version, w.data_ptr(), w.dtype, w.device)
+
+
+def q8_0_weight(module: nn.Module):
+    """The Q8_0 blocks attached to ``module`` (``attach_q8_0``) if its weight is still the float32
+    CPU tensor they came from, else None."""
+    rec = getattr(module, "_costeer_q8_0", None)
+    if rec is None:
+        return None
+    blocks, version, ptr, dtype, device = rec
+    w = module.weight
+    if w._version != version or w.data_ptr() != ptr or w.dtype != dtype or w.device != device or dtype != torch.float32:
+        return None
+    return blocks
 
 
 class _FewRowForward:
@@ -49,7 +84,8 @@ class _FewRowForward:
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and not torch.compiler.is_compiling()):
             rows = x.reshape(-1, m.in_features)
-            return self.kernel(rows, w, m.bias).reshape(*x.shape[:-1], m.out_features)
+            w8 = q8_0_weight(m)
+            return self.kernel(rows, w if w8 is None else w8, m.bias).reshape(*x.shape[:-1], m.out_features)
         return F.linear(x, w, m.bias)
 
 

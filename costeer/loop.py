@@ -40,8 +40,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 
 import costeer_kernels
-from costeer_kernels import SteerConfig
+from costeer_kernels import SteerConfig, registry
 
+from .fast_linear import q8_0_weight
 from .gating import ConfidenceGate
 from .models import DEFAULT_MODEL, LoadedModel, load_model, load_tokenizer, same_vocabulary
 from .retokenize import TailRetokenizer
@@ -175,6 +176,11 @@ class _Picker:
         self.gen, self.mode, self.cobatched, self.cross = gen, mode, cobatched, cross
         head = local.kv.head if local is not None else None
         self.W = head.weight if head is not None else None
+        # What the products read: the head's Q8_0 blocks where the model cache attached them and the
+        # C++ few-row kernel runs (30 MB instead of SmolLM2's 113 MB of float32, the same result bit
+        # for bit: costeer_kernels/q8_0.py), else W.
+        w8 = q8_0_weight(head) if head is not None else None
+        self.W_read = w8 if w8 is not None and registry.resolve("linear", None, self.W.device) == "cpu" else self.W
         self.bias = getattr(head, "bias", None) if head is not None else None
         self.sampling = sampling
         self._on = None  # the sampling tensors on the logits' device
@@ -218,7 +224,7 @@ class _Picker:
         return cfg
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
-        out = costeer_kernels.linear_rows(h, self.W)  # the few-row kernel on CPU, F.linear elsewhere
+        out = costeer_kernels.linear_rows(h, self.W_read)  # the few-row kernel on CPU, F.linear elsewhere
         return out if self.bias is None else out + self.bias
 
     def llm_logits(self, zl, lo: Optional[LocalOutput]) -> torch.Tensor:
@@ -256,7 +262,7 @@ class _Picker:
                 # One product of the 2B rows [h_llm; h_c - h_n] with W, read once for all of them:
                 # the few-row kernel on CPU (BLAS takes 1.5-3x longer for 2-16 rows, and reads the
                 # head at a third of the bandwidth for one; docs/decoding.md), F.linear elsewhere.
-                proj = costeer_kernels.linear_rows(torch.cat([self._llm_rows(lo.hidden), hc - hn]), self.W)
+                proj = costeer_kernels.linear_rows(torch.cat([self._llm_rows(lo.hidden), hc - hn]), self.W_read)
                 zl, delta = proj[:B], proj[B:]
                 if self.bias is not None:
                     zl = zl + self.bias
@@ -268,12 +274,12 @@ class _Picker:
             kw = self._kw(zl.device, step, want_maxp)
             if hc is not None and self.W is not None:
                 if self.cross:
-                    res = costeer_kernels.steer_from_hidden(zl, hc, hn, self.W, cfg, vocab_map=self.vocab_map,
+                    res = costeer_kernels.steer_from_hidden(zl, hc, hn, self.W_read, cfg, vocab_map=self.vocab_map,
                                                             unmapped=self.gen.unmapped, vocab_size=self.vocab_size,
                                                             validate=False, sample=kw)
                 else:
                     n = N if self.W.shape[0] != N else None
-                    res = costeer_kernels.steer_from_hidden(zl[:, :N], hc, hn, self.W, cfg, vocab_size=n, validate=False,
+                    res = costeer_kernels.steer_from_hidden(zl[:, :N], hc, hn, self.W_read, cfg, vocab_size=n, validate=False,
                                                             sample=kw)
                 return self._unpack(res, want_maxp)
             zc, zn = lo.logits["ctx"][:, :N], lo.logits["noctx"][:, :N]

@@ -9,6 +9,8 @@ of a GGUF model here does that once and writes what it produced to a cache entry
         config.json              no quantization_config; architectures = the loaded class
         generation_config.json
         tokenizer.json, tokenizer_config.json, ... (tokenizer.save_pretrained)
+        lm_head.q8_0             the GGUF's vocabulary head as stored, when it is Q8_0 (safetensors
+                                 format, named so that no loader globbing *.safetensors reads it)
         costeer_cache.json       build record: file sizes, timings, versions, how to load it
 
 Later starts load that folder (a second or two: see ``FAST_LOAD``). The folder is also what a
@@ -24,6 +26,11 @@ once, the others wait and load it. Before the rename the entry is loaded back an
 the GGUF model (same tokenization, bit-identical logits on a probe). An entry that is incomplete
 or damaged (missing file, wrong size, bad JSON, bad safetensors header, fails to load) is rebuilt
 after a one-line message on stderr. Everything is read with ``local_files_only=True``.
+
+The head's Q8_0 blocks (34 bytes per 32 weights, exactly the float32 head's values: checked at the
+build) are attached to the loaded model's output layer (``costeer.fast_linear.attach_q8_0``): its
+few-row products and the steering delta read 30 MB instead of 113 MB for SmolLM2, with the same
+result bit for bit.
 """
 from __future__ import annotations
 
@@ -44,9 +51,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-FORMAT_VERSION = 2  # 2: the build record says how the entry is loaded ("load")
+FORMAT_VERSION = 3  # 2: the build record says how the entry is loaded ("load"); 3: lm_head.q8_0
 ENV_VAR = "COSTEER_MODEL_CACHE"
 WEIGHTS_FILE = "model.safetensors"
+HEAD_Q8_0_FILE = "lm_head.q8_0"
 INFO_FILE = "costeer_cache.json"
 HASHES_FILE = "gguf_sha256.json"
 # Text tokenized and run through both models when an entry is checked before it is committed.
@@ -222,7 +230,11 @@ def check_entry(path: os.PathLike | str) -> Optional[str]:
                 _read_json(f)
             except (OSError, ValueError):
                 return f"{rel} is not valid JSON"
-    return _safetensors_problem(path / WEIGHTS_FILE)
+    for rel in (WEIGHTS_FILE, HEAD_Q8_0_FILE):
+        problem = _safetensors_problem(path / rel) if rel in files else None
+        if problem:
+            return problem
+    return None
 
 
 def entry_info(path: os.PathLike | str) -> Optional[Dict[str, Any]]:
@@ -365,7 +377,37 @@ def _load_folder(path: Path, dtype=None, tokenizer_only: bool = False,
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype or torch.float32)
+    if (path / HEAD_Q8_0_FILE).is_file() and model.dtype == torch.float32:
+        from safetensors.torch import load_file
+
+        from .fast_linear import attach_q8_0
+
+        attach_q8_0(model.get_output_embeddings(), load_file(str(path / HEAD_Q8_0_FILE))["weight"])
     return model, tokenizer
+
+
+def _gguf_head_q8_0(gguf_path: Path, model) -> Tuple[Optional[Any], str]:
+    """The GGUF file's vocabulary head as its Q8_0 blocks [V, H / 32 * 34] uint8, when it is stored
+    so and its de-quantized values are exactly the loaded model's head; else None. And why."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from costeer_kernels.q8_0 import dequantize_q8_0
+
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32:
+        return None, "the output layer is not a float32 nn.Linear"
+    tensors = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    t = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    if t is None or t.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+        return None, f"the head is stored as {t.tensor_type.name if t is not None else 'nothing known'}, not Q8_0"
+    blocks = torch.from_numpy(np.array(t.data)).reshape(head.weight.shape[0], -1)
+    try:
+        same = torch.equal(dequantize_q8_0(blocks), head.weight.detach())
+    except ValueError:
+        same = False
+    return (blocks, "Q8_0") if same else (None, "its Q8_0 blocks do not give the loaded head's values exactly")
 
 
 def _state_dict_untied(model) -> Tuple[Dict[str, Any], List[str]]:
@@ -395,7 +437,7 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_entry(tmp: Path, model, tokenizer) -> Tuple[Dict[str, int], List[str]]:
+def _write_entry(tmp: Path, model, tokenizer, head_q8_0=None) -> Tuple[Dict[str, int], List[str]]:
     import torch
     from safetensors.torch import save_file
 
@@ -411,6 +453,8 @@ def _write_entry(tmp: Path, model, tokenizer) -> Tuple[Dict[str, int], List[str]
         model.generation_config.save_pretrained(str(tmp))
     state, tied = _state_dict_untied(model)
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    if head_q8_0 is not None:
+        save_file({"weight": head_q8_0}, str(tmp / HEAD_Q8_0_FILE), metadata={"format": "ggml-q8_0"})
     _fsync_tree(tmp)
     return {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}, tied
 
@@ -524,11 +568,12 @@ def _build(entry: CacheEntry, progress: bool) -> Tuple[Any, Any]:
             bar.update()
             t = time.perf_counter()
             step("writing safetensors")
-            files, tied = _write_entry(tmp, model, tokenizer)
+            head_q8_0, head_note = _gguf_head_q8_0(entry.gguf, model)
+            files, tied = _write_entry(tmp, model, tokenizer, head_q8_0)
             timings["write_s"] = time.perf_counter() - t
             bar.update()
             step("checking the folder")
-            extra = {f.name for f in tmp.iterdir()} - _TOKENIZER_FILES - {WEIGHTS_FILE, "config.json",
+            extra = {f.name for f in tmp.iterdir()} - _TOKENIZER_FILES - {WEIGHTS_FILE, HEAD_Q8_0_FILE, "config.json",
                                                                          "generation_config.json"}
             load = {"tokenizer": {"loader": FAST_LOAD["tokenizer"] if not extra else "from_pretrained",
                                   "class": type(tokenizer).__name__, "padding_side": tokenizer.padding_side,
@@ -541,7 +586,7 @@ def _build(entry: CacheEntry, progress: bool) -> Tuple[Any, Any]:
         info = {
             "format": FORMAT_VERSION, "name": entry.name, "gguf": str(entry.gguf), "gguf_sha256": entry.sha256,
             "versions": library_versions(), "architecture": model2.config.architectures[0],
-            "tied_keys_left_out": tied, "load": load, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tied_keys_left_out": tied, "head_q8_0": head_note, "load": load, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_id": uuid.uuid4().hex, "timings": {k: round(v, 3) for k, v in timings.items()}, "files": files,
         }
         _write_json_atomic(tmp / INFO_FILE, info)

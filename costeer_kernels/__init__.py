@@ -15,6 +15,9 @@ Public API:
                                      (torch.ops.costeer.speculative_verify; verify.py)
     linear_rows                      x @ W.T + b for a few rows, W streamed once (the small batches
                                      of decoding; torch.ops.costeer.linear_rows; linear.py)
+    q8_0                             GGML Q8_0 weights (uint8 blocks, a GGUF file's bytes): what
+                                     linear_rows and steer_from_hidden read at 34 bytes per 32
+                                     weights, with the float32 values' result (q8_0.py)
     available_backends               which backends run in this process (registry.py)
 
 Layout: ``registry.py`` (the one backend registry), ``checks.py`` (argument checks), ``config.py``
@@ -23,6 +26,7 @@ Layout: ``registry.py`` (the one backend registry), ``checks.py`` (argument chec
 """
 from . import torch_backend  # noqa: F401 - registers backend "torch" first
 from .config import MAX_T, SteerConfig, steer_coefficient
+from . import q8_0
 from .linear import linear_rows
 from .ops import steer
 from .projection import steer_from_hidden
@@ -44,5 +48,6 @@ __all__ = [
     "steer_from_hidden",
     "speculative_verify",
     "linear_rows",
+    "q8_0",
 ]
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
+from .q8_0 import dequantize_q8_0, is_q8_0, q8_0_shape
 
 __all__ = ["linear_rows", "linear_rows_torch"]
 
@@ -29,7 +30,10 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def linear_rows_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The "torch" backend: ``F.linear`` in float32 for float32 rows, else in the rows' dtype."""
+    """The "torch" backend: ``F.linear`` in float32 for float32 rows, else in the rows' dtype (a
+    Q8_0 weight is de-quantized first: exact, but the whole float32 matrix)."""
+    if is_q8_0(weight):
+        weight = dequantize_q8_0(weight)
     w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x, w, b)
@@ -42,20 +46,25 @@ def _check(x, weight, bias) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"linear_rows: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"linear_rows: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if weight.dim() != 2:
+        if t.dtype not in _FLOATS and not (name == "weight" and is_q8_0(t)):
+            raise TypeError(f"linear_rows: {name} must be float32, float16 or bfloat16"
+                            f"{' (or uint8: Q8_0 blocks)' if name == 'weight' else ''}, got {t.dtype}")
+    if is_q8_0(weight):
+        N, K = q8_0_shape(weight, "linear_rows: weight")
+    elif weight.dim() != 2:
         raise ValueError(f"linear_rows: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear_rows: x must be [..., K] with K = weight.shape[1] = {weight.shape[1]}, "
+    else:
+        N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"linear_rows: x must be [..., K] with K = {K} (the weight's columns), "
                          f"got shape {tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"linear_rows: x is on {x.device} but weight on {weight.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"linear_rows: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"linear_rows: bias must be [N] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.shape != (N,):
+            raise ValueError(f"linear_rows: bias must be [N] = [{N}], got shape {tuple(bias.shape)}")
         if bias.device != weight.device:
             raise ValueError(f"linear_rows: bias is on {bias.device} but weight on {weight.device}")
 
@@ -76,7 +85,7 @@ def linear_rows_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 @linear_rows_op.register_fake
 def _linear_rows_fake(x, weight, bias=None, backend="auto"):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # Q8_0 rows too: one per output
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -90,7 +99,10 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         any number works.
     weight : torch.Tensor
         [N, K], as ``nn.Linear.weight`` (float32, float16 or bfloat16). On the "cpu" backend
-        half-precision weights are widened in registers and accumulated in float32.
+        half-precision weights are widened in registers and accumulated in float32. Or uint8
+        [N, K / 32 * 34]: GGML Q8_0 blocks (``costeer_kernels.q8_0``, a GGUF file's bytes), read at
+        a quarter of float32's bytes; the "cpu" backend returns exactly what it returns for the
+        de-quantized float32 matrix.
     bias : torch.Tensor, optional
         [N].
     backend : str, optional
@@ -111,6 +123,11 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     >>> y.shape
     torch.Size([3, 1536])
     >>> bool(torch.allclose(y, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4))
+    True
+    >>> from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
+    >>> blocks = quantize_q8_0(w)                    # [1536, 612] uint8
+    >>> y8 = linear_rows(x, blocks)
+    >>> bool(torch.allclose(y8, x @ dequantize_q8_0(blocks).T, rtol=1e-4, atol=1e-4))
     True
     """
     _check(x, weight, bias)

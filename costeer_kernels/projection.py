@@ -30,6 +30,7 @@ from . import checks, registry
 from . import torch_backend  # noqa: F401 - registers backend "torch"
 from .config import SteerConfig
 from .ops import fill_tail
+from .q8_0 import dequantize_q8_0, is_q8_0, q8_0_shape
 from .sampling import SampleParams, _outputs, make_params, sample_fake
 from .status import check_status
 
@@ -62,10 +63,16 @@ def delta_from_hidden(hc: torch.Tensor, hn: torch.Tensor, W: torch.Tensor) -> to
     time (torch has no mixed-dtype CPU GEMM), so memory stays bounded.
     """
     d32 = hc.float() - hn.float()
+    q8 = is_q8_0(W)
     if W.device.type == "cpu" and registry.resolve("linear", None, W.device) == "cpu":
         # The C++ few-row kernel: W read once for all rows at any dtype, widened in registers and
         # accumulated in float32 (MKL's GEMV reads the head at a third of the bandwidth here).
         return registry.kernel("cpu", "linear")(d32, W, None)
+    if q8:  # Q8_0 blocks without the C++ kernel: de-quantized (exactly) a block of rows at a time
+        out = torch.empty(d32.shape[0], W.shape[0], dtype=torch.float32, device=W.device)
+        for r in range(0, W.shape[0], _CPU_CHUNK_ROWS):
+            torch.matmul(d32, dequantize_q8_0(W[r:r + _CPU_CHUNK_ROWS]).t(), out=out[:, r:r + _CPU_CHUNK_ROWS])
+        return out
     if W.dtype == torch.float32:
         return torch.mv(W, d32[0]).unsqueeze(0) if d32.shape[0] == 1 else torch.matmul(d32, W.t())
     if W.is_cuda:
@@ -195,9 +202,10 @@ def _hidden(name: str, t, rank: int, W: torch.Tensor) -> torch.Tensor:
             f"{name} must be {'[B, H]' if rank == 2 else '[H]'} like llm_logits ({rank}-D), got shape {tuple(t.shape)}"
         )
     t2 = t.unsqueeze(0) if rank == 1 else t
-    if t2.shape[1] != W.shape[1]:
-        raise ValueError(f"{name} has hidden size H={t2.shape[1]} but lm_head_weight is [V, H] with H={W.shape[1]}")
-    if t.dtype != W.dtype:
+    H = q8_0_shape(W)[1] if is_q8_0(W) else W.shape[1]
+    if t2.shape[1] != H:
+        raise ValueError(f"{name} has hidden size H={t2.shape[1]} but lm_head_weight is [V, H] with H={H}")
+    if t.dtype != W.dtype and not is_q8_0(W):
         raise TypeError(f"{name} is {t.dtype} but lm_head_weight is {W.dtype}; the hidden states must have W's dtype")
     if t.device != W.device:
         raise ValueError(f"{name} is on {t.device} but lm_head_weight is on {W.device}; put all inputs on one device")
@@ -239,7 +247,10 @@ def steer_from_hidden(
         The same without the context, same shape.
     lm_head_weight : torch.Tensor
         The small model's vocabulary projection W, [V_slm, H] (as stored by ``nn.Linear``); fp32,
-        fp16 or bf16. Its bias, if any, cancels and is not needed.
+        fp16 or bf16. Its bias, if any, cancels and is not needed. Or uint8 [V_slm, H / 32 * 34]:
+        GGML Q8_0 blocks (``costeer_kernels.q8_0``; a GGUF model's head as stored, a quarter of
+        float32's bytes), with hidden states of any float dtype: the delta is then one
+        ``linear_rows`` product (on CPU exactly the de-quantized float32 matrix's) and the steer op.
     cfg, mode, out, validate
         As in :func:`costeer_kernels.steer`.
     vocab_map, unmapped
@@ -274,6 +285,11 @@ def steer_from_hidden(
     >>> tok, tok_lp = steer_from_hidden(llm, h_c, h_n, W, sample=True)   # greedy token ids
     >>> torch.equal(tok, lp.argmax(-1))
     True
+    >>> from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
+    >>> W8 = quantize_q8_0(W)                           # [1000, 68] uint8
+    >>> torch.allclose(steer_from_hidden(llm, h_c, h_n, W8), steer_from_hidden(llm, h_c, h_n, dequantize_q8_0(W8)),
+    ...                atol=1e-4)
+    True
     """
     drop = checks.check_unmapped(unmapped)
     checks.check_mode(mode)
@@ -283,9 +299,12 @@ def steer_from_hidden(
     W = lm_head_weight
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"lm_head_weight must be a torch.Tensor, got {type(W).__name__}")
-    if W.dtype not in checks.FLOAT_DTYPES:
-        raise TypeError(f"lm_head_weight must be float32, float16 or bfloat16, got {W.dtype}")
-    if W.dim() != 2:
+    q8 = is_q8_0(W)
+    if W.dtype not in checks.FLOAT_DTYPES and not q8:
+        raise TypeError(f"lm_head_weight must be float32, float16 or bfloat16 (or uint8: Q8_0 blocks), got {W.dtype}")
+    if q8:
+        q8_0_shape(W, "lm_head_weight")
+    elif W.dim() != 2:
         raise ValueError(f"lm_head_weight must be [V, H], got shape {tuple(W.shape)}")
     if W.device != zl.device:
         raise ValueError(f"lm_head_weight is on {W.device} but llm_logits is on {zl.device}; put all inputs on one device")
@@ -320,7 +339,8 @@ def steer_from_hidden(
     explicit = backend is not None and backend != "auto"
     name = registry.resolve("steer" if idx is None else "steer_mapped", backend, zl.device)
     # The C++ fused kernel reads W's rows 0..V-1 as the vocabulary: only for matching widths.
-    fused = _fused(name, mode, B, idx is not None, explicit) and (name == "triton" or V_w == N)
+    # The fused kernels read float rows; Q8_0 blocks go through the few-row product (the delta).
+    fused = _fused(name, mode, B, idx is not None, explicit) and (name == "triton" or V_w == N) and not q8
     if sample is not None and sample is not False:
         return _sample(zl[:, :N], hc, hn, W, hp, idx, drop, sample, name, mode, fused, out, validate, rank)
     out2 = checks.check_out(out, llm_logits, zl)

@@ -6,7 +6,8 @@
 // its gemv reads the big vocabulary head at a third of the memory bandwidth; the projection loop
 // of the steering kernels (Kernels::project: each block of four weight rows loaded once, in
 // registers, for all M rows) reads W once at any M. Weight rows are split across threads in
-// blocks, so each thread streams its own contiguous part of W.
+// blocks, so each thread streams its own contiguous part of W. A uint8 weight is GGML's Q8_0 (a
+// GGUF model's vocabulary head as stored): a quarter of the float32 bytes, the same result.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -23,7 +24,15 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x [M, K] and weight [N, K] expected, got x ",
               x.sizes(), " and weight ", weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, op, ": x has K = ", K, " columns but weight has ", weight.size(1));
+  // uint8 weight: GGML Q8_0 rows of K / 32 blocks (steer_cpu.h), the float32 path's result exactly.
+  const bool q8 = weight.scalar_type() == at::kByte;
+  if (q8) {
+    TORCH_CHECK(K % cpu::Q8_0_BLOCK == 0 && weight.size(1) == K / cpu::Q8_0_BLOCK * cpu::Q8_0_BYTES, op,
+                ": a uint8 weight holds Q8_0 rows of K / 32 blocks of 34 bytes; x has K = ", K, " but weight has ",
+                weight.size(1), " bytes per row");
+  } else {
+    TORCH_CHECK(weight.size(1) == K, op, ": x has K = ", K, " columns but weight has ", weight.size(1));
+  }
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.stride(1) == 1, op, ": x must be float32 with unit column stride");
   TORCH_CHECK(weight.stride(1) == 1 || K <= 1, op, ": weight must have unit column stride");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == M && out.size(1) == N &&
@@ -34,7 +43,14 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     out.zero_();
   } else {
     const cpu::Kernels& kern = cpu::kernels();
-    cpu::Operand w = cpu::operand(weight, op);
+    cpu::Operand w;
+    if (q8) {
+      w.base = static_cast<const char*>(weight.data_ptr());
+      w.dtype = cpu::Q8_0;
+      w.esize = 1;
+    } else {
+      w = cpu::operand(weight, op);
+    }
     w.row_stride = weight.stride(0);
     const float* h = x.data_ptr<float>();
     const int64_t hs = x.stride(0);

@@ -16,7 +16,14 @@ namespace cpu {
 
 // Elements per chunk: three float32 input chunks plus x stay in L1.
 constexpr int64_t CHUNK = 2048;
-enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2 };
+enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3 };
+
+// GGML's Q8_0 weight rows (Kernels::project only): per 32 elements, the fp16 scale d then 32 int8
+// q, element d * q. The product is exact in float32 (11 + 8 significant bits), so a weight
+// vector formed in registers IS the de-quantized float32 weight, and the same FMAs in the same
+// order give the float32 path's result bit for bit, from 34 bytes per 32 weights instead of 128.
+constexpr int64_t Q8_0_BLOCK = 32;
+constexpr int64_t Q8_0_BYTES = 34;
 
 struct Operand {
   const char* base = nullptr;

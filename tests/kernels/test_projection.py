@@ -307,3 +307,34 @@ def test_sample_option_vocab_map_size_and_errors():
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="W \\(h_c - h_n\\)"):
         steer_from_hidden(zl[1:], bad[1:], hn[1:], W, sample=True)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("backend", FAST)
+def test_q8_0_head_equals_its_float32_values(backend, B):
+    """W as GGML Q8_0 blocks (uint8, costeer_kernels.q8_0): the steered log-probs, the sampled tokens
+    and the mapped (cross-tokenizer) path equal those of the de-quantized float32 W, within the
+    float64 rule; hidden states of any float dtype."""
+    from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
+
+    dev = device_for(backend)
+    zl, hc, hn, W = _inputs(B, 4099, 320, torch.float32, seed=B, device=dev)
+    W8 = quantize_q8_0(W)
+    Wd = dequantize_q8_0(W8)
+    out = steer_from_hidden(zl, hc, hn, W8, backend=backend)
+    _check(out, zl, hc, hn, Wd)
+    torch.testing.assert_close(out, steer_from_hidden(zl, hc, hn, Wd, backend=backend), atol=2e-5, rtol=0)
+    opts = {"temperature": 0.8, "top_p": 0.9, "seed": 5}
+    t8 = steer_from_hidden(zl, hc, hn, W8, backend=backend, sample=opts)
+    td = steer_from_hidden(zl, hc, hn, Wd, backend=backend, sample=opts)
+    assert torch.equal(t8[0], td[0])
+    vm = torch.randint(-1, 4099, (5000,), generator=torch.Generator().manual_seed(B)).to(dev)
+    zl2 = torch.randn(B, 5000, device=dev)
+    mb = None if backend == "cpu" else backend  # the C++ steer op has no vocab_map: the default picks
+    m8 = steer_from_hidden(zl2, hc.half(), hn.half(), W8, vocab_map=vm, backend=mb)
+    md = steer_from_hidden(zl2, hc.half().float(), hn.half().float(), Wd, vocab_map=vm, backend=mb)
+    torch.testing.assert_close(m8, md, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="H=320"):
+        steer_from_hidden(zl, hc[:, :64], hn[:, :64], W8, backend=backend)
+    with pytest.raises(ValueError, match="Q8_0 rows"):
+        steer_from_hidden(zl, hc, hn, W8[:, :-1], backend=backend)

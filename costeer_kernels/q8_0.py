@@ -1,0 +1,73 @@
+"""GGML's Q8_0 weight format as a uint8 tensor: what ``linear_rows`` and ``steer_from_hidden`` take
+in place of a float weight to read a quarter of the bytes.
+
+A Q8_0 row of K weights (K a multiple of 32) is K / 32 blocks of 34 bytes: the block's scale d as
+float16, then 32 int8 q; weight = d * q. That is how a GGUF file stores it (SmolLM2-135M's
+49152 x 576 vocabulary head: 30 MB instead of 113 MB of float32), so the blocks can be taken from
+the file as they are. d * q is exact in float32 (11 + 8 significant bits): the de-quantized float32
+matrix holds exactly these values, and the C++ kernel, forming each weight vector in registers and
+accumulating in the float32 path's order, returns that matrix's result bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+__all__ = ["Q8_0_BLOCK", "Q8_0_BYTES", "is_q8_0", "q8_0_shape", "dequantize_q8_0", "quantize_q8_0"]
+
+Q8_0_BLOCK = 32  # weights per block
+Q8_0_BYTES = 34  # bytes per block: float16 scale + 32 int8
+_CHUNK_ROWS = 8192  # rows de-quantized at a time by the fallbacks (bounded memory)
+
+
+def is_q8_0(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a Q8_0 weight (a uint8 tensor); its shape is checked by ``q8_0_shape``."""
+    return isinstance(weight, torch.Tensor) and weight.dtype == torch.uint8
+
+
+def q8_0_shape(weight: torch.Tensor, name: str = "weight") -> Tuple[int, int]:
+    """``(N, K)`` of a Q8_0 weight [N, K / 32 * 34]; ValueError naming ``name`` for any other shape."""
+    if weight.dim() != 2 or weight.shape[1] % Q8_0_BYTES != 0:
+        raise ValueError(f"{name}: a uint8 weight is GGML Q8_0 rows [N, K / 32 * 34] (34-byte blocks of 32 weights), "
+                         f"got shape {tuple(weight.shape)}")
+    return weight.shape[0], weight.shape[1] // Q8_0_BYTES * Q8_0_BLOCK
+
+
+def dequantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """The float32 [N, K] matrix of a Q8_0 weight [N, K / 32 * 34] (exact: d * q).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
+    >>> w = torch.randn(4, 64)
+    >>> blocks = quantize_q8_0(w)
+    >>> blocks.shape, blocks.dtype
+    (torch.Size([4, 68]), torch.uint8)
+    >>> bool((dequantize_q8_0(blocks) - w).abs().max() < w.abs().max() / 127)
+    True
+    """
+    N, K = q8_0_shape(weight)
+    out = torch.empty(N, K, dtype=torch.float32, device=weight.device)
+    for r in range(0, N, _CHUNK_ROWS):
+        blk = weight[r:r + _CHUNK_ROWS].reshape(-1, K // Q8_0_BLOCK, Q8_0_BYTES)
+        d = blk[..., :2].contiguous().view(torch.float16).float()
+        q = blk[..., 2:].contiguous().view(torch.int8).float()
+        out[r:r + _CHUNK_ROWS] = (d * q).reshape(-1, K)
+    return out
+
+
+def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks [N, K / 32 * 34] of a float [N, K] weight (K a multiple of 32), as llama.cpp and
+    the ``gguf`` package quantize (d = max |w| / 127 per block, q = round(w / d)); lossy, unlike
+    taking a GGUF file's blocks as they are.
+    """
+    import gguf
+    import numpy as np
+
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % Q8_0_BLOCK != 0:
+        raise ValueError(f"quantize_q8_0: weight must be a 2-D tensor [N, K] with K a multiple of {Q8_0_BLOCK}, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    blocks = gguf.quants.quantize(weight.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(np.ascontiguousarray(blocks)).to(weight.device)
