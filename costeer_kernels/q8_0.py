@@ -10,11 +10,11 @@ accumulating in the float32 path's order, returns that matrix's result bit for b
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["Q8_0_BLOCK", "Q8_0_BYTES", "is_q8_0", "q8_0_shape", "dequantize_q8_0", "quantize_q8_0"]
+__all__ = ["Q8_0_BLOCK", "Q8_0_BYTES", "is_q8_0", "q8_0_shape", "dequantize_q8_0", "quantize_q8_0", "exact_q8_0"]
 
 Q8_0_BLOCK = 32  # weights per block
 Q8_0_BYTES = 34  # bytes per block: float16 scale + 32 int8
@@ -71,3 +71,45 @@ def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
     blocks = gguf.quants.quantize(weight.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.Q8_0)
     return torch.from_numpy(np.ascontiguousarray(blocks)).to(weight.device)
+
+
+def exact_q8_0(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The Q8_0 blocks that hold exactly ``weight``'s values, or None when it has none.
+
+    A float32 matrix de-quantized from Q8_0 (transformers' load of a GGUF file) is d * q per block
+    of 32 with d a float16 and |q| <= 127; llama.cpp's quantizer makes max |q| = 127 in every
+    nonzero block, so d = max |w| / 127 and q = w / d recover the stored blocks byte for byte
+    without reading the file. Anything else (another quantizer's blocks, or weights never
+    quantized) is None unless every value still comes back exactly: the blocks returned always
+    de-quantize to ``weight`` bit for bit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from costeer_kernels.q8_0 import dequantize_q8_0, exact_q8_0, quantize_q8_0
+    >>> blocks = quantize_q8_0(torch.randn(8, 64))
+    >>> torch.equal(exact_q8_0(dequantize_q8_0(blocks)), blocks)
+    True
+    >>> exact_q8_0(torch.randn(8, 64)) is None
+    True
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % Q8_0_BLOCK != 0:
+        return None
+    if weight.dtype != torch.float32 or weight.shape[1] == 0:
+        return None
+    N, K = weight.shape
+    nb = K // Q8_0_BLOCK
+    out = torch.empty(N, nb, Q8_0_BYTES, dtype=torch.uint8, device=weight.device)
+    with torch.no_grad():
+        for r in range(0, N, _CHUNK_ROWS):
+            w = weight[r:r + _CHUNK_ROWS].reshape(-1, nb, Q8_0_BLOCK)
+            if not torch.isfinite(w).all():
+                return None
+            d = (w.abs().amax(-1, keepdim=True) / 127).half()
+            df = d.float()
+            q = torch.where(df == 0, torch.zeros_like(w), w / torch.where(df == 0, torch.ones_like(df), df)).round()
+            if q.abs().max() > 127 or not torch.equal(df * q, w):
+                return None
+            out[r:r + _CHUNK_ROWS, :, :2] = d.view(torch.uint8)
+            out[r:r + _CHUNK_ROWS, :, 2:] = q.to(torch.int8).view(torch.uint8)
+    return out.reshape(N, nb * Q8_0_BYTES)

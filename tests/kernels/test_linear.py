@@ -211,3 +211,19 @@ def test_q8_0_opcheck_and_compile(ext):
     torch.library.opcheck(torch.ops.costeer.linear_rows.default, (x, blocks, None, "auto"))
     got = torch.compile(lambda x, w: linear_rows(x, w) * 2.0, fullgraph=True, backend="eager")(x, blocks)
     assert torch.equal(got, linear_rows(x, blocks) * 2.0)
+
+
+def test_exact_q8_0_recovers_the_blocks_or_says_none():
+    from costeer_kernels.q8_0 import exact_q8_0
+
+    blocks, deq = _q8(50, 96, 6)
+    deq[3] = 0.0  # all-zero blocks: d = 0
+    blocks = quantize_q8_0(deq)
+    assert torch.equal(exact_q8_0(deq), blocks)
+    assert torch.equal(dequantize_q8_0(exact_q8_0(deq)), deq)
+    assert exact_q8_0(deq + 1e-3) is None  # not d * q any more
+    nan = deq.clone()
+    nan[1, 2] = float("nan")
+    assert exact_q8_0(nan) is None
+    assert exact_q8_0(deq[:, :48]) is None  # K not a multiple of 32
+    assert exact_q8_0(deq.double()) is None
