@@ -67,26 +67,32 @@ def q8_0_weight(module: nn.Module):
 
 class _FewRowForward:
     """The replacement ``forward`` of one ``nn.Linear`` (an instance attribute, so the module's
-    class, parameters, state dict and hooks are untouched)."""
+    class, parameters, state dict and hooks are untouched). Written for the per-call cost: a
+    SmolLM2 decode step makes 210 of these calls, and each microsecond here is 0.2 ms a step
+    (parameters read from ``_parameters``, not through ``nn.Module.__getattr__``)."""
 
-    __slots__ = ("module", "max_rows", "kernel")
+    __slots__ = ("module", "max_rows", "kernel", "limit")
 
     def __init__(self, module: nn.Linear, max_rows: int, kernel):
         self.module = module
         self.max_rows = max_rows
         self.kernel = kernel
+        self.limit = max_rows * module.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        w = m.weight
-        if (x.dtype == torch.float32 and x.device.type == "cpu" and w.device.type == "cpu"
-                and x.numel() <= self.max_rows * m.in_features and x.numel() > 0
+        params = m._parameters
+        w, b = params["weight"], params["bias"]
+        n = x.numel()
+        if (0 < n <= self.limit and x.dtype is torch.float32 and x.is_cpu and w.is_cpu
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and not torch.compiler.is_compiling()):
-            rows = x.reshape(-1, m.in_features)
-            w8 = q8_0_weight(m)
-            return self.kernel(rows, w if w8 is None else w8, m.bias).reshape(*x.shape[:-1], m.out_features)
-        return F.linear(x, w, m.bias)
+            rec = m.__dict__.get("_costeer_q8_0")
+            if rec is not None and rec[1] == w._version and rec[2] == w.data_ptr() and w.dtype is torch.float32:
+                w = rec[0]
+            y = self.kernel(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1]), w, b)
+            return y.view(x.shape[:-1] + (y.shape[1],))
+        return F.linear(x, w, b)
 
 
 def use_linear_rows(model: nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
