@@ -18,6 +18,7 @@ bench/results/<machine>/ (or --out), and prints the table.
 from __future__ import annotations
 
 import argparse
+import shlex
 import os
 import subprocess
 import sys
@@ -179,6 +180,10 @@ def main(argv=None) -> int:
                     help="add the cross-tokenizer rows: Gemma 3 270M as the LLM, the --model as the small model")
     ap.add_argument("--vllm-k", default="4,auto",
                     help="draft lengths of the speculative rows through vLLM, comma-separated ints or 'auto' (empty: none)")
+    ap.add_argument("--vllm-args", default="",
+                    help="more vLLM server arguments, one string (e.g. '--block-size 128': the CPU build's default)")
+    ap.add_argument("--vllm-score", default="prompts,prompt_logprobs",
+                    help="scoring modes of the speculative rows through vLLM, comma-separated (OpenAICompletionsStream's score)")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
     ap.add_argument("--name", default="e2e", help="file stem of the report")
     args = ap.parse_args(argv)
@@ -273,7 +278,9 @@ def main(argv=None) -> int:
                 configs.append((f"CoSteer via costeer serve, loopback ({label})", gen_fn(remote)))
         vllm_labels = set()
         if args.vllm:
-            vllm_proc, vllm_configs = _vllm_configs(model, cfg, N, args.vllm_k, gen_fn, vllm_checks)
+            vllm_proc, vllm_configs = _vllm_configs(model, cfg, N, args.vllm_k, gen_fn, vllm_checks,
+                                                      [m for m in args.vllm_score.split(",") if m],
+                                                      tuple(shlex.split(args.vllm_args)))
             configs += vllm_configs
             vllm_labels = {label for label, _ in vllm_configs}
         for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm; vLLM's rows
@@ -358,15 +365,16 @@ def _pinned(fn, cores):
     return run
 
 
-def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
+def _vllm_configs(model, cfg, N, ks, gen_fn, checks, scores=("prompts", "prompt_logprobs"), server_args=()):
     """vLLM's CPU build on 127.0.0.1 (``scripts/vllm_cpu.py``) and the rows through it:
 
     * "vLLM decoding alone": one request per prompt, ``max_tokens=N``, greedy, the public prompt: the
       engine's own decoding speed (the speculative row's target);
     * "vLLM step rate": ``max_tokens=1`` requests with the growing prompt, no device work (the
       engine's own per-request step rate: the normal loop's bound);
-    * CoSteer through vLLM (top-20, restrict), and speculative CoSteer through it (``prompt_logprobs``),
-      one row per draft length in ``ks`` (an int or "auto").
+    * CoSteer through vLLM (top-20, restrict), and speculative CoSteer through it, one row per draft
+      length in ``ks`` (an int or "auto") and scoring mode in ``scores`` (``OpenAICompletionsStream``:
+      "prompts", one prompt per drafted token on vLLM's prefix cache, or "prompt_logprobs").
 
     llm_ms is the round trip per step (per round for the speculative rows), llm_compute_ms the engine's
     own time per request (``--enable-per-request-metrics``: queue + scheduled-to-first-token),
@@ -380,7 +388,8 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
     hardware, as deployed. Every vLLM row, "alone" and "step rate" included, runs under that split.
     ``checks`` receives each speculative row's "same tokens as the normal
     loop" verdict. Every row re-sends the same prompts, so after the warm-up the normal loop's
-    requests hit vLLM's prefix cache entirely; ``prompt_logprobs`` requests never do.
+    requests hit vLLM's prefix cache for their whole blocks (``--block-size 32``: scripts/vllm_cpu.py);
+    ``prompt_logprobs`` requests never do.
     """
     import json
     import urllib.request
@@ -396,7 +405,7 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(cores[-1]))
     print(f"  starting vLLM on core {os.environ['VLLM_CPU_OMP_THREADS_BIND']} (about a minute); the device "
           f"side of its rows runs on {sorted(device_cores)}", file=sys.stderr, flush=True)
-    proc, url = vc.start_server(venv=vc.DEFAULT_VENV)
+    proc, url = vc.start_server(venv=vc.DEFAULT_VENV, extra=server_args)
     tok = model.tokenizer
     pubs = [build_prompts(tok, tok, p, c)[0] for p, c in VLLM_CASES]
     V = len(tok)
@@ -444,13 +453,15 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
                ("vLLM step rate (max_tokens=1 per token, growing prompt)", step_rate),
                ("CoSteer through vLLM (top-20, restrict)", normal)]
 
-    def spec_row(k):
-        label = f"speculative CoSteer through vLLM (k={k}, prompt_logprobs)"
+    def spec_row(k, score):
+        label = f"speculative CoSteer through vLLM (k={k}, {score})"
+        spec = Generator(llm=None, slm=model, topk=20, cfg=cfg, llm_stream=OpenAICompletionsStream(
+            url, model="smollm2", vocab_size=V, k=20, score=score))
 
         def run():
             n, calls, decided, steps, same = 0, 0, 0, [], True
             for p, c in VLLM_CASES:
-                r = remote.generate(p, context=c, max_new_tokens=N, speculative=k)
+                r = spec.generate(p, context=c, max_new_tokens=N, speculative=k)
                 n += len(r.token_ids)
                 calls += r.llm_calls
                 decided += r.decided
@@ -462,7 +473,7 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks):
             return n, mean
         return label, run
 
-    configs += [spec_row(k) for k in ks]
+    configs += [spec_row(k, score) for k in ks for score in scores]
     configs = [(label, _pinned(fn, device_cores)) for label, fn in configs]
     # one short request per kind warms the engine up (its first request is seconds); the rows
     # themselves get no warm-up round, which would double the run's length

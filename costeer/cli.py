@@ -80,6 +80,10 @@ def _build_generate_parser(sub):
                         "instead of the system's CAs (default: $COSTEER_CA_FILE)")
     g.add_argument("--api-key", default=None,
                    help="API key of an OpenAI-compatible endpoint (default: $COSTEER_API_KEY, then $OPENAI_API_KEY)")
+    g.add_argument("--score", default="prompts", choices=["prompts", "prompt_logprobs"],
+                   help="--speculative through an OpenAI-compatible endpoint: score the drafts as one prompt per "
+                        "drafted token (the engine's prefix cache computes their tails; default) or with vLLM's "
+                        "prompt_logprobs over the whole sequence")
     g.add_argument("--reconnect-timeout", type=float, default=None,
                    help="seconds to keep reconnecting (bounded backoff) when the connection to `costeer serve` "
                         "or an OpenAI-compatible endpoint breaks mid-generation; the generation then resumes where it was "
@@ -349,7 +353,8 @@ def _generate(args) -> int:
                         llm_url=args.llm_url, remote_model=args.remote_model, cfg=cfg, device=args.device,
                         response_format=args.response_format, transport_dtype=args.transport_dtype, topk=args.topk,
                         topk_policy=args.topk_policy, timeout=args.timeout, gate=gate, token=args.token,
-                        reconnect_timeout=args.reconnect_timeout, unmapped=args.unmapped, api_key=args.api_key)
+                        reconnect_timeout=args.reconnect_timeout, unmapped=args.unmapped, api_key=args.api_key,
+                        score=args.score)
         resume_gc()  # the models are loaded (costeer/startup.py); counted in "ready in"
         if gen.coverage is not None:
             cov = gen.coverage

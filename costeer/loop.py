@@ -334,6 +334,9 @@ class Generator:
             None: the stream's own default (30 s for ``costeer serve``, 300 s for an
             OpenAI-compatible engine, which takes minutes to restart).
         api_key: for an ``http(s)://`` endpoint (default ``$COSTEER_API_KEY``, then ``$OPENAI_API_KEY``).
+        score: how an ``http(s)://`` endpoint scores speculative drafts: ``"prompts"`` (one prompt per
+            drafted token, on the engine's prefix cache) or ``"prompt_logprobs"`` (vLLM; the whole
+            sequence every round), see ``costeer.llm.OpenAICompletionsStream``.
     """
 
     def __init__(self, llm: Union[str, LoadedModel, None] = DEFAULT_MODEL, slm: Union[str, LoadedModel] = DEFAULT_MODEL, *,
@@ -343,7 +346,7 @@ class Generator:
                  context_template: str = DEFAULT_CONTEXT_TEMPLATE, system_prompt: Optional[str] = None,
                  cobatch: bool = True, gate: Optional[GateFn] = None, timeout: float = 60.0,
                  token: Optional[str] = None, reconnect_timeout: Optional[float] = None, unmapped: str = "keep",
-                 api_key: Optional[str] = None):
+                 api_key: Optional[str] = None, score: str = "prompts"):
         if cfg is not None and not isinstance(cfg, SteerConfig):
             raise TypeError(f"cfg must be a SteerConfig or None, got {type(cfg).__name__}")
         if not isinstance(context_template, str) or "{context}" not in context_template or "{prompt}" not in context_template:
@@ -370,7 +373,7 @@ class Generator:
             self.source = llm_factory.from_url(
                 llm_url, vocab_size=len(self.llm_tokenizer), model=remote_model or (llm if isinstance(llm, str) else "default"),
                 response_format=response_format, transport_dtype=transport_dtype, topk=topk, topk_policy=topk_policy,
-                timeout=timeout, token=token, api_key=api_key, reconnect_timeout=reconnect_timeout)
+                timeout=timeout, token=token, api_key=api_key, reconnect_timeout=reconnect_timeout, score=score)
         else:
             self.llm = llm if isinstance(llm, LoadedModel) else load_model(llm if llm is not None else DEFAULT_MODEL, device=device)
             self.llm_tokenizer = self.llm.tokenizer

@@ -42,7 +42,8 @@ c_T = 0); the gate then advances by the m + 1 emitted positions. A gate hook (a 
 called once per token in the normal loop, which a round cannot promise: it is refused here.
 
 The LLM: any stream with ``score_send`` / ``score_recv`` (in process, ``costeer serve``'s op
-"score", an OpenAI-compatible endpoint with ``prompt_logprobs``). One tokenizer for both models.
+"score", an OpenAI-compatible endpoint: one prompt per drafted token, or ``prompt_logprobs``). One
+tokenizer for both models.
 When the LLM is the in-process small model itself on the no-context prompt (the embedded default:
 one model in both roles, co-batched), the LLM's score of a draft IS the no-context rows' own output,
 so a round cannot decide more tokens per forward than the co-batched step: the loop runs that step
@@ -215,7 +216,7 @@ class Drafter:
                  eos: Sequence[int], gate=None):
         if not hasattr(stream, "score_send"):
             raise ValueError(f"speculative steering needs an LLM that scores several positions per request "
-                             f"(in process, `costeer serve` or an endpoint with prompt_logprobs); "
+                             f"(in process, `costeer serve` or an OpenAI-compatible endpoint); "
                              f"{type(stream).__name__} cannot")
         self.spec, self.cfg, self.local, self.stream, self.V, self.B = spec, cfg, local, stream, V, batch
         self.W, self.bias = head if head is not None else (None, None)

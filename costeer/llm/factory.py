@@ -53,10 +53,11 @@ def in_process(model) -> LLMSource:
 def from_url(url: str, *, vocab_size: int, model: str = "default", response_format: str = "full",
              transport_dtype: str = "float16", topk: int = 20, topk_policy: str = "restrict", timeout: float = 60.0,
              token: Optional[str] = None, api_key: Optional[str] = None,
-             reconnect_timeout: Optional[float] = None) -> LLMSource:
+             reconnect_timeout: Optional[float] = None, score: str = "prompts") -> LLMSource:
     """``ws(s)://`` a ``costeer serve`` (one persistent connection, checked now so an unreachable
     server fails at once), ``http(s)://`` an OpenAI-compatible ``/v1/completions`` endpoint.
-    ``reconnect_timeout`` None keeps each stream's own default."""
+    ``reconnect_timeout`` None keeps each stream's own default; ``score``: how an ``http(s)://``
+    endpoint scores speculative drafts (``OpenAICompletionsStream``)."""
     if not isinstance(url, str):
         raise TypeError(f"llm_url must be a string, got {type(url).__name__}")
     retry = {} if reconnect_timeout is None else {"reconnect_timeout": reconnect_timeout}
@@ -79,6 +80,6 @@ def from_url(url: str, *, vocab_size: int, model: str = "default", response_form
     if url.startswith(("http://", "https://")):
         return LLMSource(lambda: OpenAICompletionsStream(url, model=model, vocab_size=vocab_size, k=topk,
                                                          topk_policy=topk_policy, timeout=timeout, api_key=api_key,
-                                                         **retry),
+                                                         score=score, **retry),
                          f"{model}@{url}")
     raise ValueError(f"llm_url must start with ws://, wss://, http:// or https://, got {url!r}")

@@ -16,6 +16,9 @@ import torch
 
 from .base import LLMStep, LLMStream, StreamError, TOPK_POLICIES, _check_prompts, dense_from_topk
 
+# How score_send asks for the top k after each of n appended tokens (OpenAICompletionsStream).
+SCORE_MODES = ("prompts", "prompt_logprobs")
+
 
 # How long an OpenAI-compatible stream keeps resending a step whose connection broke. An engine
 # restart is the long case: vLLM's CPU build is back in 1-2 minutes on 2 cores, a GPU engine loading a
@@ -66,9 +69,14 @@ class OpenAICompletionsStream(LLMStream):
     ``max_model_len`` (vLLM and SGLang report it; None when the endpoint does not); an int sets it;
     None means unknown. The prompt plus the generated tokens must stay below it.
 
-    Speculative steering (``costeer.speculative``): ``score_send`` / ``score_recv`` score several
-    appended tokens in one request with ``prompt_logprobs=k`` (vLLM): the next-token top k after each
-    of them. Engines compute every position of such a request (no prefix-cache reuse).
+    Speculative steering (``costeer.speculative``): ``score_send`` / ``score_recv`` score n appended
+    tokens in one request. ``score="prompts"`` (the default) sends one prompt per appended token, each
+    ending at it, with ``max_tokens=1``: any OpenAI-compatible engine answers that, and its prefix
+    cache computes only each prompt's uncached tail (vLLM caches whole KV blocks: on its CPU build,
+    whose default block is 128 tokens, start it with ``--block-size 32`` as ``scripts/vllm_cpu.py``
+    does, or a prompt shorter than a block is computed whole n times). ``score="prompt_logprobs"``
+    sends the whole sequence once with ``prompt_logprobs=k`` (vLLM only); the engine computes every
+    position of such a request, and the logits and top k of all of them (no prefix-cache reuse).
 
     Timing: ``LLMStep.roundtrip_s`` is the last attempt's request-to-answer time; ``compute_s`` is
     the engine's own time when its answer reports one (vLLM started with
@@ -81,7 +89,8 @@ class OpenAICompletionsStream(LLMStream):
 
     def __init__(self, base_url: str, *, model: str, vocab_size: int, k: int = 20, topk_policy: str = "restrict",
                  max_len: int | str | None = "auto", timeout: float = 60.0, api_key: Optional[str] = None,
-                 reconnect_timeout: float = OPENAI_RECONNECT_TIMEOUT, backoff: float = 0.05, max_backoff: float = 2.0):
+                 reconnect_timeout: float = OPENAI_RECONNECT_TIMEOUT, backoff: float = 0.05, max_backoff: float = 2.0,
+                 score: str = "prompts"):
         u = urllib.parse.urlsplit(base_url if isinstance(base_url, str) else "")
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"base_url must be an http(s):// URL, got {base_url!r}")
@@ -93,6 +102,8 @@ class OpenAICompletionsStream(LLMStream):
             raise ValueError(f"k must be a positive int, got {k!r}")
         if topk_policy not in TOPK_POLICIES:
             raise ValueError(f"topk_policy must be one of {TOPK_POLICIES}, got {topk_policy!r}")
+        if score not in SCORE_MODES:
+            raise ValueError(f"score must be one of {SCORE_MODES}, got {score!r}")
         if not (max_len is None or max_len == "auto" or (isinstance(max_len, int) and not isinstance(max_len, bool)
                                                          and max_len > 1)):
             raise ValueError(f"max_len must be an int > 1, 'auto' or None, got {max_len!r}")
@@ -107,7 +118,7 @@ class OpenAICompletionsStream(LLMStream):
         if api_key is None:
             api_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
         self.base_url = base_url
-        self.model, self.vocab_size, self.k, self.policy = model, vocab_size, k, topk_policy
+        self.model, self.vocab_size, self.k, self.policy, self.score = model, vocab_size, k, topk_policy, score
         self.timeout = float(timeout)
         self.reconnect_timeout, self.backoff, self.max_backoff = float(reconnect_timeout), float(backoff), float(max_backoff)
         self.name = f"{model}@{base_url}"
@@ -127,6 +138,7 @@ class OpenAICompletionsStream(LLMStream):
         self._body: Optional[bytes] = None
         self._written = False
         self._score_n: Optional[int] = None
+        self._choices = 0
         self._sent_at = None
         self._server_s = 0.0
         self.max_len = self._discover_max_len() if max_len == "auto" else max_len
@@ -173,6 +185,7 @@ class OpenAICompletionsStream(LLMStream):
         return int(n) if isinstance(n, int) and n > 1 else None
 
     def _post(self, body: dict) -> None:
+        self._choices = len(body["prompt"])
         self._body = json.dumps(body).encode()
         self._written = self._write()
 
@@ -232,8 +245,8 @@ class OpenAICompletionsStream(LLMStream):
             choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StreamError(f"{self.url} gave a malformed answer ({type(exc).__name__}: {exc}): {raw[:200]!r}") from None
-        if len(choices) != len(self._prompts):
-            raise StreamError(f"{self.url} answered {len(choices)} choices for {len(self._prompts)} prompts")
+        if len(choices) != self._choices:
+            raise StreamError(f"{self.url} answered {len(choices)} choices for {self._choices} prompts")
         self.last_usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
         data["choices"] = choices
         return data
@@ -304,7 +317,7 @@ class OpenAICompletionsStream(LLMStream):
 
     def score_send(self, tokens, rollback: int = 0) -> None:
         """Drop the last ``rollback`` tokens of every row, append ``tokens`` (one equal-length list per row)
-        and request the next-token top k after each appended token (``prompt_logprobs``)."""
+        and request the next-token top k after each appended token (as ``score`` says)."""
         if not isinstance(tokens, (list, tuple)) or len(tokens) != len(self._prompts):
             raise ValueError(f"tokens must hold one list per row ({len(self._prompts)} rows)")
         rows = [[int(t) for t in r] for r in tokens]
@@ -320,7 +333,10 @@ class OpenAICompletionsStream(LLMStream):
         for p, r in zip(self._prompts, rows):
             p.extend(r)
         self._score_n = n
-        self._post(self._request(prompt_logprobs=self.k))
+        if self.score == "prompts":  # row-major: row r's prompts end at its 1st, ..., n-th appended token
+            self._post(self._request(prompt=[p[:len(p) - n + 1 + i] for p in self._prompts for i in range(n)]))
+        else:
+            self._post(self._request(prompt_logprobs=self.k))
 
     def score_recv(self, n: int) -> LLMStep:
         """The answer to ``score_send``: log-probs [rows * n, V], row-major (row, appended token)."""
@@ -329,6 +345,8 @@ class OpenAICompletionsStream(LLMStream):
         t0 = time.perf_counter()
         data = self._read()
         self._score_n = None
+        if self.score == "prompts":
+            return self._step(t0, [self._generated_top(c) for c in data["choices"]])
         out = []
         for p, c in zip(self._prompts, data["choices"]):
             plp = c.get("prompt_logprobs")

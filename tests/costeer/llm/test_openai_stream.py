@@ -195,7 +195,8 @@ def test_models_endpoint_gives_max_len_and_checks_the_name(endpoint):
     with pytest.raises(StreamError, match=r"does not serve a model named 'other'.*fake-vllm"):
         OpenAICompletionsStream(endpoint.url, model="other", vocab_size=49152)
     assert OpenAICompletionsStream(endpoint.url, model="other", vocab_size=49152, max_len=None).max_len is None
-    for bad in (dict(max_len=1), dict(timeout=0), dict(reconnect_timeout=-1), dict(api_key=""), dict(k=0)):
+    for bad in (dict(max_len=1), dict(timeout=0), dict(reconnect_timeout=-1), dict(api_key=""), dict(k=0),
+                dict(score="echo")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _stream(endpoint, **bad)
 
@@ -214,17 +215,23 @@ def test_batch_in_one_request(endpoint, smol):
     assert b.roundtrip_s > 0 and b.compute_s == 0.0  # this endpoint reports no engine time
 
 
-def test_score_matches_one_step_at_a_time(endpoint):
-    """prompt_logprobs scoring gives what single steps give, top k only (vLLM's extra prompt token dropped)."""
-    s = _stream(endpoint, k=5)
+@pytest.mark.parametrize("score", ["prompts", "prompt_logprobs"])
+def test_score_matches_one_step_at_a_time(endpoint, score):
+    """Scoring n appended tokens in one request gives what single steps give, top k only: one prompt
+    per appended token, or prompt_logprobs over the whole sequence (vLLM's extra prompt token dropped)."""
+    s = _stream(endpoint, k=5, score=score)
     s.open([[1, 2, 3]])
     s.recv()
     s.score_send([[40, 41, 42]], rollback=0)
     scored = s.score_recv(3).logits
-    assert endpoint.seen[-1]["prompt"] == [[1, 2, 3, 40, 41, 42]] and endpoint.seen[-1]["prompt_logprobs"] == 5
+    if score == "prompts":
+        assert endpoint.seen[-1]["prompt"] == [[1, 2, 3, 40], [1, 2, 3, 40, 41], [1, 2, 3, 40, 41, 42]]
+        assert "prompt_logprobs" not in endpoint.seen[-1]
+    else:
+        assert endpoint.seen[-1]["prompt"] == [[1, 2, 3, 40, 41, 42]] and endpoint.seen[-1]["prompt_logprobs"] == 5
     s.score_send([[50, 51]], rollback=2)  # drops 41, 42
     assert s.score_recv(2).logits.shape == (2, 49152)
-    assert endpoint.seen[-1]["prompt"] == [[1, 2, 3, 40, 50, 51]]
+    assert endpoint.seen[-1]["prompt"][-1] == [1, 2, 3, 40, 50, 51]
     steps = []
     for prefix in ([1, 2, 3, 40], [1, 2, 3, 40, 41], [1, 2, 3, 40, 41, 42]):
         s.open([prefix])
@@ -248,3 +255,17 @@ def test_api_key_from_cli_and_environment(endpoint, smol, monkeypatch, tmp_path)
     monkeypatch.setenv("COSTEER_API_KEY", "sk-costeer")
     _stream(endpoint).close()
     assert [h.get("Authorization") for h in endpoint.headers] == ["Bearer sk-openai", "Bearer sk-costeer"]
+
+
+@pytest.mark.parametrize("score", ["prompts", "prompt_logprobs"])
+def test_cli_score_mode_reaches_the_speculative_requests(endpoint, tmp_path, score):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    rc = cli_main(["generate", "--prompt", PROMPT, "--context-file", str(ctx), "--llm-url", endpoint.url,
+                   "--remote-model", MODEL, "--max-new-tokens", "6", "--speculative", "2", "--score", score, "--quiet"])
+    rounds = endpoint.seen[1:]  # after the first step's request
+    assert rc == 0 and rounds
+    if score == "prompts":
+        assert all("prompt_logprobs" not in b and len(b["prompt"]) > 1 for b in rounds)
+    else:
+        assert all(b.get("prompt_logprobs") == 20 and len(b["prompt"]) == 1 for b in rounds)

@@ -217,17 +217,26 @@ def test_private_context_never_reaches_vllm(vllm, smol):
         assert secret not in raw
 
 
-def test_speculative_through_vllm_equals_the_normal_loop(vllm, smol):
+@pytest.mark.parametrize("score", ["prompts", "prompt_logprobs"])
+def test_speculative_through_vllm_equals_the_normal_loop(vllm, smol, score):
     g = _remote(vllm, smol)
     prompt, context = CASES[1]
     normal = g.generate(prompt, context=context, max_new_tokens=24)
+    spec_g = Generator(llm=None, slm=smol, cfg=CFG, topk=K, llm_stream=OpenAICompletionsStream(
+        vllm.url, model="smollm2", vocab_size=len(smol.tokenizer), k=K, score=score))
     n0 = len(vllm.requests())
-    spec = g.generate(prompt, context=context, max_new_tokens=24, speculative=4)
+    spec = spec_g.generate(prompt, context=context, max_new_tokens=24, speculative=4)
     assert spec.finish_reason != "error", spec.error
     assert spec.token_ids == normal.token_ids, (spec.text, normal.text)
     sent = vllm.requests()[n0:]
     assert len(sent) == spec.llm_calls < len(spec.token_ids)  # one request per round, fewer than one per token
-    assert all(b.get("prompt_logprobs") == K for b in sent[1:])
+    for body in sent[1:]:
+        if score == "prompts":  # one prompt per drafted token, each the next one's prefix
+            ps = body["prompt"]
+            assert len(ps) > 1 and "prompt_logprobs" not in body
+            assert all(b[:len(a)] == a and len(b) == len(a) + 1 for a, b in zip(ps, ps[1:]))
+        else:
+            assert body.get("prompt_logprobs") == K
 
 
 def test_generation_survives_a_vllm_restart_mid_generation(vllm, smol):
