@@ -244,27 +244,29 @@ def main(argv=None) -> int:
     configs = [("LLM only (in process)", gen_fn(inproc, "llm"))]
     if not args.no_reference:
         configs.append(("reference loop (3 passes, eager T-step update)", ref_fn))
-    configs += [
-        ("CoSteer in process (co-batched, 1 forward/step)", gen_fn(inproc)),
-        ("CoSteer in process (separate LLM forward)", gen_fn(separate)),
-    ]
+    k = args.speculative
+    # Each speculative row right after the row it is compared with (rows late in a round, after the
+    # Gemma model's, ran a few ms a step slower on the same code on a KVM guest). One model in both
+    # roles, co-batched: speculation runs the co-batched step (no rounds); with a separate LLM stream
+    # (cobatch=False) it drafts: compare that row with the separate-forward row.
+    configs.append(("CoSteer in process (co-batched, 1 forward/step)", gen_fn(inproc)))
+    if k > 0:
+        configs.append((f"speculative CoSteer in process (k={k}; co-batched: the step, no rounds)",
+                        _speculative_config(model, cfg, N, k, cobatch=True)))
+    configs.append(("CoSteer in process (separate LLM forward)", gen_fn(separate)))
+    if k > 0:
+        configs.append((f"speculative CoSteer in process (k={k}, separate LLM stream, drafting)",
+                        _speculative_config(model, cfg, N, k, cobatch=False)))
     if args.batch > 1:
         configs.append((f"CoSteer in process, batch {args.batch} (co-batched, aggregate)", batch_fn(inproc, args.batch)))
+        if k > 0:
+            configs.append((f"speculative CoSteer in process, batch {args.batch} (k={k}, aggregate)",
+                            batch_fn(inproc, args.batch, speculative=k)))
     if args.pair:
         gemma = load_model("gemma3-270m", device=args.device)
         pair = Generator(llm=gemma, slm=model, cfg=cfg)
         configs += [("Gemma 3 270M alone (in process)", gen_fn(pair, "llm")),
                     (f"CoSteer cross-tokenizer (Gemma 3 270M + {model.name})", gen_fn(pair))]
-    if args.speculative > 0:
-        # One model in both roles, co-batched: speculation runs the co-batched step (no rounds); with a
-        # separate LLM stream (cobatch=False) it drafts: compare that row with the separate-forward row.
-        configs.append((f"speculative CoSteer in process (k={args.speculative}; co-batched: the step, no rounds)",
-                        _speculative_config(model, cfg, N, args.speculative, cobatch=True)))
-        configs.append((f"speculative CoSteer in process (k={args.speculative}, separate LLM stream, drafting)",
-                        _speculative_config(model, cfg, N, args.speculative, cobatch=False)))
-        if args.batch > 1:
-            configs.append((f"speculative CoSteer in process, batch {args.batch} (k={args.speculative}, aggregate)",
-                            batch_fn(inproc, args.batch, speculative=args.speculative)))
     proc = vllm_proc = None
     vllm_checks = {}
     remotes = []
