@@ -18,8 +18,8 @@ bench/results/<machine>/ (or --out), and prints the table.
 from __future__ import annotations
 
 import argparse
-import shlex
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -457,8 +457,7 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks, scores=("prompts", "prompt_
 
     def spec_row(k, score):
         label = f"speculative CoSteer through vLLM (k={k}, {score})"
-        spec = Generator(llm=None, slm=model, topk=20, cfg=cfg, llm_stream=OpenAICompletionsStream(
-            url, model="smollm2", vocab_size=V, k=20, score=score))
+        spec = Generator(llm=None, slm=model, llm_url=url, remote_model="smollm2", topk=20, cfg=cfg, score=score)
 
         def run():
             n, calls, decided, steps, same = 0, 0, 0, [], True

@@ -80,7 +80,7 @@ def _build_generate_parser(sub):
                         "instead of the system's CAs (default: $COSTEER_CA_FILE)")
     g.add_argument("--api-key", default=None,
                    help="API key of an OpenAI-compatible endpoint (default: $COSTEER_API_KEY, then $OPENAI_API_KEY)")
-    g.add_argument("--score", default="prompts", choices=["prompts", "prompt_logprobs"],
+    g.add_argument("--score", default="prompts", choices=("prompts", "prompt_logprobs"),
                    help="--speculative through an OpenAI-compatible endpoint: score the drafts as one prompt per "
                         "drafted token (the engine's prefix cache computes their tails; default) or with vLLM's "
                         "prompt_logprobs over the whole sequence")

@@ -222,8 +222,7 @@ def test_speculative_through_vllm_equals_the_normal_loop(vllm, smol, score):
     g = _remote(vllm, smol)
     prompt, context = CASES[1]
     normal = g.generate(prompt, context=context, max_new_tokens=24)
-    spec_g = Generator(llm=None, slm=smol, cfg=CFG, topk=K, llm_stream=OpenAICompletionsStream(
-        vllm.url, model="smollm2", vocab_size=len(smol.tokenizer), k=K, score=score))
+    spec_g = _remote(vllm, smol, score=score)
     n0 = len(vllm.requests())
     spec = spec_g.generate(prompt, context=context, max_new_tokens=24, speculative=4)
     assert spec.finish_reason != "error", spec.error
