@@ -252,11 +252,11 @@ def main(argv=None) -> int:
     configs.append(("CoSteer in process (co-batched, 1 forward/step)", gen_fn(inproc)))
     if k > 0:
         configs.append((f"speculative CoSteer in process (k={k}; co-batched: the step, no rounds)",
-                        _speculative_config(model, cfg, N, k, cobatch=True)))
+                        _speculative_config(inproc, N, k)))
     configs.append(("CoSteer in process (separate LLM forward)", gen_fn(separate)))
     if k > 0:
         configs.append((f"speculative CoSteer in process (k={k}, separate LLM stream, drafting)",
-                        _speculative_config(model, cfg, N, k, cobatch=False)))
+                        _speculative_config(separate, N, k)))
     if args.batch > 1:
         configs.append((f"CoSteer in process, batch {args.batch} (co-batched, aggregate)", batch_fn(inproc, args.batch)))
         if k > 0:
@@ -507,11 +507,11 @@ def _vllm_summary(rows, checks) -> str:
     return "\n".join(out)
 
 
-def _speculative_config(model, cfg, N, k, cobatch=True):
-    """A speculative row: the loop's speculative policy (``generate(speculative=k)``) at the normal
-    rows' settings and requests; ``rt/token`` is its cloud round trips per decided token (the normal
-    loop: 1; the co-batched step: 0)."""
-    gen = Generator(llm=model, slm=model, cfg=cfg, cobatch=cobatch)
+def _speculative_config(gen, N, k):
+    """A speculative row: the loop's speculative policy (``generate(speculative=k)``) on the normal
+    row's own Generator and requests (a second Generator of the same settings only adds state;
+    measured alternated, both step alike); ``rt/token`` is its cloud round trips per decided token
+    (the normal loop: 1; the co-batched step: 0)."""
 
     def run():
         n, calls, decided, steps = 0, 0, 0, []
