@@ -6,7 +6,8 @@ models, same prompts, same run.
     python bench/bench_e2e.py --model tiny --max-new-tokens 8 --repeats 1   # seconds: CI's harness check
 
 tokens/s = generated tokens / wall time of the whole generation (prefill included), best of
---repeats interleaved rounds; the per-step breakdown (mean ms of a decode step: LLM wait, LLM
+--repeats interleaved rounds (every other round in reverse order; the median of the rounds beside
+it); the per-step breakdown (mean ms of a decode step: LLM wait, LLM
 compute, transport, local small-model passes, steering, token choice) comes from the generator's
 own timers. Peak memory: the client process's resident set sampled every 2 ms while a
 configuration runs (peak, and the rise over the RSS before it), and the server's own peak (VmHWM).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +57,8 @@ CASES = [
 # after another, so both rows decode the same requests. The vLLM rows use the first two.
 VLLM_CASES = CASES[:2]
 STEP_KEYS = ("llm_ms", "llm_compute_ms", "transport_ms", "local_ms", "steer_ms", "sample_ms", "total_ms")
-COLUMNS = ["configuration", "tokens/s", "tokens", "seconds", "ms/step", "vs LLM alone", "vs reference loop", "rt/token",
+COLUMNS = ["configuration", "tokens/s", "median tokens/s", "tokens", "seconds", "ms/step", "vs LLM alone",
+           "median vs LLM alone", "vs reference loop", "rt/token",
            "steer share", "llm_ms",
            "llm_compute_ms",
            "transport_ms", "local_ms", "steer_ms", "sample_ms", "peak_rss_MB", "rss_rise_MB", "server_peak_MB"]
@@ -288,15 +291,19 @@ def main(argv=None) -> int:
         for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm; vLLM's rows
             if not label.startswith("reference") and label not in vllm_labels:  # are warmed up by _vllm_configs)
                 fn()
-        best = {}
+        best, rates = {}, {}
         for rnd in range(args.repeats):
             print(f"  round {rnd + 1}/{args.repeats}", file=sys.stderr, flush=True)
-            for label, fn in configs:
+            # Every other round in reverse order: a row's place in a round is not its speed (on a
+            # KVM guest whose speed drifts by up to 15% within minutes, rows measured later in a
+            # round read slower), and each row then has an early and a late measurement.
+            for label, fn in (configs if rnd % 2 == 0 else configs[::-1]):
                 with PeakRSS() as mem:
                     t0 = time.perf_counter()
                     n, steps = fn()
                     dt = time.perf_counter() - t0
                 prev = best.get(label)
+                rates.setdefault(label, []).append(n / dt)
                 peak, rise = mem.peak, mem.peak - mem.start
                 if prev is not None:
                     peak, rise = max(peak, prev["peak_rss_MB"]), max(rise, prev["rss_rise_MB"])
@@ -320,9 +327,11 @@ def main(argv=None) -> int:
     ref_row = next((r for r in rows if r["configuration"].startswith("reference")), None)
     alone = {"smol": rows[0], "gemma": next((r for r in rows if r["configuration"].startswith("Gemma")), None)}
     for r in rows:
+        r["median tokens/s"] = statistics.median(rates[r["configuration"]])
         r["ms/step"] = r.pop("total_ms", "")
         base = alone["gemma"] if "Gemma" in r["configuration"] else alone["smol"]
         r["vs LLM alone"] = r["tokens/s"] / base["tokens/s"]
+        r["median vs LLM alone"] = r["median tokens/s"] / base["median tokens/s"]
         r["vs reference loop"] = r["tokens/s"] / ref_row["tokens/s"] if ref_row and "Gemma" not in r["configuration"] else ""
         # The fused op's share of a decode step (the projection of the delta, steering, the token choice).
         r["steer share"] = r["steer_ms"] / r["ms/step"] if isinstance(r.get("steer_ms"), float) and r["ms/step"] else ""

@@ -10,10 +10,12 @@ the same run; the table gives us per matrix, the weight bytes read per second an
 Part 2, one decode step of the embedded SmolLM2 (KV cache of 64 positions) with M rows, with the
 model's ``nn.Linear`` layers on BLAS (``COSTEER_LINEAR_ROWS=0`` behaviour) and on the kernel
 (``costeer.fast_linear``, what ``load_model`` does on CPU): M = 1 is the LLM alone, 3 the
-co-batched CoSteer step, 24 a batch of 8; and the kernel with the head read as its GGUF Q8_0 blocks
-(what the model cache attaches: the same logits bit for bit). Part 3, the SmolLM2 head alone as
-float32 and as Q8_0 blocks, both on the kernel, each from a set of distinct copies >= 600 MB (DRAM,
-as in a step). Writes JSON and Markdown under bench/results/<machine>/.
+co-batched CoSteer step, 24 a batch of 8; and the kernel with the head read as its GGUF Q8_0 blocks,
+then with the layers read as their GGUF Q4_1 blocks too (what the model cache attaches: the same
+logits bit for bit). Part 3, the SmolLM2 head alone as float32 and as Q8_0 blocks, both on the
+kernel, each from a set of distinct copies >= 600 MB (DRAM, as in a step). Part 4, SmolLM2's layer
+matrices as float32 and as Q4_1 blocks on the kernel, each from a set >= 200 MB of float32 (DRAM).
+Writes JSON and Markdown under bench/results/<machine>/.
 """
 from __future__ import annotations
 
@@ -74,21 +76,31 @@ def decode_steps(rows, runs):
         mod.__dict__.pop("forward", None)
     fast = copy.deepcopy(blas)
     use_linear_rows(fast)
-    from costeer.fast_linear import attach_q8_0, q8_0_weight
+    from costeer.fast_linear import attach_blocks, attach_q8_0, attached_blocks, q8_0_weight
 
     blocks = q8_0_weight(base.get_output_embeddings())
-    fast8 = None
+    fast8 = fast4 = None
     if blocks is not None:
         fast8 = copy.deepcopy(fast)
         use_linear_rows(fast8)
         attach_q8_0(fast8.get_output_embeddings(), blocks)
+    layer_blocks = {n: attached_blocks(m) for n, m in base.named_modules() if n != "lm_head"}
+    layer_blocks = {n: b[0] for n, b in layer_blocks.items() if b is not None and b[1] == "q4_1"}
+    if fast8 is not None and layer_blocks:
+        fast4 = copy.deepcopy(fast8)
+        use_linear_rows(fast4)
+        attach_q8_0(fast4.get_output_embeddings(), blocks)
+        for n, m in fast4.named_modules():
+            if n in layer_blocks:
+                attach_blocks(m, layer_blocks[n])
     out = []
     for M in rows:
         ids = torch.randint(0, 49152, (M, 64), generator=torch.Generator().manual_seed(M))
         nxt = torch.randint(0, 49152, (M, 1), generator=torch.Generator().manual_seed(M + 1))
         with torch.inference_mode():
             caches = {}
-            models = [("blas", blas), ("kernel", fast)] + ([("q8", fast8)] if fast8 is not None else [])
+            models = [("blas", blas), ("kernel", fast)] + ([("q8", fast8)] if fast8 is not None else []) \
+                + ([("q4", fast4)] if fast4 is not None else [])
             for name, model in models:
                 caches[name] = model(ids, use_cache=True).past_key_values
 
@@ -107,6 +119,10 @@ def decode_steps(rows, runs):
             out.append({"matrix": "SmolLM2 decode step, Q8_0 head", "rows": M, "blas_us": tb * 1e6,
                         "kernel_us": times[2] * 1e6, "speedup": tb / times[2]})
             line += f"  with the Q8_0 head {times[2] * 1e3:7.1f} ms  x{tb / times[2]:.2f}"
+        if fast4 is not None:
+            out.append({"matrix": "SmolLM2 decode step, Q8_0 head + Q4_1 layers", "rows": M, "blas_us": tb * 1e6,
+                        "kernel_us": times[3] * 1e6, "speedup": tb / times[3]})
+            line += f"  and the Q4_1 layers {times[3] * 1e3:7.1f} ms  x{tb / times[3]:.2f}"
         print(line, flush=True)
     return out
 
@@ -135,6 +151,34 @@ def q8_0_head(rows, runs):
     return out
 
 
+def q4_1_layers(rows, runs):
+    """SmolLM2's layer matrices on the kernel as float32 and as Q4_1 blocks (random weights
+    quantized; "blas" columns: float32 on the kernel), each from a set of distinct matrices >= 200 MB
+    of float32 (and its Q4_1 copies: 6.4x fewer bytes), so both come from DRAM."""
+    from costeer_kernels.q4_1 import dequantize_q4_1, quantize_q4_1
+
+    out = []
+    for label, (N, K) in SHAPES.items():
+        if not label.startswith("smollm2") or "head" in label:
+            continue
+        count = max(1, min(64, (200 << 20) // (N * K * 4)))
+        q4 = [quantize_q4_1(torch.randn(N, K)) for _ in range(count)]
+        dense = [dequantize_q4_1(b) for b in q4]
+        for M in rows:
+            x = torch.randn(M, K)
+            f32 = lambda: [linear_rows(x, t) for t in dense]  # noqa: E731
+            q = lambda: [linear_rows(x, t) for t in q4]  # noqa: E731
+            tf, tq = interleaved([f32, q], runs, warmup=1)
+            tf, tq = tf / count, tq / count
+            out.append({"matrix": f"{label} float32 vs Q4_1 (kernel)", "rows": M, "blas_us": tf * 1e6,
+                        "kernel_us": tq * 1e6, "blas_GBps": N * K * 4 / tf / 1e9,
+                        "kernel_GBps": N * K * 20 / 32 / tq / 1e9, "speedup": tf / tq})
+            print(f"  {label:30s} M={M:3d}  float32 {tf * 1e6:8.1f} us  Q4_1 {tq * 1e6:8.1f} us  x{tf / tq:.2f}",
+                  flush=True)
+        del q4, dense
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,3,4,8,16,24,32")
@@ -159,6 +203,7 @@ def main(argv=None) -> int:
           f"load average {info.get('load_avg')}")
     results = matrices(rows, args.runs)
     results += q8_0_head([r for r in rows if r <= 8] or rows[:1], args.runs)
+    results += q4_1_layers([r for r in rows if r <= 8] or rows[:1], args.runs)
     if not args.no_model:
         results += decode_steps([r for r in rows if r in (1, 2, 3, 8, 24)] or rows[:1], args.runs)
     info["load_avg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]

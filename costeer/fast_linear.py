@@ -9,9 +9,10 @@ most ``max_rows`` rows, on CPU, in float32, without autograd; anything else (pre
 GPU, half precision) keeps ``F.linear``. Results equal ``F.linear`` up to float32 rounding of the
 dot products (the summation order differs).
 
-A layer given the Q8_0 blocks of its own weight (``attach_q8_0``: the model cache does it for a
-GGUF model's vocabulary head stored as Q8_0) reads those instead: a quarter of the bytes, the
-float32 weight's result bit for bit (``costeer_kernels.q8_0``).
+A layer given the GGML blocks of its own weight (``attach_blocks``: the model cache does it for a
+GGUF model's vocabulary head stored as Q8_0 and its layers stored as Q4_1, Q5_0 or Q8_0) reads
+those instead: 20-34 bytes per 32 weights instead of 128, the float32 weight's result bit for bit
+(``costeer_kernels.blocks``).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["use_linear_rows", "attach_q8_0", "q8_0_weight", "DEFAULT_MAX_ROWS"]
+__all__ = ["use_linear_rows", "attach_blocks", "attach_q8_0", "attached_blocks", "q8_0_weight",
+           "DEFAULT_MAX_ROWS"]
 
 # Up to 32-64 rows the kernel beat MKL at every shape of SmolLM2 and Gemma 3 270M measured
 # (bench/bench_linear.py); beyond, the product becomes compute-bound and BLAS's blocking wins.
@@ -34,35 +36,57 @@ def _kernel():
     return _extension.linear_cpp if _extension.load_extension() else None
 
 
-def attach_q8_0(module: nn.Linear, blocks: torch.Tensor) -> None:
-    """Give ``module`` the Q8_0 blocks of its float32 weight (exactly its values, the caller's
-    guarantee: the model cache checks it at the build), for the few-row kernel to read instead.
+def attach_blocks(module: nn.Linear, blocks: torch.Tensor) -> str:
+    """Give ``module`` the GGML blocks (Q8_0, Q5_0 or Q4_1, a uint8 tensor) of its float32 weight
+    (exactly its values, the caller's guarantee: the model cache checks it at the build), for the
+    few-row kernel to read instead; returns the format ("q8_0", "q5_0" or "q4_1").
 
     They are used while the weight is the one they were attached to, unchanged: a weight written
     in place (its version counter moves), replaced or converted to another dtype or device drops
-    them (``q8_0_weight`` returns None).
+    them (``attached_blocks`` returns None).
     """
+    from costeer_kernels.blocks import block_format
+
+    if type(module) is not nn.Linear or not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
+        raise TypeError("attach_blocks needs an nn.Linear and its GGML blocks (Q8_0, Q5_0, Q4_1) as a uint8 tensor")
+    fmt = block_format(blocks, module.in_features, "blocks")
+    if blocks.shape[0] != module.out_features:
+        raise ValueError(f"blocks hold {blocks.shape[0]} rows but the layer has {module.out_features} outputs")
+    w = module.weight
+    module._costeer_blocks = (blocks.contiguous(), w._version, w.data_ptr(), w.dtype, w.device, fmt)
+    return fmt
+
+
+def attach_q8_0(module: nn.Linear, blocks: torch.Tensor) -> None:
+    """``attach_blocks`` for Q8_0 blocks only (the vocabulary head, which ``steer_from_hidden``
+    also reads: ``q8_0_weight``); ValueError for blocks of another shape."""
     from costeer_kernels.q8_0 import q8_0_shape
 
     if type(module) is not nn.Linear or not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
         raise TypeError("attach_q8_0 needs an nn.Linear and its Q8_0 blocks as a uint8 tensor")
     if q8_0_shape(blocks, "blocks") != tuple(module.weight.shape):
         raise ValueError(f"blocks hold a {q8_0_shape(blocks)} weight but the layer's is {tuple(module.weight.shape)}")
-    w = module.weight
-    module._costeer_q8_0 = (blocks.contiguous(), w._version, w.data_ptr(), w.dtype, w.device)
+    attach_blocks(module, blocks)
 
 
-def q8_0_weight(module: nn.Module):
-    """The Q8_0 blocks attached to ``module`` (``attach_q8_0``) if its weight is still the float32
-    CPU tensor they came from, else None."""
-    rec = getattr(module, "_costeer_q8_0", None)
+def attached_blocks(module: nn.Module):
+    """``(blocks, format)`` attached to ``module`` (``attach_blocks``) if its weight is still the
+    float32 CPU tensor they came from, else None."""
+    rec = getattr(module, "_costeer_blocks", None)
     if rec is None:
         return None
-    blocks, version, ptr, dtype, device = rec
+    blocks, version, ptr, dtype, device, fmt = rec
     w = module.weight
     if w._version != version or w.data_ptr() != ptr or w.dtype != dtype or w.device != device or dtype != torch.float32:
         return None
-    return blocks
+    return blocks, fmt
+
+
+def q8_0_weight(module: nn.Module):
+    """The Q8_0 blocks attached to ``module`` if its weight is still the float32 CPU tensor they
+    came from, else None (also when the blocks attached are of another format)."""
+    got = attached_blocks(module)
+    return got[0] if got is not None and got[1] == "q8_0" else None
 
 
 class _FewRowForward:
@@ -87,7 +111,7 @@ class _FewRowForward:
         if (0 < n <= self.limit and x.dtype is torch.float32 and x.is_cpu and w.is_cpu
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and not torch.compiler.is_compiling()):
-            rec = m.__dict__.get("_costeer_q8_0")
+            rec = m.__dict__.get("_costeer_blocks")
             if rec is not None and rec[1] == w._version and rec[2] == w.data_ptr() and w.dtype is torch.float32:
                 w = rec[0]
             y = self.kernel(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1]), w, b)

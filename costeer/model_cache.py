@@ -11,6 +11,7 @@ of a GGUF model here does that once and writes what it produced to a cache entry
         tokenizer.json, tokenizer_config.json, ... (tokenizer.save_pretrained)
         lm_head.q8_0             the GGUF's vocabulary head as stored, when it is Q8_0 (safetensors
                                  format, named so that no loader globbing *.safetensors reads it)
+        layers.ggml              the GGUF's layer weights stored as Q4_1, Q5_0 or Q8_0, by module name (the same)
         costeer_cache.json       build record: file sizes, timings, versions, how to load it
 
 Later starts load that folder (a second or two: see ``FAST_LOAD``). The folder is also what a
@@ -28,9 +29,13 @@ or damaged (missing file, wrong size, bad JSON, bad safetensors header, fails to
 after a one-line message on stderr. Everything is read with ``local_files_only=True``.
 
 The head's Q8_0 blocks (34 bytes per 32 weights, exactly the float32 head's values: recovered from
-them and checked at the build, ``costeer_kernels.q8_0.exact_q8_0``) are attached to the loaded model's output layer (``costeer.fast_linear.attach_q8_0``): its
-few-row products and the steering delta read 30 MB instead of 113 MB for SmolLM2, with the same
-result bit for bit.
+them and checked at the build, ``costeer_kernels.q8_0.exact_q8_0``) are attached to the loaded
+model's output layer (``costeer.fast_linear.attach_q8_0``): its few-row products and the steering
+delta read 30 MB instead of 113 MB for SmolLM2, with the same result bit for bit. So are the blocks
+of the layers' linear weights stored as Q4_1, Q5_0 or Q8_0 (20-34 bytes per 32 weights,
+``costeer_kernels.blocks.exact_blocks``; ``attach_blocks``): a decode step of SmolLM2 reads
+61 MB of layer weights instead of 390 MB. The float32 weights stay in model.safetensors for
+everything else (prefill, vLLM, other dtypes).
 """
 from __future__ import annotations
 
@@ -51,10 +56,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-FORMAT_VERSION = 3  # 2: the build record says how the entry is loaded ("load"); 3: lm_head.q8_0
+FORMAT_VERSION = 4  # 2: the build record says how the entry is loaded ("load"); 3: lm_head.q8_0; 4: layers.ggml
 ENV_VAR = "COSTEER_MODEL_CACHE"
 WEIGHTS_FILE = "model.safetensors"
 HEAD_Q8_0_FILE = "lm_head.q8_0"
+LAYERS_FILE = "layers.ggml"
 INFO_FILE = "costeer_cache.json"
 HASHES_FILE = "gguf_sha256.json"
 # Text tokenized and run through both models when an entry is checked before it is committed.
@@ -230,7 +236,7 @@ def check_entry(path: os.PathLike | str) -> Optional[str]:
                 _read_json(f)
             except (OSError, ValueError):
                 return f"{rel} is not valid JSON"
-    for rel in (WEIGHTS_FILE, HEAD_Q8_0_FILE):
+    for rel in (WEIGHTS_FILE, HEAD_Q8_0_FILE, LAYERS_FILE):
         problem = _safetensors_problem(path / rel) if rel in files else None
         if problem:
             return problem
@@ -383,6 +389,17 @@ def _load_folder(path: Path, dtype=None, tokenizer_only: bool = False,
         from .fast_linear import attach_q8_0
 
         attach_q8_0(model.get_output_embeddings(), load_file(str(path / HEAD_Q8_0_FILE))["weight"])
+    if (path / LAYERS_FILE).is_file() and model.dtype == torch.float32:  # Q4_1 and Q8_0, by bytes per row
+        from safetensors.torch import load_file
+
+        from .fast_linear import attach_blocks
+
+        modules = dict(model.named_modules())
+        for name, blocks in load_file(str(path / LAYERS_FILE)).items():
+            mod = modules.get(name)
+            if type(mod) is not torch.nn.Linear:
+                raise ModelCacheError(f"{path.name}: {LAYERS_FILE} names {name!r}, not a linear layer of the model")
+            attach_blocks(mod, blocks)
     return model, tokenizer
 
 
@@ -399,6 +416,27 @@ def _head_q8_0(model) -> Tuple[Optional[Any], str]:
         return None, "the output layer is not a float32 nn.Linear"
     blocks = exact_q8_0(head.weight)
     return (blocks, "Q8_0") if blocks is not None else (None, "the head's values are not exactly Q8_0 blocks")
+
+
+def _layer_blocks(model) -> Tuple[Dict[str, Any], str]:
+    """The GGML blocks (uint8: Q4_1, Q5_0 or Q8_0, ``costeer_kernels.blocks``) of every float32
+    ``nn.Linear`` below the output layer whose values are exactly one of them (a GGUF layer stored
+    so: the file's own blocks, recovered from the values), by module name; and what was found."""
+    import torch
+
+    from costeer_kernels.blocks import FORMATS, exact_blocks
+
+    head = model.get_output_embeddings()
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and m is not head
+               and m.weight.dtype == torch.float32]
+    found, count = {}, dict.fromkeys(FORMATS, 0)
+    for name, mod in linears:
+        got = exact_blocks(mod.weight)
+        if got is not None:
+            count[got[0]] += 1
+            found[name] = got[1]
+    kinds = ", ".join(f"{n} {fmt.upper()}" for fmt, n in count.items() if n)
+    return found, f"{kinds or 'none'} of {len(linears)} linear layers"
 
 
 def _state_dict_untied(model) -> Tuple[Dict[str, Any], List[str]]:
@@ -428,7 +466,7 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_entry(tmp: Path, model, tokenizer, head_q8_0=None) -> Tuple[Dict[str, int], List[str]]:
+def _write_entry(tmp: Path, model, tokenizer, head_q8_0=None, layer_blocks=None) -> Tuple[Dict[str, int], List[str]]:
     import torch
     from safetensors.torch import save_file
 
@@ -446,6 +484,8 @@ def _write_entry(tmp: Path, model, tokenizer, head_q8_0=None) -> Tuple[Dict[str,
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     if head_q8_0 is not None:
         save_file({"weight": head_q8_0}, str(tmp / HEAD_Q8_0_FILE), metadata={"format": "ggml-q8_0"})
+    if layer_blocks:
+        save_file(layer_blocks, str(tmp / LAYERS_FILE), metadata={"format": "ggml-q4_1-q5_0-q8_0"})
     _fsync_tree(tmp)
     return {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}, tied
 
@@ -560,11 +600,12 @@ def _build(entry: CacheEntry, progress: bool) -> Tuple[Any, Any]:
             t = time.perf_counter()
             step("writing safetensors")
             head_q8_0, head_note = _head_q8_0(model)
-            files, tied = _write_entry(tmp, model, tokenizer, head_q8_0)
+            layer_blocks, layers_note = _layer_blocks(model)
+            files, tied = _write_entry(tmp, model, tokenizer, head_q8_0, layer_blocks)
             timings["write_s"] = time.perf_counter() - t
             bar.update()
             step("checking the folder")
-            extra = {f.name for f in tmp.iterdir()} - _TOKENIZER_FILES - {WEIGHTS_FILE, HEAD_Q8_0_FILE, "config.json",
+            extra = {f.name for f in tmp.iterdir()} - _TOKENIZER_FILES - {WEIGHTS_FILE, HEAD_Q8_0_FILE, LAYERS_FILE, "config.json",
                                                                          "generation_config.json"}
             load = {"tokenizer": {"loader": FAST_LOAD["tokenizer"] if not extra else "from_pretrained",
                                   "class": type(tokenizer).__name__, "padding_side": tokenizer.padding_side,
@@ -577,7 +618,7 @@ def _build(entry: CacheEntry, progress: bool) -> Tuple[Any, Any]:
         info = {
             "format": FORMAT_VERSION, "name": entry.name, "gguf": str(entry.gguf), "gguf_sha256": entry.sha256,
             "versions": library_versions(), "architecture": model2.config.architectures[0],
-            "tied_keys_left_out": tied, "head_q8_0": head_note, "load": load, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tied_keys_left_out": tied, "head_q8_0": head_note, "layer_blocks": layers_note, "load": load, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_id": uuid.uuid4().hex, "timings": {k: round(v, 3) for k, v in timings.items()}, "files": files,
         }
         _write_json_atomic(tmp / INFO_FILE, info)

@@ -18,6 +18,10 @@ Public API:
     q8_0                             GGML Q8_0 weights (uint8 blocks, a GGUF file's bytes): what
                                      linear_rows and steer_from_hidden read at 34 bytes per 32
                                      weights, with the float32 values' result (q8_0.py)
+    q4_1, q5_0, blocks               GGML Q4_1 and Q5_0 weights (the embedded models' layers as
+                                     stored): what linear_rows reads at 20 / 22 bytes per 32
+                                     weights, with the float32 values' result; blocks.py, the
+                                     table of the three formats
     available_backends               which backends run in this process (registry.py)
 
 Layout: ``registry.py`` (the one backend registry), ``checks.py`` (argument checks), ``config.py``
@@ -26,7 +30,7 @@ Layout: ``registry.py`` (the one backend registry), ``checks.py`` (argument chec
 """
 from . import torch_backend  # noqa: F401 - registers backend "torch" first
 from .config import MAX_T, SteerConfig, steer_coefficient
-from . import q8_0
+from . import blocks, q4_1, q5_0, q8_0
 from .linear import linear_rows
 from .ops import steer
 from .projection import steer_from_hidden
@@ -49,5 +53,8 @@ __all__ = [
     "speculative_verify",
     "linear_rows",
     "q8_0",
+    "q4_1",
+    "q5_0",
+    "blocks",
 ]
 __version__ = "0.1.0"

@@ -144,8 +144,8 @@ def sample_hidden_kernel(zl, hc, hn, weight, hp, params, want_maxp: bool, num_sa
 
 
 def linear_cpp(x, weight, bias):
-    """The registry's ``linear`` contract on the C++ kernel: float32 rows, the weight (float or
-    Q8_0 blocks) streamed once."""
+    """The registry's ``linear`` contract on the C++ kernel: float32 rows, the weight (float, or
+    GGML Q8_0, Q5_0 or Q4_1 blocks) streamed once."""
     rows = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
     if weight.stride(1) != 1:
         weight = weight.contiguous()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
-from .q8_0 import dequantize_q8_0, is_q8_0, q8_0_shape
+from .blocks import block_format, dequantize_blocks
 
 __all__ = ["linear_rows", "linear_rows_torch"]
 
@@ -31,9 +31,9 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def linear_rows_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The "torch" backend: ``F.linear`` in float32 for float32 rows, else in the rows' dtype (a
-    Q8_0 weight is de-quantized first: exact, but the whole float32 matrix)."""
-    if is_q8_0(weight):
-        weight = dequantize_q8_0(weight)
+    GGML block weight is de-quantized first: exact, but the whole float32 matrix)."""
+    if weight.dtype == torch.uint8:
+        weight = dequantize_blocks(weight, x.shape[-1])
     w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     return F.linear(x, w, b)
@@ -46,11 +46,15 @@ def _check(x, weight, bias) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"linear_rows: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATS and not (name == "weight" and is_q8_0(t)):
+        if t.dtype not in _FLOATS and not (name == "weight" and t.dtype == torch.uint8):
             raise TypeError(f"linear_rows: {name} must be float32, float16 or bfloat16"
-                            f"{' (or uint8: Q8_0 blocks)' if name == 'weight' else ''}, got {t.dtype}")
-    if is_q8_0(weight):
-        N, K = q8_0_shape(weight, "linear_rows: weight")
+                            f"{' (or uint8: GGML Q8_0, Q5_0 or Q4_1 blocks)' if name == 'weight' else ''}, got {t.dtype}")
+    if weight.dtype == torch.uint8:
+        # The bytes per row tell the two block formats apart for the K of x.
+        if x.dim() < 1:
+            raise ValueError(f"linear_rows: x must be [..., K], got shape {tuple(x.shape)}")
+        block_format(weight, x.shape[-1], "linear_rows: weight")
+        N, K = weight.shape[0], x.shape[-1]
     elif weight.dim() != 2:
         raise ValueError(f"linear_rows: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
     else:
@@ -85,7 +89,7 @@ def linear_rows_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 @linear_rows_op.register_fake
 def _linear_rows_fake(x, weight, bias=None, backend="auto"):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # Q8_0 rows too: one per output
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # Q8_0 and Q4_1 rows too: one per output
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -101,8 +105,11 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         [N, K], as ``nn.Linear.weight`` (float32, float16 or bfloat16). On the "cpu" backend
         half-precision weights are widened in registers and accumulated in float32. Or uint8
         [N, K / 32 * 34]: GGML Q8_0 blocks (``costeer_kernels.q8_0``, a GGUF file's bytes), read at
-        a quarter of float32's bytes; the "cpu" backend returns exactly what it returns for the
-        de-quantized float32 matrix.
+        a quarter of float32's bytes, or uint8 [N, K / 32 * 20]: GGML Q4_1 blocks
+        (``costeer_kernels.q4_1``), a sixth and a half; the "cpu" backend returns exactly what it
+        returns for the de-quantized float32 matrix; or Q5_0 blocks [N, K / 32 * 22]
+        (``costeer_kernels.q5_0``). The formats are told apart by the bytes per row for the K of
+        ``x`` (``costeer_kernels.blocks``).
     bias : torch.Tensor, optional
         [N].
     backend : str, optional
@@ -128,6 +135,11 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     >>> blocks = quantize_q8_0(w)                    # [1536, 612] uint8
     >>> y8 = linear_rows(x, blocks)
     >>> bool(torch.allclose(y8, x @ dequantize_q8_0(blocks).T, rtol=1e-4, atol=1e-4))
+    True
+    >>> from costeer_kernels.q4_1 import dequantize_q4_1, quantize_q4_1
+    >>> blocks4 = quantize_q4_1(w)                   # [1536, 360] uint8
+    >>> y4 = linear_rows(x, blocks4)
+    >>> bool(torch.allclose(y4, x @ dequantize_q4_1(blocks4).T, rtol=1e-4, atol=1e-4))
     True
     """
     _check(x, weight, bias)

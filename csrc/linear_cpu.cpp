@@ -7,7 +7,8 @@
 // of the steering kernels (Kernels::project: each block of four weight rows loaded once, in
 // registers, for all M rows) reads W once at any M. Weight rows are split across threads in
 // blocks, so each thread streams its own contiguous part of W. A uint8 weight is GGML's Q8_0 (a
-// GGUF model's vocabulary head as stored): a quarter of the float32 bytes, the same result.
+// GGUF model's vocabulary head as stored: a quarter of the float32 bytes), Q5_0 or Q4_1 (its
+// layers: 22 or 20 bytes per 32 weights), with the float32 weight's result.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -24,12 +25,17 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x [M, K] and weight [N, K] expected, got x ",
               x.sizes(), " and weight ", weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  // uint8 weight: GGML Q8_0 rows of K / 32 blocks (steer_cpu.h), the float32 path's result exactly.
-  const bool q8 = weight.scalar_type() == at::kByte;
-  if (q8) {
-    TORCH_CHECK(K % cpu::Q8_0_BLOCK == 0 && weight.size(1) == K / cpu::Q8_0_BLOCK * cpu::Q8_0_BYTES, op,
-                ": a uint8 weight holds Q8_0 rows of K / 32 blocks of 34 bytes; x has K = ", K, " but weight has ",
-                weight.size(1), " bytes per row");
+  // uint8 weight: GGML Q8_0, Q5_0 or Q4_1 rows of K / 32 blocks (steer_cpu.h), told apart by their
+  // bytes per row (34, 22 or 20 per block); the float32 path's result exactly.
+  const bool blocks = weight.scalar_type() == at::kByte;
+  int block_dtype = cpu::F32;
+  if (blocks) {
+    if (K > 0 && K % 32 == 0 && weight.size(1) == K / cpu::Q8_0_BLOCK * cpu::Q8_0_BYTES) block_dtype = cpu::Q8_0;
+    if (K > 0 && K % 32 == 0 && weight.size(1) == K / cpu::Q4_1_BLOCK * cpu::Q4_1_BYTES) block_dtype = cpu::Q4_1;
+    if (K > 0 && K % 32 == 0 && weight.size(1) == K / cpu::Q5_0_BLOCK * cpu::Q5_0_BYTES) block_dtype = cpu::Q5_0;
+    TORCH_CHECK(block_dtype != cpu::F32, op,
+                ": a uint8 weight holds Q8_0, Q5_0 or Q4_1 rows (K / 32 blocks of 34, 22 or 20 bytes); x has K = ",
+                K, " but weight has ", weight.size(1), " bytes per row");
   } else {
     TORCH_CHECK(weight.size(1) == K, op, ": x has K = ", K, " columns but weight has ", weight.size(1));
   }
@@ -44,9 +50,9 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   } else {
     const cpu::Kernels& kern = cpu::kernels();
     cpu::Operand w;
-    if (q8) {
+    if (blocks) {
       w.base = static_cast<const char*>(weight.data_ptr());
-      w.dtype = cpu::Q8_0;
+      w.dtype = block_dtype;
       w.esize = 1;
     } else {
       w = cpu::operand(weight, op);

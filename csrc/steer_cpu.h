@@ -16,7 +16,7 @@ namespace cpu {
 
 // Elements per chunk: three float32 input chunks plus x stay in L1.
 constexpr int64_t CHUNK = 2048;
-enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3 };
+enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_1 = 4, Q5_0 = 5 };
 
 // GGML's Q8_0 weight rows (Kernels::project only): per 32 elements, the fp16 scale d then 32 int8
 // q, element d * q. The product is exact in float32 (11 + 8 significant bits), so a weight
@@ -24,6 +24,19 @@ enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3 };
 // order give the float32 path's result bit for bit, from 34 bytes per 32 weights instead of 128.
 constexpr int64_t Q8_0_BLOCK = 32;
 constexpr int64_t Q8_0_BYTES = 34;
+
+// GGML's Q4_1 weight rows (Kernels::project only): per 32 elements, fp16 d, fp16 m, then 16 bytes
+// whose low nibbles are elements 0-15 and high nibbles 16-31; element (d * q) + m in float32 (as
+// gguf-py de-quantizes it). d * q is exact (11 + 4 bits), so fma(q, d, m) rounds once, like the
+// add: the weight formed in registers is the de-quantized float32 weight, from 20 bytes per 32.
+constexpr int64_t Q4_1_BLOCK = 32;
+constexpr int64_t Q4_1_BYTES = 20;
+
+// GGML's Q5_0 weight rows (Kernels::project only): per 32 elements, fp16 d, a little-endian uint32
+// whose bit j is element j's fifth bit, then 16 bytes of nibbles ordered as Q4_1's; element
+// d * (q - 16), exact in float32 (11 + 5 bits).
+constexpr int64_t Q5_0_BLOCK = 32;
+constexpr int64_t Q5_0_BYTES = 22;
 
 struct Operand {
   const char* base = nullptr;

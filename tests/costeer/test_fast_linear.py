@@ -140,3 +140,42 @@ def test_attached_q8_0_head_is_read_and_dropped_when_the_weight_changes(monkeypa
         attach_q8_0(head, blocks[:, :34])
     with pytest.raises(TypeError, match="uint8"):
         attach_q8_0(head, torch.randn(300, 64))
+
+
+def test_attached_q4_1_layers_give_the_float32_logits(monkeypatch):
+    """Every layer of a model given the Q4_1 blocks of its own (exactly representable) weight, as the
+    model cache does for a GGUF model's layers: the kernel reads the blocks and the decode steps'
+    logits are bit for bit those of the float32 weights; blocks of the wrong shape are refused."""
+    from costeer.fast_linear import attach_blocks, attached_blocks, q8_0_weight
+    from costeer_kernels import _extension
+    from costeer_kernels.q4_1 import dequantize_q4_1, quantize_q4_1
+
+    model = _llama(4)
+    layers = [m for m in model.model.modules() if type(m) is nn.Linear]
+    with torch.no_grad():
+        for lin in layers:
+            lin.weight.copy_(dequantize_q4_1(quantize_q4_1(lin.weight)))  # the GGUF case
+    plain = copy.deepcopy(model)
+    for lin in layers:
+        assert attach_blocks(lin, quantize_q4_1(lin.weight)) == "q4_1"
+    assert all(attached_blocks(lin)[1] == "q4_1" for lin in layers)
+    assert q8_0_weight(layers[0]) is None  # Q4_1 blocks are no Q8_0 head for steer_from_hidden
+    seen = []
+    real = _extension.linear_cpp
+    monkeypatch.setattr(_extension, "linear_cpp", lambda x, w, b: seen.append(w.dtype) or real(x, w, b))
+    if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
+        pytest.skip("the C++ extension is not loaded")
+    ids = torch.randint(0, 300, (3, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        oq, op = model(ids, use_cache=True), plain(ids, use_cache=True)
+        nxt = op.logits[:, -1:].argmax(-1)
+        sq = model(nxt, past_key_values=oq.past_key_values).logits
+        sp = plain(nxt, past_key_values=op.past_key_values).logits
+    assert torch.equal(sq, sp)
+    assert seen.count(torch.uint8) >= 2 * len(layers)  # prefill (7 rows x 3) and the step
+    with pytest.raises(ValueError, match="Q8_0 \\[N, 68\\], Q5_0 \\[N, 44\\] or Q4_1 \\[N, 40\\]"):
+        attach_blocks(layers[0], torch.zeros(layers[0].out_features, 41, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="blocks hold 3 rows"):
+        attach_blocks(layers[0], torch.zeros(3, 40, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        attach_blocks(layers[0], torch.randn(64, 64))

