@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["use_linear_rows", "attach_blocks", "attach_q8_0", "attached_blocks", "q8_0_weight",
+__all__ = ["use_linear_rows", "attach_blocks", "detach_blocks", "attach_q8_0", "attached_blocks", "q8_0_weight",
            "DEFAULT_MAX_ROWS"]
 
 # Up to 32-64 rows the kernel beat MKL at every shape of SmolLM2 and Gemma 3 270M measured
@@ -43,7 +43,9 @@ def attach_blocks(module: nn.Linear, blocks: torch.Tensor) -> str:
 
     They are used while the weight is the one they were attached to, unchanged: a weight written
     in place (its version counter moves), replaced or converted to another dtype or device drops
-    them (``attached_blocks`` returns None).
+    them (``attached_blocks`` returns None). A write through ``weight.data`` (``.data.mul_(2)``,
+    ``.data += delta``) does not move the weight's version counter and is NOT seen: call
+    ``detach_blocks(module)`` after one.
     """
     from costeer_kernels.blocks import block_format
 
@@ -55,6 +57,12 @@ def attach_blocks(module: nn.Linear, blocks: torch.Tensor) -> str:
     w = module.weight
     module._costeer_blocks = (blocks.contiguous(), w._version, w.data_ptr(), w.dtype, w.device, fmt)
     return fmt
+
+
+def detach_blocks(module: nn.Module) -> bool:
+    """Drop the blocks ``attach_blocks`` gave ``module`` (the layer reads its float32 weight again);
+    whether there were any."""
+    return module.__dict__.pop("_costeer_blocks", None) is not None
 
 
 def attach_q8_0(module: nn.Linear, blocks: torch.Tensor) -> None:

@@ -388,8 +388,10 @@ def _load_folder(path: Path, dtype=None, tokenizer_only: bool = False,
 
         from .fast_linear import attach_q8_0
 
-        attach_q8_0(model.get_output_embeddings(), load_file(str(path / HEAD_Q8_0_FILE))["weight"])
-    if (path / LAYERS_FILE).is_file() and model.dtype == torch.float32:  # Q4_1 and Q8_0, by bytes per row
+        head = model.get_output_embeddings()
+        attach_q8_0(head, load_file(str(path / HEAD_Q8_0_FILE))["weight"])
+        _check_blocks(path, HEAD_Q8_0_FILE, "lm_head", head)
+    if (path / LAYERS_FILE).is_file() and model.dtype == torch.float32:  # Q4_1, Q5_0, Q8_0: by bytes per row
         from safetensors.torch import load_file
 
         from .fast_linear import attach_blocks
@@ -400,7 +402,26 @@ def _load_folder(path: Path, dtype=None, tokenizer_only: bool = False,
             if type(mod) is not torch.nn.Linear:
                 raise ModelCacheError(f"{path.name}: {LAYERS_FILE} names {name!r}, not a linear layer of the model")
             attach_blocks(mod, blocks)
+            _check_blocks(path, LAYERS_FILE, name, mod)
     return model, tokenizer
+
+
+def _check_blocks(path: Path, file: str, name: str, mod) -> None:
+    """The attached blocks' first and last rows de-quantize to the layer's float32 weight, bit for
+    bit (a few microseconds a layer; the build verified every value): a blocks file that does not
+    belong to the weights beside it stops the load (and the entry is rebuilt)."""
+    import torch
+
+    from costeer_kernels.blocks import dequantize_blocks
+
+    from .fast_linear import attached_blocks
+
+    blocks, _ = attached_blocks(mod)
+    w = mod.weight.detach()
+    for r in {0, w.shape[0] - 1}:
+        row = dequantize_blocks(blocks[r:r + 1], w.shape[1])
+        if not torch.equal(row.view(torch.int32), w[r:r + 1].view(torch.int32)):
+            raise ModelCacheError(f"{path.name}: {file}: the blocks of {name} (row {r}) are not the float32 weight's")
 
 
 def _head_q8_0(model) -> Tuple[Optional[Any], str]:

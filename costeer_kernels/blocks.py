@@ -14,7 +14,8 @@ Q4_1   20               (d * q) + m, q in [0, 15]             all SmolLM2-135M l
 ====== ================ ===================================== ==================================
 
 The byte counts differ, so the K of the rows multiplied tells the formats apart
-(``block_format``).
+(``block_format``); only for the right K: 220 bytes a row are Q4_1 of K = 352 or Q5_0 of K = 320,
+so a caller that may pass rows of another K names the format (``linear_rows(weight_format=)``).
 """
 from __future__ import annotations
 
@@ -48,11 +49,14 @@ def block_format(weight: torch.Tensor, K: int, name: str = "weight") -> str:
     >>> [block_format(torch.zeros(4, n, dtype=torch.uint8), 64) for n in (68, 44, 40)]
     ['q8_0', 'q5_0', 'q4_1']
     """
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and K > 0 and K % BLOCK == 0:
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+    if K <= 0 or K % BLOCK != 0:
+        raise ValueError(f"{name}: GGML block weights need K a multiple of {BLOCK} (and > 0) weights a "
+                         f"row, got K = {K} (weight shape {shape})")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         for fmt, (nbytes, _, _) in FORMATS.items():
             if weight.shape[1] == K // BLOCK * nbytes:
                 return fmt
-    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
     raise ValueError(f"{name}: a uint8 weight for rows of K = {K} is GGML Q8_0 [N, {K // BLOCK * 34}], Q5_0 "
                      f"[N, {K // BLOCK * 22}] or Q4_1 [N, {K // BLOCK * 20}] (K a multiple of {BLOCK}), got shape {shape}")
 

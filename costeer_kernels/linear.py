@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import registry
-from .blocks import block_format, dequantize_blocks
+from .blocks import FORMATS, block_format, dequantize_blocks
 
 __all__ = ["linear_rows", "linear_rows_torch"]
 
@@ -42,18 +42,28 @@ def linear_rows_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 registry.register_backend("torch", registry.anywhere, linear=linear_rows_torch)
 
 
-def _check(x, weight, bias) -> None:
+def _check(x, weight, bias, weight_format=None) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"linear_rows: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOATS and not (name == "weight" and t.dtype == torch.uint8):
             raise TypeError(f"linear_rows: {name} must be float32, float16 or bfloat16"
                             f"{' (or uint8: GGML Q8_0, Q5_0 or Q4_1 blocks)' if name == 'weight' else ''}, got {t.dtype}")
+    if weight_format is not None:
+        if not isinstance(weight_format, str) or weight_format not in FORMATS:
+            raise ValueError(f"linear_rows: weight_format must be one of {sorted(FORMATS)} or None, got {weight_format!r}")
+        if weight.dtype != torch.uint8:
+            raise ValueError(f"linear_rows: weight_format={weight_format!r} names GGML blocks, but weight is {weight.dtype}")
     if weight.dtype == torch.uint8:
-        # The bytes per row tell the two block formats apart for the K of x.
+        # The bytes per row tell the block formats apart for the K of x (for the right K: a row
+        # size can hold two formats of different K, so weight_format pins the one meant).
         if x.dim() < 1:
             raise ValueError(f"linear_rows: x must be [..., K], got shape {tuple(x.shape)}")
-        block_format(weight, x.shape[-1], "linear_rows: weight")
+        fmt = block_format(weight, x.shape[-1], "linear_rows: weight")
+        if weight_format is not None and fmt != weight_format:
+            raise ValueError(f"linear_rows: weight holds {weight.shape[1]} bytes per row: for rows of K = "
+                             f"{x.shape[-1]} that is {fmt.upper()}, not the {weight_format.upper()} given as "
+                             f"weight_format (x's K is not the weight's)")
         N, K = weight.shape[0], x.shape[-1]
     elif weight.dim() != 2:
         raise ValueError(f"linear_rows: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
@@ -89,11 +99,11 @@ def linear_rows_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 @linear_rows_op.register_fake
 def _linear_rows_fake(x, weight, bias=None, backend="auto"):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # Q8_0 and Q4_1 rows too: one per output
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # GGML block rows too: one per output
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                backend: Optional[str] = None) -> torch.Tensor:
+                backend: Optional[str] = None, weight_format: Optional[str] = None) -> torch.Tensor:
     """``x @ weight.T + bias`` with the weight streamed once for all rows of ``x``.
 
     Parameters
@@ -109,12 +119,16 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         (``costeer_kernels.q4_1``), a sixth and a half; the "cpu" backend returns exactly what it
         returns for the de-quantized float32 matrix; or Q5_0 blocks [N, K / 32 * 22]
         (``costeer_kernels.q5_0``). The formats are told apart by the bytes per row for the K of
-        ``x`` (``costeer_kernels.blocks``).
+        ``x`` (``costeer_kernels.blocks``); for a wrong K a row size can fit another format (220
+        bytes: Q4_1 of K = 352 or Q5_0 of K = 320), which ``weight_format`` rules out.
     bias : torch.Tensor, optional
         [N].
     backend : str, optional
         "cpu", "torch", or None for the device's default (the C++ kernel on CPU when it is built,
         else ``F.linear``).
+    weight_format : str, optional
+        "q8_0", "q5_0" or "q4_1": the format a uint8 ``weight`` must be for the K of ``x``
+        (ValueError otherwise). None: told by the bytes per row alone.
 
     Returns
     -------
@@ -142,7 +156,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     >>> bool(torch.allclose(y4, x @ dequantize_q4_1(blocks4).T, rtol=1e-4, atol=1e-4))
     True
     """
-    _check(x, weight, bias)
+    _check(x, weight, bias, weight_format)
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a string or None, got {type(backend).__name__}")
     registry.resolve("linear", backend, x.device)  # a bad backend is a ValueError here, eagerly

@@ -19,6 +19,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .q8_0 import same_bits
+
 __all__ = ["Q4_1_BLOCK", "Q4_1_BYTES", "q4_1_shape", "dequantize_q4_1", "quantize_q4_1", "exact_q4_1"]
 
 Q4_1_BLOCK = 32  # weights per block
@@ -128,7 +130,7 @@ def exact_q4_1(weight: torch.Tensor) -> Optional[torch.Tensor]:
                 df = cand.float()
                 safe = torch.where(df == 0, torch.ones_like(df), df)
                 q = torch.where(df == 0, torch.zeros_like(w), ((w - m) / safe).round()).clamp(0, 15)
-                ok = ((df * q) + m == w).all(-1, keepdim=True) & ~found
+                ok = (((df * q) + m).view(torch.int32) == w.view(torch.int32)).all(-1, keepdim=True) & ~found  # bits: -0.0 too
                 d16 = torch.where(ok, cand, d16)
                 q_best = torch.where(ok, q.to(torch.uint8), q_best)
                 found |= ok

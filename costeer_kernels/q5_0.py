@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .q8_0 import same_bits
+
 __all__ = ["Q5_0_BLOCK", "Q5_0_BYTES", "q5_0_shape", "dequantize_q5_0", "quantize_q5_0", "exact_q5_0"]
 
 Q5_0_BLOCK = 32  # weights per block
@@ -110,13 +112,15 @@ def exact_q5_0(weight: torch.Tensor) -> Optional[torch.Tensor]:
             if not torch.isfinite(w).all():
                 return None
             big = torch.take_along_dim(w, w.abs().argmax(-1, keepdim=True), -1)
-            d = -big / 16
+            # An all-zero block's d is its zero, sign kept: d * (16 - 16) gives back -0.0 (llama.cpp
+            # stores such a block with d = -0.0, gguf-py de-quantizes it to -0.0).
+            d = torch.where(big == 0, big, -big / 16)
             d16 = d.half()
             if not torch.equal(d16.float(), d):
                 return None
             safe = torch.where(d == 0, torch.ones_like(d), d)
             q = torch.where(d == 0, torch.full_like(w, 16.0), w / safe + 16).round()
-            if q.min() < 0 or q.max() > 31 or not torch.equal(d * (q - 16), w):
+            if q.min() < 0 or q.max() > 31 or not same_bits(d * (q - 16), w):
                 return None
             q = q.to(torch.int64)
             blk = out[r:r + _CHUNK_ROWS].view(-1, Q5_0_BYTES)

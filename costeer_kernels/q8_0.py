@@ -21,6 +21,12 @@ Q8_0_BYTES = 34  # bytes per block: float16 scale + 32 int8
 _CHUNK_ROWS = 8192  # rows de-quantized at a time by the fallbacks (bounded memory)
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two float32 tensors hold the same bits (``torch.equal`` takes -0.0 for +0.0): the
+    exact recoveries promise the de-quantized weight itself, zeros' signs included."""
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def is_q8_0(weight: torch.Tensor) -> bool:
     """Whether ``weight`` is a Q8_0 weight (a uint8 tensor); its shape is checked by ``q8_0_shape``."""
     return isinstance(weight, torch.Tensor) and weight.dtype == torch.uint8
@@ -108,7 +114,7 @@ def exact_q8_0(weight: torch.Tensor) -> Optional[torch.Tensor]:
             d = (w.abs().amax(-1, keepdim=True) / 127).half()
             df = d.float()
             q = torch.where(df == 0, torch.zeros_like(w), w / torch.where(df == 0, torch.ones_like(df), df)).round()
-            if q.abs().max() > 127 or not torch.equal(df * q, w):
+            if q.abs().max() > 127 or not same_bits(df * q, w):
                 return None
             out[r:r + _CHUNK_ROWS, :, :2] = d.view(torch.uint8)
             out[r:r + _CHUNK_ROWS, :, 2:] = q.to(torch.int8).view(torch.uint8)

@@ -146,7 +146,7 @@ def test_attached_q4_1_layers_give_the_float32_logits(monkeypatch):
     """Every layer of a model given the Q4_1 blocks of its own (exactly representable) weight, as the
     model cache does for a GGUF model's layers: the kernel reads the blocks and the decode steps'
     logits are bit for bit those of the float32 weights; blocks of the wrong shape are refused."""
-    from costeer.fast_linear import attach_blocks, attached_blocks, q8_0_weight
+    from costeer.fast_linear import attach_blocks, attached_blocks, detach_blocks, q8_0_weight
     from costeer_kernels import _extension
     from costeer_kernels.q4_1 import dequantize_q4_1, quantize_q4_1
 
@@ -173,6 +173,18 @@ def test_attached_q4_1_layers_give_the_float32_logits(monkeypatch):
         sp = plain(nxt, past_key_values=op.past_key_values).logits
     assert torch.equal(sq, sp)
     assert seen.count(torch.uint8) >= 2 * len(layers)  # prefill (7 rows x 3) and the step
+    # In-place writes: one through the parameter drops the blocks; one through .data (its own version
+    # counter) is not seen, and detach_blocks makes the layer read its float32 weight again.
+    lin, x = layers[0], torch.randn(2, layers[0].in_features)
+    with torch.no_grad():
+        lin.weight.mul_(1.0)
+        assert attached_blocks(lin) is None
+        attach_blocks(lin, quantize_q4_1(lin.weight))
+        lin.weight.data.mul_(2.0)
+        assert attached_blocks(lin) is not None  # documented: not detectable
+        assert detach_blocks(lin) and not detach_blocks(lin)
+        assert attached_blocks(lin) is None
+        assert torch.equal(lin(x), real(x, lin.weight, lin.bias))
     with pytest.raises(ValueError, match="Q8_0 \\[N, 68\\], Q5_0 \\[N, 44\\] or Q4_1 \\[N, 40\\]"):
         attach_blocks(layers[0], torch.zeros(layers[0].out_features, 41, dtype=torch.uint8))
     with pytest.raises(ValueError, match="blocks hold 3 rows"):

@@ -164,7 +164,7 @@ def test_q8_0_head_is_the_gguf_blocks_and_gives_the_float32_logits(cold):
     import numpy as np
     from safetensors.torch import load_file
 
-    from costeer.fast_linear import q8_0_weight, use_linear_rows
+    from costeer.fast_linear import detach_blocks, q8_0_weight, use_linear_rows
     from costeer_kernels.q8_0 import dequantize_q8_0
 
     path = cold["entry"].path
@@ -177,7 +177,7 @@ def test_q8_0_head_is_the_gguf_blocks_and_gives_the_float32_logits(cold):
     blocks = q8_0_weight(head)
     assert blocks is not None and torch.equal(dequantize_q8_0(blocks), head.weight)
     plain = copy.deepcopy(model)
-    del plain.get_output_embeddings()._costeer_blocks
+    assert detach_blocks(plain.get_output_embeddings())
     if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
         pytest.skip("the C++ extension is not loaded")
     ids = torch.tensor([tok.encode(PROMPT)] * 2)
@@ -186,6 +186,24 @@ def test_q8_0_head_is_the_gguf_blocks_and_gives_the_float32_logits(cold):
         nxt = b.logits[:, -1:].argmax(-1)
         assert torch.equal(model(nxt, past_key_values=a.past_key_values).logits,
                            plain(nxt, past_key_values=b.past_key_values).logits)
+
+
+def test_blocks_that_are_not_the_weights_stop_the_load(cold, tmp_path):
+    """A layers.ggml (or lm_head.q8_0) of the right size whose blocks are another layer's: the load
+    checks each attached layer's first and last rows against its float32 weight and stops, which
+    makes the start rebuild the entry with a message (the damage path)."""
+    from safetensors.torch import load_file, save_file
+
+    src = cold["entry"].path
+    for f in src.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    blocks = load_file(str(src / mc.LAYERS_FILE))
+    a, b = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"  # same shape, other values
+    blocks[a], blocks[b] = blocks[b], blocks[a]
+    (tmp_path / mc.LAYERS_FILE).unlink()
+    save_file(blocks, str(tmp_path / mc.LAYERS_FILE))
+    with pytest.raises(mc.ModelCacheError, match="layers.ggml: the blocks of model.layers.0.self_attn.q_proj"):
+        mc._load_folder(tmp_path)
 
 
 @pytest.mark.slow
@@ -197,7 +215,7 @@ def test_q4_1_layers_are_the_gguf_blocks_and_give_the_float32_logits(cold):
     import numpy as np
     from safetensors.torch import load_file
 
-    from costeer.fast_linear import attached_blocks, use_linear_rows
+    from costeer.fast_linear import attached_blocks, detach_blocks, use_linear_rows
     from costeer_kernels.q4_1 import dequantize_q4_1
 
     path = cold["entry"].path
@@ -219,7 +237,7 @@ def test_q4_1_layers_are_the_gguf_blocks_and_give_the_float32_logits(cold):
                        layers["model.layers.3.self_attn.q_proj"].weight)
     plain = copy.deepcopy(model)
     for lin in plain.modules():
-        lin.__dict__.pop("_costeer_blocks", None)
+        detach_blocks(lin)
     if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
         pytest.skip("the C++ extension is not loaded")
     ids = torch.tensor([tok.encode(PROMPT)] * 2)

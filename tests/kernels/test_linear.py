@@ -9,7 +9,7 @@ from costeer_kernels import linear_rows
 from costeer_kernels.blocks import dequantize_blocks
 from costeer_kernels.q4_1 import dequantize_q4_1, exact_q4_1, quantize_q4_1
 from costeer_kernels.q5_0 import dequantize_q5_0, exact_q5_0, quantize_q5_0
-from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
+from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0, same_bits
 from costeer_kernels._extension import build_status
 
 ISAS = ["portable", "avx2", "avx512"]
@@ -109,6 +109,14 @@ def test_default_backend_on_cpu_is_the_kernel(ext):
      "weight: a uint8 weight for rows of K = 32 is GGML Q8_0 [N, 34], Q5_0 [N, 22] or Q4_1 [N, 20]"),
     (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 68, dtype=torch.uint8)), ValueError, "got shape (3, 68)"),
     (lambda: linear_rows(torch.randn(2, 48), torch.zeros(3, 51, dtype=torch.uint8)), ValueError, "K a multiple of 32"),
+    (lambda: linear_rows(torch.randn(2, 0), torch.zeros(3, 0, dtype=torch.uint8)), ValueError, "got K = 0"),
+    # 220 bytes a row: Q4_1 of K = 352 or Q5_0 of K = 320; rows of the wrong K are refused when the format is named
+    (lambda: linear_rows(torch.randn(2, 320), torch.zeros(3, 220, dtype=torch.uint8), weight_format="q4_1"),
+     ValueError, "that is Q5_0, not the Q4_1 given as weight_format"),
+    (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 34, dtype=torch.uint8), weight_format="Q8_0"),
+     ValueError, "weight_format must be one of"),
+    (lambda: linear_rows(torch.randn(2, 32), torch.randn(3, 32), weight_format="q8_0"), ValueError,
+     "names GGML blocks, but weight is torch.float32"),
     (lambda: linear_rows(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8)), TypeError,
      "(or uint8: GGML Q8_0, Q5_0 or Q4_1 blocks)"),
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4, 1)), ValueError, "weight must be 2-D"),
@@ -386,9 +394,13 @@ def test_exact_low_bit_recovers_the_blocks_or_says_none(fmt):
     deq[3] = 0.25  # constant blocks
     deq[4, :32] = 0.0
     blocks = quantize(deq)
+    deq = dequantize(blocks)  # gguf-py's values: an all-zero Q5_0 block is -0.0 (llama.cpp's d = -0.0)
     got = exact(deq)
-    assert got is not None and torch.equal(dequantize(got), deq)
-    assert torch.equal(got[5:], blocks[5:])  # the quantizer's own bytes where the blocks vary
+    assert got is not None and same_bits(dequantize(got), deq)  # the bits, zeros' signs included
+    assert torch.equal(got, blocks)  # the quantizer's own bytes, constant and zero blocks too
+    signed = deq.clone()
+    signed[4, 0] = -signed[4, 0]  # zeros of both signs in one zero block: not what gguf writes, so no blocks
+    assert exact(signed) is None
     off = deq.clone()
     off[7, 40] += 1e-4  # one value off the block's grid
     assert exact(off) is None
