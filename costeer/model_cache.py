@@ -388,9 +388,9 @@ def _load_folder(path: Path, dtype=None, tokenizer_only: bool = False,
 
         from .fast_linear import attach_q8_0
 
-        head = model.get_output_embeddings()
-        attach_q8_0(head, load_file(str(path / HEAD_Q8_0_FILE))["weight"])
-        _check_blocks(path, HEAD_Q8_0_FILE, "lm_head", head)
+        head, blocks = model.get_output_embeddings(), load_file(str(path / HEAD_Q8_0_FILE))["weight"]
+        attach_q8_0(head, blocks)
+        _check_blocks(path, HEAD_Q8_0_FILE, "lm_head", head, blocks)
     if (path / LAYERS_FILE).is_file() and model.dtype == torch.float32:  # Q4_1, Q5_0, Q8_0: by bytes per row
         from safetensors.torch import load_file
 
@@ -402,21 +402,18 @@ def _load_folder(path: Path, dtype=None, tokenizer_only: bool = False,
             if type(mod) is not torch.nn.Linear:
                 raise ModelCacheError(f"{path.name}: {LAYERS_FILE} names {name!r}, not a linear layer of the model")
             attach_blocks(mod, blocks)
-            _check_blocks(path, LAYERS_FILE, name, mod)
+            _check_blocks(path, LAYERS_FILE, name, mod, blocks)
     return model, tokenizer
 
 
-def _check_blocks(path: Path, file: str, name: str, mod) -> None:
-    """The attached blocks' first and last rows de-quantize to the layer's float32 weight, bit for
+def _check_blocks(path: Path, file: str, name: str, mod, blocks) -> None:
+    """The blocks attached to ``mod``: their first and last rows de-quantize to the layer's float32 weight, bit for
     bit (a few microseconds a layer; the build verified every value): a blocks file that does not
     belong to the weights beside it stops the load (and the entry is rebuilt)."""
     import torch
 
     from costeer_kernels.blocks import dequantize_blocks
 
-    from .fast_linear import attached_blocks
-
-    blocks, _ = attached_blocks(mod)
     w = mod.weight.detach()
     for r in {0, w.shape[0] - 1}:
         row = dequantize_blocks(blocks[r:r + 1], w.shape[1])

@@ -23,13 +23,13 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ._ggml import BLOCK  # weights per block, every format
 from .q4_1 import dequantize_q4_1, exact_q4_1
 from .q5_0 import dequantize_q5_0, exact_q5_0
 from .q8_0 import dequantize_q8_0, exact_q8_0
 
 __all__ = ["FORMATS", "BLOCK", "block_format", "dequantize_blocks", "exact_blocks"]
 
-BLOCK = 32  # weights per block, every format
 # name -> (bytes per block, de-quantize, exact recovery from float32 values)
 FORMATS: Dict[str, Tuple[int, Callable, Callable]] = {
     "q4_1": (20, dequantize_q4_1, exact_q4_1),

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .q8_0 import same_bits
+from ._ggml import block_shape, exact_by_chunks, gguf_quantize
 
 __all__ = ["Q4_1_BLOCK", "Q4_1_BYTES", "q4_1_shape", "dequantize_q4_1", "quantize_q4_1", "exact_q4_1"]
 
@@ -30,12 +30,7 @@ _CHUNK_ROWS = 4096  # rows handled at a time (bounded memory)
 
 def q4_1_shape(weight: torch.Tensor, name: str = "weight") -> Tuple[int, int]:
     """``(N, K)`` of a Q4_1 weight [N, K / 32 * 20]; ValueError naming ``name`` for any other shape."""
-    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.uint8 or weight.dim() != 2 \
-            or weight.shape[1] % Q4_1_BYTES != 0:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"{name}: a Q4_1 weight is uint8 rows [N, K / 32 * 20] (20-byte blocks of 32 weights), "
-                         f"got {shape}")
-    return weight.shape[0], weight.shape[1] // Q4_1_BYTES * Q4_1_BLOCK
+    return block_shape(weight, "Q4_1", Q4_1_BYTES, name)
 
 
 def dequantize_q4_1(weight: torch.Tensor) -> torch.Tensor:
@@ -70,14 +65,7 @@ def quantize_q4_1(weight: torch.Tensor) -> torch.Tensor:
     the ``gguf`` package quantize (m = the block's min, d = (max - min) / 15, q = round((w - m) / d));
     lossy, unlike taking a GGUF file's blocks as they are.
     """
-    import gguf
-    import numpy as np
-
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % Q4_1_BLOCK != 0:
-        raise ValueError(f"quantize_q4_1: weight must be a 2-D tensor [N, K] with K a multiple of {Q4_1_BLOCK}, got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    blocks = gguf.quants.quantize(weight.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.Q4_1)
-    return torch.from_numpy(np.ascontiguousarray(blocks)).to(weight.device)
+    return gguf_quantize(weight, "Q4_1")
 
 
 # fp16 neighbours of the first guess at d tried, in this order (the guess is (max - min) / 15 in
@@ -105,41 +93,33 @@ def exact_q4_1(weight: torch.Tensor) -> Optional[torch.Tensor]:
     >>> exact_q4_1(torch.randn(8, 64)) is None
     True
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
-        return None
-    N, K = weight.shape
-    if K == 0 or K % Q4_1_BLOCK != 0:
-        return None
-    nb = K // Q4_1_BLOCK
-    out = torch.empty(N, nb, Q4_1_BYTES, dtype=torch.uint8, device=weight.device)
-    with torch.no_grad():
-        for r in range(0, N, _CHUNK_ROWS):
-            w = weight[r:r + _CHUNK_ROWS].reshape(-1, Q4_1_BLOCK)
-            if not torch.isfinite(w).all():
-                return None
-            m = w.amin(-1, keepdim=True)
-            m16 = m.half()
-            if not torch.equal(m16.float(), m):
-                return None
-            guess = ((w.amax(-1, keepdim=True) - m) / 15).half().view(torch.int16)
-            found = torch.zeros_like(m, dtype=torch.bool)
-            d16 = torch.zeros_like(m16)
-            q_best = torch.zeros_like(w, dtype=torch.uint8)
-            for step in _D_STEPS:
-                cand = (guess + step).clamp(min=0).view(torch.float16)  # int16 steps: fp16 ulps (d >= 0)
-                df = cand.float()
-                safe = torch.where(df == 0, torch.ones_like(df), df)
-                q = torch.where(df == 0, torch.zeros_like(w), ((w - m) / safe).round()).clamp(0, 15)
-                ok = (((df * q) + m).view(torch.int32) == w.view(torch.int32)).all(-1, keepdim=True) & ~found  # bits: -0.0 too
-                d16 = torch.where(ok, cand, d16)
-                q_best = torch.where(ok, q.to(torch.uint8), q_best)
-                found |= ok
-                if bool(found.all()):
-                    break
-            if not bool(found.all()):
-                return None
-            blk = out[r:r + _CHUNK_ROWS].view(-1, Q4_1_BYTES)
-            blk[:, 0:2] = d16.view(torch.uint8)
-            blk[:, 2:4] = m16.view(torch.uint8)
-            blk[:, 4:] = q_best[:, :16] | (q_best[:, 16:] << 4)
-    return out.reshape(N, nb * Q4_1_BYTES)
+    return exact_by_chunks(weight, Q4_1_BYTES, _CHUNK_ROWS, _recover_q4_1)
+
+
+def _recover_q4_1(w: torch.Tensor, blk: torch.Tensor) -> bool:
+    """Blocks [n, 20] into ``blk`` for the values w [n, 32]; whether all come back bit for bit."""
+    m = w.amin(-1, keepdim=True)
+    m16 = m.half()
+    if not torch.equal(m16.float(), m):
+        return False
+    guess = ((w.amax(-1, keepdim=True) - m) / 15).half().view(torch.int16)
+    found = torch.zeros_like(m, dtype=torch.bool)
+    d16 = torch.zeros_like(m16)
+    q_best = torch.zeros_like(w, dtype=torch.uint8)
+    for step in _D_STEPS:
+        cand = (guess + step).clamp(min=0).view(torch.float16)  # int16 steps: fp16 ulps (d >= 0)
+        df = cand.float()
+        safe = torch.where(df == 0, torch.ones_like(df), df)
+        q = torch.where(df == 0, torch.zeros_like(w), ((w - m) / safe).round()).clamp(0, 15)
+        ok = (((df * q) + m).view(torch.int32) == w.view(torch.int32)).all(-1, keepdim=True) & ~found  # bits: -0.0 too
+        d16 = torch.where(ok, cand, d16)
+        q_best = torch.where(ok, q.to(torch.uint8), q_best)
+        found |= ok
+        if bool(found.all()):
+            break
+    if not bool(found.all()):
+        return False
+    blk[:, 0:2] = d16.view(torch.uint8)
+    blk[:, 2:4] = m16.view(torch.uint8)
+    blk[:, 4:] = q_best[:, :16] | (q_best[:, 16:] << 4)
+    return True

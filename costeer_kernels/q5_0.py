@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .q8_0 import same_bits
+from ._ggml import block_shape, exact_by_chunks, gguf_quantize, same_bits
 
 __all__ = ["Q5_0_BLOCK", "Q5_0_BYTES", "q5_0_shape", "dequantize_q5_0", "quantize_q5_0", "exact_q5_0"]
 
@@ -27,12 +27,7 @@ _BITS = torch.arange(32, dtype=torch.int64)
 
 def q5_0_shape(weight: torch.Tensor, name: str = "weight") -> Tuple[int, int]:
     """``(N, K)`` of a Q5_0 weight [N, K / 32 * 22]; ValueError naming ``name`` for any other shape."""
-    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.uint8 or weight.dim() != 2 \
-            or weight.shape[1] % Q5_0_BYTES != 0:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"{name}: a Q5_0 weight is uint8 rows [N, K / 32 * 22] (22-byte blocks of 32 weights), "
-                         f"got {shape}")
-    return weight.shape[0], weight.shape[1] // Q5_0_BYTES * Q5_0_BLOCK
+    return block_shape(weight, "Q5_0", Q5_0_BYTES, name)
 
 
 def _codes(blk: torch.Tensor) -> torch.Tensor:
@@ -71,14 +66,7 @@ def dequantize_q5_0(weight: torch.Tensor) -> torch.Tensor:
 def quantize_q5_0(weight: torch.Tensor) -> torch.Tensor:
     """Q5_0 blocks [N, K / 32 * 22] of a float [N, K] weight (K a multiple of 32), as llama.cpp and
     the ``gguf`` package quantize (d = the block's value of largest magnitude / -16); lossy."""
-    import gguf
-    import numpy as np
-
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % Q5_0_BLOCK != 0:
-        raise ValueError(f"quantize_q5_0: weight must be a 2-D tensor [N, K] with K a multiple of {Q5_0_BLOCK}, got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    blocks = gguf.quants.quantize(weight.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.Q5_0)
-    return torch.from_numpy(np.ascontiguousarray(blocks)).to(weight.device)
+    return gguf_quantize(weight, "Q5_0")
 
 
 def exact_q5_0(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -99,35 +87,27 @@ def exact_q5_0(weight: torch.Tensor) -> Optional[torch.Tensor]:
     >>> exact_q5_0(torch.randn(8, 64)) is None
     True
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
-        return None
-    N, K = weight.shape
-    if K == 0 or K % Q5_0_BLOCK != 0:
-        return None
-    nb = K // Q5_0_BLOCK
-    out = torch.empty(N, nb, Q5_0_BYTES, dtype=torch.uint8, device=weight.device)
-    with torch.no_grad():
-        for r in range(0, N, _CHUNK_ROWS):
-            w = weight[r:r + _CHUNK_ROWS].reshape(-1, Q5_0_BLOCK)
-            if not torch.isfinite(w).all():
-                return None
-            big = torch.take_along_dim(w, w.abs().argmax(-1, keepdim=True), -1)
-            # An all-zero block's d is its zero, sign kept: d * (16 - 16) gives back -0.0 (llama.cpp
-            # stores such a block with d = -0.0, gguf-py de-quantizes it to -0.0).
-            d = torch.where(big == 0, big, -big / 16)
-            d16 = d.half()
-            if not torch.equal(d16.float(), d):
-                return None
-            safe = torch.where(d == 0, torch.ones_like(d), d)
-            q = torch.where(d == 0, torch.full_like(w, 16.0), w / safe + 16).round()
-            if q.min() < 0 or q.max() > 31 or not same_bits(d * (q - 16), w):
-                return None
-            q = q.to(torch.int64)
-            blk = out[r:r + _CHUNK_ROWS].view(-1, Q5_0_BYTES)
-            blk[:, 0:2] = d16.view(torch.uint8)
-            bits = ((q >> 4) << _BITS.to(q.device)).sum(-1)
-            for i in range(4):
-                blk[:, 2 + i] = ((bits >> (8 * i)) & 0xFF).to(torch.uint8)
-            low = q & 0xF
-            blk[:, 6:] = (low[:, :16] | (low[:, 16:] << 4)).to(torch.uint8)
-    return out.reshape(N, nb * Q5_0_BYTES)
+    return exact_by_chunks(weight, Q5_0_BYTES, _CHUNK_ROWS, _recover_q5_0)
+
+
+def _recover_q5_0(w: torch.Tensor, blk: torch.Tensor) -> bool:
+    """Blocks [n, 22] into ``blk`` for the values w [n, 32]; whether all come back bit for bit."""
+    big = torch.take_along_dim(w, w.abs().argmax(-1, keepdim=True), -1)
+    # An all-zero block's d is its zero, sign kept: d * (16 - 16) gives back -0.0 (llama.cpp
+    # stores such a block with d = -0.0, gguf-py de-quantizes it to -0.0).
+    d = torch.where(big == 0, big, -big / 16)
+    d16 = d.half()
+    if not torch.equal(d16.float(), d):
+        return False
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.where(d == 0, torch.full_like(w, 16.0), w / safe + 16).round()
+    if q.min() < 0 or q.max() > 31 or not same_bits(d * (q - 16), w):
+        return False
+    q = q.to(torch.int64)
+    blk[:, 0:2] = d16.view(torch.uint8)
+    bits = ((q >> 4) << _BITS.to(q.device)).sum(-1)
+    for i in range(4):
+        blk[:, 2 + i] = ((bits >> (8 * i)) & 0xFF).to(torch.uint8)
+    low = q & 0xF
+    blk[:, 6:] = (low[:, :16] | (low[:, 16:] << 4)).to(torch.uint8)
+    return True

@@ -14,17 +14,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._ggml import exact_by_chunks, gguf_quantize, same_bits
+
 __all__ = ["Q8_0_BLOCK", "Q8_0_BYTES", "is_q8_0", "q8_0_shape", "dequantize_q8_0", "quantize_q8_0", "exact_q8_0"]
 
 Q8_0_BLOCK = 32  # weights per block
 Q8_0_BYTES = 34  # bytes per block: float16 scale + 32 int8
 _CHUNK_ROWS = 8192  # rows de-quantized at a time by the fallbacks (bounded memory)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two float32 tensors hold the same bits (``torch.equal`` takes -0.0 for +0.0): the
-    exact recoveries promise the de-quantized weight itself, zeros' signs included."""
-    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def is_q8_0(weight: torch.Tensor) -> bool:
@@ -69,14 +65,7 @@ def quantize_q8_0(weight: torch.Tensor) -> torch.Tensor:
     the ``gguf`` package quantize (d = max |w| / 127 per block, q = round(w / d)); lossy, unlike
     taking a GGUF file's blocks as they are.
     """
-    import gguf
-    import numpy as np
-
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % Q8_0_BLOCK != 0:
-        raise ValueError(f"quantize_q8_0: weight must be a 2-D tensor [N, K] with K a multiple of {Q8_0_BLOCK}, got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    blocks = gguf.quants.quantize(weight.detach().float().cpu().numpy(), gguf.GGMLQuantizationType.Q8_0)
-    return torch.from_numpy(np.ascontiguousarray(blocks)).to(weight.device)
+    return gguf_quantize(weight, "Q8_0")
 
 
 def exact_q8_0(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -99,23 +88,16 @@ def exact_q8_0(weight: torch.Tensor) -> Optional[torch.Tensor]:
     >>> exact_q8_0(torch.randn(8, 64)) is None
     True
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % Q8_0_BLOCK != 0:
-        return None
-    if weight.dtype != torch.float32 or weight.shape[1] == 0:
-        return None
-    N, K = weight.shape
-    nb = K // Q8_0_BLOCK
-    out = torch.empty(N, nb, Q8_0_BYTES, dtype=torch.uint8, device=weight.device)
-    with torch.no_grad():
-        for r in range(0, N, _CHUNK_ROWS):
-            w = weight[r:r + _CHUNK_ROWS].reshape(-1, nb, Q8_0_BLOCK)
-            if not torch.isfinite(w).all():
-                return None
-            d = (w.abs().amax(-1, keepdim=True) / 127).half()
-            df = d.float()
-            q = torch.where(df == 0, torch.zeros_like(w), w / torch.where(df == 0, torch.ones_like(df), df)).round()
-            if q.abs().max() > 127 or not same_bits(df * q, w):
-                return None
-            out[r:r + _CHUNK_ROWS, :, :2] = d.view(torch.uint8)
-            out[r:r + _CHUNK_ROWS, :, 2:] = q.to(torch.int8).view(torch.uint8)
-    return out.reshape(N, nb * Q8_0_BYTES)
+    return exact_by_chunks(weight, Q8_0_BYTES, _CHUNK_ROWS, _recover_q8_0)
+
+
+def _recover_q8_0(w: torch.Tensor, blk: torch.Tensor) -> bool:
+    """Blocks [n, 34] into ``blk`` for the values w [n, 32]; whether all come back bit for bit."""
+    d = (w.abs().amax(-1, keepdim=True) / 127).half()
+    df = d.float()
+    q = torch.where(df == 0, torch.zeros_like(w), w / torch.where(df == 0, torch.ones_like(df), df)).round()
+    if q.abs().max() > 127 or not same_bits(df * q, w):
+        return False
+    blk[:, :2] = d.view(torch.uint8)
+    blk[:, 2:] = q.to(torch.int8).view(torch.uint8)
+    return True

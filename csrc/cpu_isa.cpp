@@ -139,10 +139,9 @@ struct Avx2 {
   static CI load_u8(const char* p) {  // 8 bytes zero-extended to 32-bit lanes
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
-  static V low_nibbles(CI q) { return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15))); }
-  static V high_nibbles(CI q) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)); }
-  static CI low_nibbles_i(CI q) { return _mm256_and_si256(q, _mm256_set1_epi32(15)); }
-  static CI high_nibbles_i(CI q) { return _mm256_srli_epi32(q, 4); }
+  static CI low_nibbles(CI q) { return _mm256_and_si256(q, _mm256_set1_epi32(15)); }
+  static CI high_nibbles(CI q) { return _mm256_srli_epi32(q, 4); }
+  static V to_float(CI q) { return _mm256_cvtepi32_ps(q); }
   // (nib | fifth bit << 4) - 16 as float32, the fifth bits of elements first.. from qh.
   static V q5_minus16(CI nib, uint32_t qh, int first) {
     const __m256i lane = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(first));
@@ -238,10 +237,9 @@ struct Avx512 {
   static CI load_u8(const char* p) {  // 16 bytes zero-extended to 32-bit lanes
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static V low_nibbles(CI q) { return _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(15))); }
-  static V high_nibbles(CI q) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)); }
-  static CI low_nibbles_i(CI q) { return _mm512_and_si512(q, _mm512_set1_epi32(15)); }
-  static CI high_nibbles_i(CI q) { return _mm512_srli_epi32(q, 4); }
+  static CI low_nibbles(CI q) { return _mm512_and_si512(q, _mm512_set1_epi32(15)); }
+  static CI high_nibbles(CI q) { return _mm512_srli_epi32(q, 4); }
+  static V to_float(CI q) { return _mm512_cvtepi32_ps(q); }
   static V q5_minus16(CI nib, uint32_t qh, int first) {
     const __m512i lane = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(first));

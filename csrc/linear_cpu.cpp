@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "steer_cpu.h"
 
@@ -29,10 +30,13 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   // bytes per row (34, 22 or 20 per block); the float32 path's result exactly.
   const bool blocks = weight.scalar_type() == at::kByte;
   int block_dtype = cpu::F32;
+  if (blocks && K > 0 && K % 32 == 0) {  // every format: blocks of 32 weights
+    const std::pair<int, int64_t> formats[] = {{cpu::Q8_0, cpu::Q8_0_BYTES}, {cpu::Q4_1, cpu::Q4_1_BYTES},
+                                               {cpu::Q5_0, cpu::Q5_0_BYTES}};
+    for (const auto& [dtype, bytes] : formats)
+      if (weight.size(1) == K / 32 * bytes) block_dtype = dtype;
+  }
   if (blocks) {
-    if (K > 0 && K % 32 == 0 && weight.size(1) == K / cpu::Q8_0_BLOCK * cpu::Q8_0_BYTES) block_dtype = cpu::Q8_0;
-    if (K > 0 && K % 32 == 0 && weight.size(1) == K / cpu::Q4_1_BLOCK * cpu::Q4_1_BYTES) block_dtype = cpu::Q4_1;
-    if (K > 0 && K % 32 == 0 && weight.size(1) == K / cpu::Q5_0_BLOCK * cpu::Q5_0_BYTES) block_dtype = cpu::Q5_0;
     TORCH_CHECK(block_dtype != cpu::F32, op,
                 ": a uint8 weight holds Q8_0, Q5_0 or Q4_1 rows (K / 32 blocks of 34, 22 or 20 bytes); x has K = ",
                 K, " but weight has ", weight.size(1), " bytes per row");

@@ -20,6 +20,16 @@ def _llama(seed=0):
     return LlamaForCausalLM(cfg).eval()
 
 
+
+def _step_logits(model, plain, seed):
+    """The logits of one decode step after a 3 x 7 prefill of random ids, from each model."""
+    ids = torch.randint(0, 300, (3, 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        oq, op = model(ids, use_cache=True), plain(ids, use_cache=True)
+        nxt = op.logits[:, -1:].argmax(-1)
+        return (model(nxt, past_key_values=oq.past_key_values).logits,
+                plain(nxt, past_key_values=op.past_key_values).logits)
+
 def test_routes_every_plain_linear_and_keeps_the_state_dict():
     model = _llama()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -123,13 +133,7 @@ def test_attached_q8_0_head_is_read_and_dropped_when_the_weight_changes(monkeypa
     real = _extension.linear_cpp
     monkeypatch.setattr(_extension, "linear_cpp", lambda x, w, b: seen.append(w.dtype) or real(x, w, b))
     use_linear_rows(model)  # re-bind the patched kernel
-    ids = torch.randint(0, 300, (3, 7), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        oq, op = model(ids, use_cache=True), plain(ids, use_cache=True)
-        nxt = op.logits[:, -1:].argmax(-1)
-        sq = model(nxt, past_key_values=oq.past_key_values).logits
-        sp = plain(nxt, past_key_values=op.past_key_values).logits
-    assert torch.equal(sq, sp)
+    assert torch.equal(*_step_logits(model, plain, seed=2))
     assert torch.uint8 in seen
     with torch.no_grad():
         head.weight.mul_(2.0)  # written in place: the blocks no longer hold its values
@@ -165,13 +169,7 @@ def test_attached_q4_1_layers_give_the_float32_logits(monkeypatch):
     monkeypatch.setattr(_extension, "linear_cpp", lambda x, w, b: seen.append(w.dtype) or real(x, w, b))
     if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
         pytest.skip("the C++ extension is not loaded")
-    ids = torch.randint(0, 300, (3, 7), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        oq, op = model(ids, use_cache=True), plain(ids, use_cache=True)
-        nxt = op.logits[:, -1:].argmax(-1)
-        sq = model(nxt, past_key_values=oq.past_key_values).logits
-        sp = plain(nxt, past_key_values=op.past_key_values).logits
-    assert torch.equal(sq, sp)
+    assert torch.equal(*_step_logits(model, plain, seed=5))
     assert seen.count(torch.uint8) >= 2 * len(layers)  # prefill (7 rows x 3) and the step
     # In-place writes: one through the parameter drops the blocks; one through .data (its own version
     # counter) is not seen, and detach_blocks makes the layer read its float32 weight again.

@@ -155,6 +155,16 @@ def test_entry_is_a_plain_model_folder(cold):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
+def _decode_step_logits_equal(model, plain, tok) -> bool:
+    """Whether a decode step after PROMPT (2 rows) gives bit-identical logits from both models."""
+    ids = torch.tensor([tok.encode(PROMPT)] * 2)
+    with torch.no_grad():
+        a, b = model(ids, use_cache=True), plain(ids, use_cache=True)
+        nxt = b.logits[:, -1:].argmax(-1)
+        return torch.equal(model(nxt, past_key_values=a.past_key_values).logits,
+                           plain(nxt, past_key_values=b.past_key_values).logits)
+
+
 @pytest.mark.slow
 def test_q8_0_head_is_the_gguf_blocks_and_gives_the_float32_logits(cold):
     """SmolLM2's head is Q8_0 in its GGUF file: the entry keeps those bytes as they are, the warm
@@ -180,12 +190,7 @@ def test_q8_0_head_is_the_gguf_blocks_and_gives_the_float32_logits(cold):
     assert detach_blocks(plain.get_output_embeddings())
     if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
         pytest.skip("the C++ extension is not loaded")
-    ids = torch.tensor([tok.encode(PROMPT)] * 2)
-    with torch.no_grad():
-        a, b = model(ids, use_cache=True), plain(ids, use_cache=True)
-        nxt = b.logits[:, -1:].argmax(-1)
-        assert torch.equal(model(nxt, past_key_values=a.past_key_values).logits,
-                           plain(nxt, past_key_values=b.past_key_values).logits)
+    assert _decode_step_logits_equal(model, plain, tok)
 
 
 def test_blocks_that_are_not_the_weights_stop_the_load(cold, tmp_path):
@@ -240,12 +245,7 @@ def test_q4_1_layers_are_the_gguf_blocks_and_give_the_float32_logits(cold):
         detach_blocks(lin)
     if use_linear_rows(model) == 0 or use_linear_rows(plain) == 0:
         pytest.skip("the C++ extension is not loaded")
-    ids = torch.tensor([tok.encode(PROMPT)] * 2)
-    with torch.no_grad():
-        a, b = model(ids, use_cache=True), plain(ids, use_cache=True)
-        nxt = b.logits[:, -1:].argmax(-1)
-        assert torch.equal(model(nxt, past_key_values=a.past_key_values).logits,
-                           plain(nxt, past_key_values=b.past_key_values).logits)
+    assert _decode_step_logits_equal(model, plain, tok)
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ from costeer_kernels import linear_rows
 from costeer_kernels.blocks import dequantize_blocks
 from costeer_kernels.q4_1 import dequantize_q4_1, exact_q4_1, quantize_q4_1
 from costeer_kernels.q5_0 import dequantize_q5_0, exact_q5_0, quantize_q5_0
-from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0, same_bits
+from costeer_kernels._ggml import same_bits
+from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
 from costeer_kernels._extension import build_status
 
 ISAS = ["portable", "avx2", "avx512"]
