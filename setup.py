@@ -32,7 +32,7 @@ def _extensions():
         from torch.utils import cpp_extension
     except Exception:  # noqa: BLE001 - no torch at build time: pure-Python install, JIT later
         return [], {}
-    sources = ["csrc/steer_cpu.cpp", "csrc/sample_cpu.cpp", "csrc/cpu_isa.cpp", "csrc/linear_cpu.cpp", "csrc/bindings.cpp"]
+    sources = ["csrc/steer_cpu.cpp", "csrc/sample_cpu.cpp", "csrc/cpu_isa.cpp", "csrc/linear_cpu.cpp", "csrc/attention_cpu.cpp", "csrc/bindings.cpp"]
     cxx = list(CXX_FLAGS)
     nvcc_path = shutil.which("nvcc") or (
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None

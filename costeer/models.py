@@ -190,6 +190,12 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device = "cpu",
             from .fast_linear import use_linear_rows
 
             use_linear_rows(model)
+        if device.type == "cpu" and os.environ.get("COSTEER_DECODE_ATTENTION", "1") != "0":
+            # Decode steps attend with one query token per row: the C++ kernel reads each KV head
+            # once for its grouped query heads, where SDPA takes about twice as long (costeer/fast_attention.py).
+            from .fast_attention import use_decode_attention
+
+            use_decode_attention(model)
         loaded = _describe(spec, model, tokenizer)
         _CACHE[key] = loaded
         return loaded

@@ -15,6 +15,9 @@ Public API:
                                      (torch.ops.costeer.speculative_verify; verify.py)
     linear_rows                      x @ W.T + b for a few rows, W streamed once (the small batches
                                      of decoding; torch.ops.costeer.linear_rows; linear.py)
+    decode_attention                 one query token per row against its KV cache, grouped query
+                                     heads read once per KV head (torch.ops.costeer.decode_attention;
+                                     attention.py)
     q8_0                             GGML Q8_0 weights (uint8 blocks, a GGUF file's bytes): what
                                      linear_rows and steer_from_hidden read at 34 bytes per 32
                                      weights, with the float32 values' result (q8_0.py)
@@ -32,6 +35,7 @@ from . import torch_backend  # noqa: F401 - registers backend "torch" first
 from .config import MAX_T, SteerConfig, steer_coefficient
 from . import blocks, q4_1, q5_0, q8_0
 from .linear import linear_rows
+from .attention import decode_attention
 from .ops import steer
 from .projection import steer_from_hidden
 from .reference import closed_form_steer, reference_steer
@@ -52,6 +56,7 @@ __all__ = [
     "steer_from_hidden",
     "speculative_verify",
     "linear_rows",
+    "decode_attention",
     "q8_0",
     "q4_1",
     "q5_0",

@@ -19,7 +19,7 @@ from . import registry
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-CPU_SOURCES = ("steer_cpu.cpp", "sample_cpu.cpp", "cpu_isa.cpp", "linear_cpu.cpp", "bindings.cpp")
+CPU_SOURCES = ("steer_cpu.cpp", "sample_cpu.cpp", "cpu_isa.cpp", "linear_cpu.cpp", "attention_cpu.cpp", "bindings.cpp")
 HEADERS = ("steer_math.h", "steer_cpu.h", "steer_cuda.h", "cpu_loops.inc", "cpu_simd.inc")
 # Same flags as setup.py: no -march=native, the AVX2/AVX-512 paths are target regions of
 # csrc/cpu_isa.cpp chosen at run time (cpu_isa()).
@@ -154,6 +154,25 @@ def linear_cpp(x, weight, bias):
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
+def attention_cpp(q, k, v, mask, scale):
+    """The registry's ``attention`` contract on the C++ kernel (float32; any other dtype is
+    widened and the result narrowed back)."""
+    dt = q.dtype
+    if dt != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != torch.float32:
+        mask = mask.float()
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    torch.ops.costeer_ext.decode_attention(q, k, v, mask, float(scale), out)
+    return out if dt == torch.float32 else out.to(dt)
+
+
 def register_backends() -> None:
     """Register "cpu" (and "cuda" when built with it) in the backend registry, or record why not."""
     if not load_extension():
@@ -162,7 +181,7 @@ def register_backends() -> None:
         return
     registry.register_backend("cpu", registry.on_cpu, steer=steer_cpp, sample=sample_cpp,
                               steer_hidden=steer_hidden_kernel, sample_hidden=sample_hidden_kernel,
-                              linear=linear_cpp)
+                              linear=linear_cpp, attention=attention_cpp)
     if has_cuda_kernel():
         registry.register_backend("cuda", registry.on_cuda, steer=steer_cpp)
     elif not torch.cuda.is_available():

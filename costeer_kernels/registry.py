@@ -16,7 +16,9 @@ A backend is a name plus the kernels it implements, each optional:
   -> (accepted int64 [B], token int64 [B], status int32 [B])``: speculative verification of B
   requests' k drafts (rows [B (k+1), V], drafts int64 [B, k], ``verify.py``);
 - ``linear(x, weight, bias_or_None) -> [M, N]``: ``x @ weight.T + bias`` for a few rows ``x`` [M, K],
-  in the dtype of ``x`` (``linear.py``).
+  in the dtype of ``x`` (``linear.py``);
+- ``attention(q, k, v, mask_or_None, scale) -> [B, Hq, D]``: one query token per row against
+  [B, Hkv, L, D] keys and values, grouped heads (``attention.py``).
 
 No kernel syncs with the host. Optional backends ("triton", the C++ "cpu"/"cuda") register on first
 use; one that cannot load is remembered with the reason, which ``resolve`` reports.
@@ -28,7 +30,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-KERNELS = ("steer", "steer_mapped", "sample", "steer_hidden", "sample_hidden", "verify", "linear")
+KERNELS = ("steer", "steer_mapped", "sample", "steer_hidden", "sample_hidden", "verify", "linear", "attention")
 
 # backend=None picks the first name in this order that runs on the device and has the kernel.
 # CUDA: Triton until the CUDA C++ kernel is measured to beat it (bench/RESULTS.md). CPU: the C++

@@ -24,6 +24,8 @@ at::Tensor steer_cpu(const at::Tensor& llm, const at::Tensor& ctx,
 std::string cpu_isa(c10::string_view request);
 at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            at::Tensor& out);
+at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& mask, double scale, at::Tensor& out);
 std::vector<std::string> cpu_isas();
 at::Tensor steer_hidden_cpu(const at::Tensor& llm, const at::Tensor& hdiff, const at::Tensor& weight,
                             const at::Tensor& hparams, at::Tensor& out, int64_t num_splits);
@@ -148,6 +150,9 @@ TORCH_LIBRARY(costeer_ext, m) {
   // out[M, N] = x W^T (+ bias) for a few float32 rows x [M, K], the weight rows [N, K] (fp32/fp16/bf16)
   // streamed once for all M rows (csrc/linear_cpu.cpp).
   m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> Tensor(a!)");
+  // One query token per row: q [B, Hq, D] against k, v [B, Hkv, L, D] (float32, Hq a multiple of
+  // Hkv), mask [B, L] bool (True: attend) or float32 (added), out [B, Hq, D] (csrc/attention_cpu.cpp).
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor(a!) out) -> Tensor(a!)");
   // The CPU kernels' instruction-set path: request "" queries, "portable" | "avx2" | "avx512" |
   // "auto" selects (ValueError for a path this CPU lacks); returns the path in use.
   m.def("cpu_isa(str request='') -> str", &costeer::cpu_isa);
@@ -161,6 +166,7 @@ TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) {
   m.impl("sample", &costeer::sample_cpu);
   m.impl("sample_hidden", &costeer::sample_hidden_cpu);
   m.impl("linear_rows", &costeer::linear_rows_cpu);
+  m.impl("decode_attention", &costeer::decode_attention_cpu);
 }
 
 #ifdef COSTEER_WITH_CUDA

@@ -36,7 +36,7 @@ namespace portable {
 
 const Kernels table = {
     "portable", widen_f16, widen_bf16,    steer_chunk, nullptr, chunk_max, exp_sum, subtract, store_shifted,
-    iterate_chunk, delta_chunk, project, count_ge, mass_ge, tempered, store_shifted,
+    iterate_chunk, delta_chunk, project, count_ge, mass_ge, tempered, store_shifted, weighted_rows,
 };
 }  // namespace portable
 

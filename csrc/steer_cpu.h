@@ -92,6 +92,10 @@ struct Kernels {
   void (*tempered)(const float* x, float* w, int64_t n, float m, float inv_tau);
   // out = x - v with non-temporal stores where the path has them (out is not read back soon).
   void (*store_shifted_stream)(const float* x, float* out, int64_t n, float v);
+  // out[g * os + j] = sum_l p[g * ps + l] v[l * vs + j] for g < G, j < D, in float32, l in order:
+  // attention's weighted values, each value row read once for the G query rows of its head.
+  void (*weighted_rows)(const float* p, int64_t G, int64_t ps, const float* v, int64_t vs, int64_t L, int64_t D,
+                        float* out, int64_t os);
 };
 
 // The path in use: the best this CPU runs, COSTEER_CPU_ISA at first use, or cpu_isa(request).

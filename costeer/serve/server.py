@@ -205,6 +205,17 @@ def _settle(future, ok: bool, value):
         future.set_result(value) if ok else future.set_exception(value)
 
 
+def _hand_back(job, ok: bool, value) -> None:
+    """Settle the job's future on its event loop. A loop already closed (its server stopped while
+    the forward ran) has no one waiting: the result is dropped, and the model thread lives on."""
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, ok, value)
+    except RuntimeError:
+        close = getattr(job.steps, "close", None)
+        if close is not None:
+            close()
+
+
 class Scheduler:
     """The one model thread. A job is a generator whose every ``next()`` runs one forward.
 
@@ -252,10 +263,10 @@ class Scheduler:
                 next(job.steps)
             except StopIteration as stop:
                 job.compute_s += time.perf_counter() - t0
-                job.loop.call_soon_threadsafe(_settle, job.future, True, (stop.value, job.compute_s))
+                _hand_back(job, True, (stop.value, job.compute_s))
                 continue
             except BaseException as exc:  # noqa: BLE001 - handed to the request that asked
-                job.loop.call_soon_threadsafe(_settle, job.future, False, exc)
+                _hand_back(job, False, exc)
                 continue
             job.compute_s += time.perf_counter() - t0
             with self._cv:

@@ -224,6 +224,36 @@ def test_scheduler_cancelled_job_stops_and_errors_reach_the_caller():
     asyncio.run(main())
 
 
+def test_scheduler_survives_a_closed_event_loop():
+    """A job whose event loop closed while it computed (its server stopped) is dropped; the model
+    thread serves the next loop's jobs (before: the thread died with "Event loop is closed")."""
+    gate = threading.Event()
+
+    def slow():
+        gate.wait(10)
+        yield
+        return "late"
+
+    sched = Scheduler()
+    try:
+        async def leave():
+            sched.submit(slow())
+
+        asyncio.run(leave())  # the loop closes with the job still queued or running
+        gate.set()
+
+        async def after():
+            return await asyncio.wait_for(sched.submit(iter(())), 10)
+
+        deadline = time.time() + 10
+        while sched._thread.is_alive() and (sched._new or sched._running) and time.time() < deadline:
+            time.sleep(0.01)
+        assert asyncio.run(after())[0] is None
+        assert sched._thread.is_alive()
+    finally:
+        sched.shutdown()
+
+
 def test_victim_steps_are_served_while_a_long_open_computes(tiny):
     """A hostile 16-row open with a 400-step replay is cut into forwards: the victim's five steps are
     answered while it still computes (before: they waited for all of it)."""
