@@ -26,11 +26,26 @@ def _kernel():
     return getattr(torch.ops.costeer_ext, "decode_attention", None) if _extension.load_extension() else None
 
 
+# (transformers' mask, (B, L), its [B, L] view), one tuple swapped whole (threads may share it)
+_LAST_MASK = [(None, None, None)]
+
+
 def _decode_mask(mask, B: int, L: int):
     """The [B, L] key mask of a 4-D decode mask ([B or 1, 1, 1, L], bool or float32), None when
-    there is none, False when it has another form (then SDPA runs)."""
+    there is none, False when it has another form (then SDPA runs). transformers builds one mask
+    per forward and hands it to every layer: the view is made once (a view, so an in-place change
+    of the mask is seen)."""
     if mask is None:
         return None
+    last = _LAST_MASK[0]
+    if mask is last[0] and last[1] == (B, L):
+        return last[2]
+    view = _mask_view(mask, B, L)
+    _LAST_MASK[0] = (mask, (B, L), view)
+    return view
+
+
+def _mask_view(mask, B: int, L: int):
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
         return False
     if mask.shape[-1] != L or mask.shape[0] not in (1, B) or mask.dtype not in (torch.bool, torch.float32):

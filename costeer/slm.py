@@ -75,10 +75,11 @@ class LocalRunner:
         return self._split(self.kv.prefill(self.head))
 
     def step(self, tokens: Sequence[int]) -> LocalOutput:
-        t = torch.as_tensor(list(tokens), dtype=torch.long)
-        if t.numel() != self.batch:
-            raise ValueError(f"tokens has {t.numel()} entries, expected one per request ({self.batch})")
-        return self._split(self.kv.step(t.repeat(len(self.names)), self.head))
+        ids = [int(t) for t in tokens]
+        if len(ids) != self.batch:
+            raise ValueError(f"tokens has {len(ids)} entries, expected one per request ({self.batch})")
+        # Every group's rows get the same token: one tensor from the list (Tensor.repeat costs tens of us a step)
+        return self._split(self.kv.step(torch.tensor(ids * len(self.names), dtype=torch.long), self.head))
 
     def edit(self, rollback: Sequence[int], tokens: Sequence[Sequence[int]]) -> LocalOutput:
         """Per request: forget its last ``rollback[i]`` tokens and append ``tokens[i]`` in every
