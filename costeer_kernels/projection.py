@@ -153,6 +153,27 @@ def _steer_from_hidden_out_fake(llm_logits, hidden_ctx, hidden_noctx, lm_head_we
     return llm_logits.new_empty((llm_logits.shape[0],), dtype=torch.int32)
 
 
+_SHIFTED = [(None, -1, None)]  # (slm_index, its version, slm_index + 1 as int32): one map per loop, reused each step
+
+
+def _gather_mapped(d: torch.Tensor, slm_index: torch.Tensor) -> torch.Tensor:
+    """d [B, V_slm] gathered to the LLM's vocabulary: column v reads d[:, slm_index[v]], an entry of -1
+    (no counterpart) reads a zero column put in front of d. The shifted int32 index is made once per
+    map (its version counter catches in-place edits) and a single row is gathered 1-D: for Gemma 3's
+    262144 entries on a 2-core Xeon 384 -> 150 us a step (four torch ops of where(has, d[idx], 0)
+    took 1.4 ms)."""
+    last = _SHIFTED[0]
+    if last[0] is slm_index and last[1] == slm_index._version and last[2].device == d.device:
+        shifted = last[2]
+    else:
+        shifted = (slm_index + 1).to(torch.int32)
+        _SHIFTED[0] = (slm_index, slm_index._version, shifted)
+    padded = torch.cat([d.new_zeros((d.shape[0], 1)), d], 1)
+    if d.shape[0] == 1:
+        return padded[0].index_select(0, shifted)[None]
+    return padded.index_select(1, shifted)
+
+
 @torch.library.custom_op("costeer::sample_from_hidden", mutates_args=())
 def sample_from_hidden_op(
     llm_logits: torch.Tensor, hidden_ctx: torch.Tensor, hidden_noctx: torch.Tensor, lm_head_weight: torch.Tensor,
@@ -169,10 +190,7 @@ def sample_from_hidden_op(
                         zl)
     d = delta_from_hidden(hidden_ctx, hidden_noctx, lm_head_weight)
     if slm_index is not None:
-        # One gather from d behind a zero column: entry -1 (no counterpart) reads that column. Four
-        # 262144-wide torch ops fewer than where(has, d[idx], 0): 1.4 -> 0.3 ms per step for Gemma
-        # 3's vocabulary on a 2-core Xeon.
-        d = torch.cat([d.new_zeros((d.shape[0], 1)), d], 1).index_select(1, slm_index + 1)
+        d = _gather_mapped(d, slm_index)
         if drop_unmapped:
             zl = zl.masked_fill((slm_index < 0)[None, :], float("-inf"))
     else:

@@ -297,6 +297,18 @@ def test_sample_option_vocab_map_size_and_errors():
         tok, _ = steer_from_hidden(zl, hc, hn, W, vocab_map=idx, unmapped=unmapped, sample=True)
         ref = steer_from_hidden(zl, hc, hn, W, vocab_map=idx, unmapped=unmapped)
         assert torch.equal(tok, ref.argmax(-1))
+        for r in range(2):  # one row (gathered 1-D) picks what that row of the batch picks
+            tok1, _ = steer_from_hidden(zl[r:r + 1], hc[r:r + 1], hn[r:r + 1], W, vocab_map=idx, unmapped=unmapped,
+                                        sample=True)
+            assert torch.equal(tok1, tok[r:r + 1])
+    # The gather's index is cached per map: an in-place edit of the same map tensor is seen.
+    from costeer_kernels.projection import _gather_mapped
+
+    d = torch.randn(2, 300, device=DEVICE)
+    for B in (1, 2, 2):
+        want = torch.where(idx >= 0, d[:B, idx.clamp(min=0)], torch.zeros((), device=DEVICE))
+        assert torch.equal(_gather_mapped(d[:B], idx), want)
+        idx[:5] = torch.arange(5, device=DEVICE) + B
     with pytest.raises(ValueError, match="unknown options"):
         steer_from_hidden(zl, hc, hn, W, sample={"temp": 1.0})
     with pytest.raises(TypeError, match="sample must be"):
