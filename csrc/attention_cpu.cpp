@@ -57,7 +57,9 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   const float* mfloat = has_mask && !bool_mask ? mask->data_ptr<float>() : nullptr;
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(2 * G * L);
+    // Scores and weights of one task; per thread and kept between calls (30 calls a decode step).
+    thread_local std::vector<float> buf;
+    if (buf.size() < static_cast<size_t>(2 * G * L)) buf.resize(2 * G * L);
     float* s = buf.data();
     float* p = s + G * L;
     for (int64_t task = begin; task < end; ++task) {

@@ -10,6 +10,7 @@ from ..conftest import DEVICE
 P_MIN = 1e-6  # errors are measured over tokens with reference probability >= P_MIN
 EPS32 = torch.finfo(torch.float32).eps
 ULPS = 4  # float32 ulps of the reference's magnitude that any fp32 path may be off by
+ISAS = ["portable", "avx2", "avx512"]  # the C++ CPU kernels' instruction-set paths (conftest.py: isa)
 
 
 def device_for(backend) -> str:

@@ -5,27 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from costeer_kernels import decode_attention
-from costeer_kernels._extension import build_status
 
-ISAS = ["portable", "avx2", "avx512"]
-EPS32 = torch.finfo(torch.float32).eps
-
-
-@pytest.fixture(scope="module")
-def ext():
-    s = build_status()
-    assert s["loaded"], f"C++ extension unavailable: {s['reason']}"
-    return s
-
-
-@pytest.fixture(params=ISAS)
-def isa(ext, request):
-    if request.param not in torch.ops.costeer_ext.cpu_isas():
-        pytest.skip(f"the {request.param} path needs CPU features this machine lacks")
-    before = torch.ops.costeer_ext.cpu_isa()
-    torch.ops.costeer_ext.cpu_isa(request.param)
-    yield request.param
-    torch.ops.costeer_ext.cpu_isa(before)
+from .helpers import EPS32
 
 
 def reference(q, k, v, mask, scale):

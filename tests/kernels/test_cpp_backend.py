@@ -22,12 +22,11 @@ from costeer_kernels.torch_backend import steer_torch
 
 from ..conftest import HAS_CUDA
 from . import helpers
-from .helpers import make_logits, masked_err
+from .helpers import ISAS, make_logits, masked_err
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ISAS = ["portable", "avx2", "avx512"]
 EPS32 = torch.finfo(torch.float32).eps
 MAX_T = 100000  # STEER_MAX_T of csrc/steer_math.h
 
@@ -44,13 +43,6 @@ def check_accuracy(out, zl, zc, zn, cfg=None, mode="closed_form", ref=None, base
     return helpers.check_accuracy(out, zl, zc, zn, cfg, mode, ref=ref, base=base, slack=ulp_term)
 
 
-@pytest.fixture(scope="module")
-def ext():
-    s = build_status()
-    assert s["loaded"], f"C++ extension unavailable: {s['reason']}"
-    return s
-
-
 def cpp(zl, zc, zn, hp, out=None, mode="closed_form", splits=0):
     """torch.ops.costeer_ext.steer directly: (out, status)."""
     out = torch.empty(zl.shape, dtype=torch.float32, device=zl.device) if out is None else out
@@ -64,17 +56,6 @@ def test_extension_loads_and_registers(ext):
     assert torch._C._dispatch_has_kernel_for_dispatch_key("costeer_ext::steer", "CPU")
     z = torch.zeros(1, 3)
     assert steer(z, z, z).shape == (1, 3)  # backend=None on CPU picks "cpu"
-
-
-@pytest.fixture(params=ISAS)
-def isa(ext, request):
-    """Runs a test on one instruction-set path of the CPU kernels (skipped where the CPU lacks it)."""
-    if request.param not in torch.ops.costeer_ext.cpu_isas():
-        pytest.skip(f"the {request.param} path needs CPU features this machine lacks")
-    before = torch.ops.costeer_ext.cpu_isa()
-    assert torch.ops.costeer_ext.cpu_isa(request.param) == request.param
-    yield request.param
-    torch.ops.costeer_ext.cpu_isa(before)
 
 
 def test_isa_selection(ext):

@@ -11,27 +11,8 @@ from costeer_kernels.q4_1 import dequantize_q4_1, exact_q4_1, quantize_q4_1
 from costeer_kernels.q5_0 import dequantize_q5_0, exact_q5_0, quantize_q5_0
 from costeer_kernels._ggml import same_bits
 from costeer_kernels.q8_0 import dequantize_q8_0, quantize_q8_0
-from costeer_kernels._extension import build_status
 
-ISAS = ["portable", "avx2", "avx512"]
-EPS32 = torch.finfo(torch.float32).eps
-
-
-@pytest.fixture(scope="module")
-def ext():
-    s = build_status()
-    assert s["loaded"], f"C++ extension unavailable: {s['reason']}"
-    return s
-
-
-@pytest.fixture(params=ISAS)
-def isa(ext, request):
-    if request.param not in torch.ops.costeer_ext.cpu_isas():
-        pytest.skip(f"the {request.param} path needs CPU features this machine lacks")
-    before = torch.ops.costeer_ext.cpu_isa()
-    torch.ops.costeer_ext.cpu_isa(request.param)
-    yield request.param
-    torch.ops.costeer_ext.cpu_isa(before)
+from .helpers import EPS32
 
 
 def _check(y, x, w, b=None):
