@@ -41,6 +41,7 @@ import torch
 
 import costeer_kernels
 from costeer_kernels import SteerConfig, registry
+from costeer_kernels.config import coefficient_f32
 
 from .fast_linear import q8_0_weight
 from .gating import ConfidenceGate
@@ -162,9 +163,11 @@ class _Picker:
     - small model split into base + head, LLM rows from a stream: ``steer_from_hidden(z_L, h_ctx,
       h_noctx, W, sample=...)``: W is read once for both passes and the bias cancels (with a
       vocabulary map for different tokenizers);
-    - co-batched (one model in both roles): the LLM's logits need W h_llm anyway, so ONE GEMM
-      projects [h_llm; h_ctx - h_noctx] (W read once) and ``steer_sample(z_L, delta, None)``
-      picks; a second sweep over W (``steer_from_hidden`` after the LLM's GEMV) would cost more;
+    - co-batched (one model in both roles, so one head): the update folds into the hidden state,
+      z_L + c_T (z_ctx - z_noctx) = W (h_llm + c_T (h_ctx - h_noctx)) + b, so ONE row of W per
+      request is projected and ``steer_sample`` picks from it as for the LLM alone; with a
+      confidence gate (which needs the LLM's own distribution) ONE GEMM projects
+      [h_llm; h_ctx - h_noctx] (W read once) and ``steer_sample(z_L, delta, None)`` picks;
     - small model without hidden states: ``steer_sample(z_L, z_ctx, z_noctx)``;
     - the LLM alone, the small model alone, steering gated off: the same ops with c_T = 0.
 
@@ -185,6 +188,7 @@ class _Picker:
         self.sampling = sampling
         self._on = None  # the sampling tensors on the logits' device
         self._cfgs: Dict[tuple, SteerConfig] = {}
+        self._coefs: Dict[tuple, tuple] = {}
         slm_width = gen.slm.vocab_size
         llm_width = llm_out.logits.shape[1] if llm_out is not None else slm_width
         self.vocab_map, self.vocab_size = None, None
@@ -223,6 +227,15 @@ class _Picker:
             cfg = self._cfgs[key] = SteerConfig(T=T, alpha=c.alpha, beta=c.beta, lam=c.lam, eta=c.eta)
         return cfg
 
+    def _coef(self, cfg: SteerConfig, device) -> torch.Tensor:
+        """c_T as the float32 column [B, 1] (or [1, 1]) the kernels multiply the delta by."""
+        key = (id(cfg), device)
+        hit = self._coefs.get(key)
+        if hit is None or hit[0] is not cfg:  # the config is kept with it: its id cannot be reused
+            c = coefficient_f32(torch.as_tensor(cfg.coefficient, dtype=torch.float64))
+            hit = self._coefs[key] = (cfg, c.reshape(-1, 1).to(device))
+        return hit[1]
+
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         out = costeer_kernels.linear_rows(h, self.W_read)  # the few-row kernel on CPU, F.linear elsewhere
         return out if self.bias is None else out + self.bias
@@ -257,6 +270,15 @@ class _Picker:
                 return self._unpack(costeer_kernels.steer_sample(zl, zl, zl, _UNSTEERED, validate=False, **kw), want_maxp)
             cfg = self._cfg(active)
             hc, hn = lo.hidden.get("ctx"), lo.hidden.get("noctx")
+            if self.cobatched and hc is not None and not want_maxp:
+                # One model in both roles: the LLM's head IS the small model's head, so the update
+                # folds into the hidden state (closed_form.md: z_L + c (z_c - z_n) = W (h_llm +
+                # c (h_c - h_n)) + b): ONE row of W per request instead of two, then the same pick
+                # as the LLM alone. The gate needs the LLM's own distribution: the branch below.
+                h = torch.addcmul(self._llm_rows(lo.hidden), self._coef(cfg, hc.device), hc - hn)
+                z = self._project(h)[:, :N]
+                kw = self._kw(z.device, step, want_maxp)
+                return self._unpack(costeer_kernels.steer_sample(z, z, z, _UNSTEERED, validate=False, **kw), want_maxp)
             if self.cobatched and hc is not None:
                 B = hc.shape[0]
                 # One product of the 2B rows [h_llm; h_c - h_n] with W, read once for all of them:

@@ -67,6 +67,7 @@ struct Avx2 {
   static constexpr int W = 8;
   static constexpr int MAX_NR = 3;  // 4 x 3 accumulators + 3 h + 1 w = 16 ymm registers
   static constexpr int WIDE_NR = 1;  // 8 x 1 accumulators + 1 h + 1 w (8 x 2 would spill)
+  static constexpr bool PERM16 = false;  // 8 lanes: a 16-entry table takes two permutes and a blend
   static constexpr int EXP_LANES = 1;
   using V = __m256;
   using M = __m256;  // lane masks (all ones / zero)
@@ -186,6 +187,7 @@ struct Avx512 {
   static constexpr int W = 16;
   static constexpr int MAX_NR = 4;  // 4 x 4 accumulators of 32 zmm registers
   static constexpr int WIDE_NR = 3;  // 8 x 3 accumulators + 3 h + 1 w = 28 zmm registers
+  static constexpr bool PERM16 = true;  // Q4_1 weights as permutes of a 16-entry table (cpu_simd.inc)
   static constexpr int EXP_LANES = 2;
   using V = __m512;
   using M = __mmask16;
@@ -239,6 +241,26 @@ struct Avx512 {
   }
   static CI low_nibbles(CI q) { return _mm512_and_si512(q, _mm512_set1_epi32(15)); }
   static CI high_nibbles(CI q) { return _mm512_srli_epi32(q, 4); }
+  static V iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static V perm16(CI idx, V table) { return _mm512_permutexvar_ps(idx, table); }  // lanes' low 4 bits
+  // The byte offsets of up to 8 weight rows (gather indices) and their 32-bit words at one block:
+  // fp16 d and fp16 m of each, converted together (exact), stored d_0, m_0, d_1, m_1, ...
+  using Rows = __m256i;
+  static Rows row_offsets(int64_t wsb, int nw) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(nw > 1 ? wsb : 0)));
+  }
+  static void headers(const char* p, Rows rows, int nw, float* dm) {
+    if (nw == 1) {
+      uint32_t bits;
+      std::memcpy(&bits, p, 4);
+      _mm_storel_pi(reinterpret_cast<__m64*>(dm), _mm_cvtph_ps(_mm_cvtsi32_si128((int)bits)));
+      return;
+    }
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(nw), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i words = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(p), rows,
+                                                      live, 1);
+    _mm512_store_ps(dm, _mm512_cvtph_ps(words));
+  }
   static V to_float(CI q) { return _mm512_cvtepi32_ps(q); }
   static V q5_minus16(CI nib, uint32_t qh, int first) {
     const __m512i lane = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),

@@ -39,3 +39,31 @@ def test_top_k_one_is_greedy(smol):
     greedy = gen.generate(PROMPT, context=CONTEXT, max_new_tokens=N)
     k1 = gen.generate(PROMPT, context=CONTEXT, max_new_tokens=N, temperature=1.5, top_k=1, seed=5)
     assert k1.token_ids == greedy.token_ids
+
+
+def test_cobatched_step_projects_one_head_row_per_request(smol, monkeypatch):
+    """One model in both roles: the update folds into the hidden state (W (h_llm + c_T (h_c - h_n))),
+    so each step projects ONE row of the head per request, and the draws stay steer_sample's over
+    z_L + c_T (z_c - z_n) (the test above); with a confidence gate the LLM's own logits are needed: 2."""
+    import costeer.loop as loop
+    from costeer.gating import ConfidenceGate
+
+    head_rows = []
+    real = loop.costeer_kernels.linear_rows
+
+    def spy(x, w, *a, **k):
+        head_rows.append(x.shape[0])
+        return real(x, w, *a, **k)
+
+    monkeypatch.setattr(loop.costeer_kernels, "linear_rows", spy)
+    reqs = [dict(prompt=PROMPT, context=CONTEXT), dict(prompt="Name a fruit.", context="I like red things.")]
+    from costeer.types import Request
+
+    gen = Generator(llm=smol, slm=smol, cfg=SteerConfig(T=3))
+    plain = gen.generate([Request(max_new_tokens=4, **r) for r in reqs])
+    assert head_rows and set(head_rows) == {2}, head_rows  # B = 2 requests: 2 rows, not 4
+    head_rows.clear()
+    gated = Generator(llm=smol, slm=smol, cfg=SteerConfig(T=3), gate=ConfidenceGate(threshold=1.0))  # never confident
+    again = gated.generate([Request(max_new_tokens=4, **r) for r in reqs])
+    assert head_rows and set(head_rows) == {4}, head_rows
+    assert [r.token_ids for r in again] == [r.token_ids for r in plain]  # always steering: the same greedy tokens
