@@ -188,7 +188,7 @@ class _Picker:
         self.sampling = sampling
         self._on = None  # the sampling tensors on the logits' device
         self._cfgs: Dict[tuple, SteerConfig] = {}
-        self._coefs: Dict[tuple, tuple] = {}
+        self._coefs: Dict[tuple, torch.Tensor] = {}
         slm_width = gen.slm.vocab_size
         llm_width = llm_out.logits.shape[1] if llm_out is not None else slm_width
         self.vocab_map, self.vocab_size = None, None
@@ -227,14 +227,15 @@ class _Picker:
             cfg = self._cfgs[key] = SteerConfig(T=T, alpha=c.alpha, beta=c.beta, lam=c.lam, eta=c.eta)
         return cfg
 
-    def _coef(self, cfg: SteerConfig, device) -> torch.Tensor:
-        """c_T as the float32 column [B, 1] (or [1, 1]) the kernels multiply the delta by."""
-        key = (id(cfg), device)
-        hit = self._coefs.get(key)
-        if hit is None or hit[0] is not cfg:  # the config is kept with it: its id cannot be reused
-            c = coefficient_f32(torch.as_tensor(cfg.coefficient, dtype=torch.float64))
-            hit = self._coefs[key] = (cfg, c.reshape(-1, 1).to(device))
-        return hit[1]
+    def _coef(self, active: Sequence[bool], device) -> torch.Tensor:
+        """c_T of ``_cfg(active)`` as the float32 column [B, 1] (or [1, 1]) the kernels multiply the
+        delta by, made once per pattern of active rows."""
+        key = (tuple(active), device)
+        c = self._coefs.get(key)
+        if c is None:
+            c64 = torch.as_tensor(self._cfg(active).coefficient, dtype=torch.float64)
+            c = self._coefs[key] = coefficient_f32(c64).reshape(-1, 1).to(device)
+        return c
 
     def _project(self, h: torch.Tensor) -> torch.Tensor:
         out = costeer_kernels.linear_rows(h, self.W_read)  # the few-row kernel on CPU, F.linear elsewhere
@@ -275,7 +276,7 @@ class _Picker:
                 # folds into the hidden state (closed_form.md: z_L + c (z_c - z_n) = W (h_llm +
                 # c (h_c - h_n)) + b): ONE row of W per request instead of two, then the same pick
                 # as the LLM alone. The gate needs the LLM's own distribution: the branch below.
-                h = torch.addcmul(self._llm_rows(lo.hidden), self._coef(cfg, hc.device), hc - hn)
+                h = torch.addcmul(self._llm_rows(lo.hidden), self._coef(active, hc.device), hc - hn)
                 z = self._project(h)[:, :N]
                 kw = self._kw(z.device, step, want_maxp)
                 return self._unpack(costeer_kernels.steer_sample(z, z, z, _UNSTEERED, validate=False, **kw), want_maxp)
