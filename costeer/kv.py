@@ -163,6 +163,11 @@ class KVBatch:
         self._head = out_emb
         self._kw = _cache_kwarg((base if self._split else model).forward)
         self._prefilled = False
+        # Decode steps of a Llama model as one flat loop (costeer/fast_decode.py): transformers'
+        # hidden states bit for bit, checked on the model's first decode step.
+        from .fast_decode import decode_step_for
+
+        self._decode = decode_step_for(model) if self._split else None
 
     @property
     def rows(self) -> int:
@@ -177,12 +182,45 @@ class KVBatch:
         kw = {self._kw: self.cache, "use_cache": True, "attention_mask": mask, "position_ids": pos}
         with torch.inference_mode():
             if self._split:
-                h = self._base(input_ids=ids, **kw).last_hidden_state[:, -1]
+                h = self._decode_hidden(ids, mask, pos) if self._decode is not None and ids.shape[1] == 1 else None
+                if h is None:
+                    h = self._base(input_ids=ids, **kw).last_hidden_state[:, -1]
                 logits = self._head(h).float() if head else None
             else:
                 out = self.model(input_ids=ids, logits_to_keep=1, **kw)
                 logits, h = out.logits[:, -1].float(), None
         return StepOutput(logits=logits, hidden=h)
+
+    def _decode_hidden(self, ids, mask, pos) -> Optional[torch.Tensor]:
+        """The flat decode step's hidden states, or None where transformers' forward runs."""
+        from . import fast_decode
+
+        step = self._decode
+        if not step.usable():
+            return None
+        state = fast_decode.checked(self.model)
+        if state is None:
+            # This model's first decode step runs both ways on the same position: the flat step,
+            # then (its appended keys and values rolled back) transformers' forward, whose keys,
+            # values and hidden states are the ones kept; the flat step is used from then on only
+            # if its hidden states were identical.
+            before = [layer.get_seq_length() for layer in self.cache.layers]
+            try:
+                got, error = step.step(ids, mask, pos, self.cache), None
+            except Exception as exc:  # a transformers whose modules no longer fit the flat step
+                got, error = None, exc
+            for layer, n in zip(self.cache.layers, before):
+                extra = layer.get_seq_length() - n
+                if extra > 0:
+                    layer.crop(-extra)
+            kw = {self._kw: self.cache, "use_cache": True, "attention_mask": mask, "position_ids": pos}
+            ref = self._base(input_ids=ids, **kw).last_hidden_state[:, -1]
+            fast_decode.record_check(self.model, step, got is not None and torch.equal(ref, got), error)
+            return ref
+        if state is False:
+            self._decode = None
+            return None
+        return step.step(ids, mask, pos, self.cache)
 
     def prefill(self, head: bool = True) -> StepOutput:
         """Run the prompts. ``head=False``: return the hidden states only (split models), the
