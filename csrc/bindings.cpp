@@ -27,6 +27,7 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const c10::optional<at::Tensor>& mask, double scale, at::Tensor& out);
 std::vector<std::string> cpu_isas();
+std::string cpu_q4_1_form(c10::string_view request);
 at::Tensor steer_hidden_cpu(const at::Tensor& llm, const at::Tensor& hdiff, const at::Tensor& weight,
                             const at::Tensor& hparams, at::Tensor& out, int64_t num_splits);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_cpu(
@@ -158,6 +159,9 @@ TORCH_LIBRARY(costeer_ext, m) {
   m.def("cpu_isa(str request='') -> str", &costeer::cpu_isa);
   // The paths this CPU and build can run, slowest first.
   m.def("cpu_isas() -> str[]", &costeer::cpu_isas);
+  // How the avx512 path forms Q4_1 weights: request "" queries, "permute" | "nibbles" | "auto"
+  // selects (the same result bit for bit; "auto": permutes on Intel, nibbles elsewhere).
+  m.def("cpu_q4_1_form(str request='') -> str", &costeer::cpu_q4_1_form);
 }
 
 TORCH_LIBRARY_IMPL(costeer_ext, CPU, m) {

@@ -24,3 +24,13 @@ def isa(ext, request):
     assert torch.ops.costeer_ext.cpu_isa(request.param) == request.param
     yield request.param
     torch.ops.costeer_ext.cpu_isa(before)
+
+
+@pytest.fixture(params=["permute", "nibbles"])
+def q4_1_form(ext, request):
+    """Runs a test with each form of the avx512 path's Q4_1 weights (csrc/cpu_isa.cpp; the other
+    paths always use the nibbles, so there both runs check the same code)."""
+    before = torch.ops.costeer_ext.cpu_q4_1_form()
+    assert torch.ops.costeer_ext.cpu_q4_1_form(request.param) == request.param
+    yield request.param
+    torch.ops.costeer_ext.cpu_q4_1_form(before)

@@ -1,5 +1,11 @@
 """linear_rows (costeer_kernels/linear.py, csrc/linear_cpu.cpp): x @ W.T + b for a few rows, against
 float64 of the same inputs on every CPU instruction-set path."""
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,7 +272,7 @@ def test_low_bit_dequantize_matches_the_gguf_package(fmt):
 @pytest.mark.parametrize("fmt", sorted(LOW_BIT))
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
 @pytest.mark.parametrize("N,K", [(1, 32), (13, 64), (192, 576), (67, 1536)])
-def test_low_bit_is_the_float32_result_bit_for_bit(isa, fmt, M, N, K):
+def test_low_bit_is_the_float32_result_bit_for_bit(isa, q4_1_form, fmt, M, N, K):
     """The de-quantized value is one exact product (and for Q4_1 one rounding of its sum with m, as
     fma(q, d, m) does): the kernel forms the weights in registers, low nibbles first, and sums in the
     float32 path's order, so the results are identical (and within the float64 bound)."""
@@ -345,12 +351,35 @@ def _exact_and_bit_for_bit(layers, fmt):
             assert torch.equal(linear_rows(x, raw, backend="cpu"), linear_rows(x, deq, backend="cpu")), (name, M)
 
 
-def test_q4_1_blocks_of_the_real_gguf_layers(isa, smollm2_q4_1_layers):
+def test_q4_1_blocks_of_the_real_gguf_layers(isa, q4_1_form, smollm2_q4_1_layers):
     """SmolLM2's layer weights as its GGUF file stores them (Q4_1, all 210): exact recovery from the
     de-quantized values gives back the file's bytes, and the blocks give the float32 result."""
     layers, total = smollm2_q4_1_layers
     assert total == 210 and len(layers) == 3
     _exact_and_bit_for_bit(layers, "q4_1")
+
+
+def test_q4_1_form_selection(ext):
+    """The avx512 path's Q4_1 form: queried, selected, "auto" by vendor, a bad name a ValueError;
+    COSTEER_Q4_1_FORM picks it at first use."""
+    before = torch.ops.costeer_ext.cpu_q4_1_form()
+    try:
+        for f in ("permute", "nibbles"):
+            assert torch.ops.costeer_ext.cpu_q4_1_form(f) == f and torch.ops.costeer_ext.cpu_q4_1_form() == f
+        vendor = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        want = "permute" if "GenuineIntel" in vendor else "nibbles"
+        if platform.machine() in ("x86_64", "AMD64"):
+            assert torch.ops.costeer_ext.cpu_q4_1_form("auto") == want
+        with pytest.raises(ValueError, match='expected "permute", "nibbles" or "auto", got "fast"'):
+            torch.ops.costeer_ext.cpu_q4_1_form("fast")
+    finally:
+        torch.ops.costeer_ext.cpu_q4_1_form(before)
+    code = ("import torch; from costeer_kernels._extension import build_status; assert build_status()['loaded'];"
+            "print(torch.ops.costeer_ext.cpu_q4_1_form())")
+    env = dict(os.environ, COSTEER_Q4_1_FORM="permute")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0 and res.stdout.split()[-1] == "permute", res.stderr
 
 
 def test_q5_0_blocks_of_the_real_gemma_layers(isa, gemma_q5_0_layers):
