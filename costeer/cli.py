@@ -462,6 +462,14 @@ def _generate(args) -> int:
     return status
 
 
+def console_main() -> int:
+    """The ``costeer`` script and ``python -m costeer``: ``main()``, then on a normal return
+    ``costeer.startup.exit_process`` (the process ends without the interpreter's 1.5 s teardown)."""
+    from .startup import exit_process
+
+    return exit_process(main())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``costeer ...``; ``argv`` None: this process's own command line (``python -m costeer``, the
     ``costeer`` script), whose ``generate`` and ``serve`` start with the cyclic garbage collector

@@ -17,11 +17,22 @@ de-quantized model it dropped is not frozen.
 
 Only the process's own command line does this (``costeer.cli.main()`` called without ``argv``):
 a program or test that calls ``main([...])`` keeps its collector as it is.
+
+The exit. After a run, the interpreter's own teardown (clearing ~3,300 modules and the final
+collection over the million objects) took 1.5-1.7 s of wall time on the 2-core AMD EPYC, after the
+answer was printed. ``exit_process`` (the ``costeer`` script and ``python -m costeer``, after a
+normal return) runs the ``atexit`` handlers, flushes stdout and stderr and ends the process with
+``os._exit``, skipping that teardown; nothing of ours needs it (files are closed by their
+``with`` blocks, locks released, logging flushed by its handler). While another thread is still
+running, or when ``COSTEER_FULL_EXIT=1``, it returns the code instead for the usual exit.
 """
 from __future__ import annotations
 
 import atexit
 import gc
+import os
+import sys
+import threading
 
 _paused = False
 
@@ -43,3 +54,22 @@ def resume_gc() -> None:
         gc.freeze()
         atexit.register(gc.unfreeze)
         gc.enable()
+
+
+def exit_process(code) -> int:
+    """End this process now with ``code`` (an int; None is 0), after the ``atexit`` handlers and a
+    flush of stdout and stderr, without the interpreter's teardown. Returns ``code`` (for
+    ``sys.exit``) where it does not exit: not an int, another thread alive, ``COSTEER_FULL_EXIT=1``."""
+    code = 0 if code is None else code
+    if (not isinstance(code, int) or isinstance(code, bool) or threading.active_count() > 1
+            or os.environ.get("COSTEER_FULL_EXIT", "") not in ("", "0")):
+        return code  # sys.exit's usual path (a message string, a thread still running, asked for)
+    try:
+        atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own API for it)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed or broken pipe: nothing more can be written anyway
+                pass
+        os._exit(code & 0xFF)

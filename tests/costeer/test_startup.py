@@ -106,3 +106,51 @@ def test_importing_the_cli_imports_neither_torch_nor_transformers():
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _run(code: str, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=e,
+                          capture_output=True, text=True, timeout=300)
+
+
+_EXIT = ("import atexit, sys, threading\n"
+         "from costeer.startup import exit_process\n"
+         "atexit.register(lambda: print('handler ran', flush=True))\n"
+         "sys.stdout.write('unflushed output'); sys.stderr.write('unflushed error')\n"
+         "{extra}\n"
+         "sys.exit(exit_process(3))\n")
+
+
+def test_exit_process_runs_the_atexit_handlers_and_flushes():
+    """The fast exit keeps what a normal exit guarantees: the status, the handlers, the buffered output."""
+    res = _run(_EXIT.format(extra=""))
+    assert res.returncode == 3
+    assert res.stdout.startswith("unflushed output") and "handler ran" in res.stdout
+    assert res.stderr == "unflushed error"
+
+
+def test_exit_process_returns_while_a_thread_runs_or_when_asked():
+    """Another thread alive (it may still be writing) or COSTEER_FULL_EXIT=1: the usual exit (the
+    thread is waited for), the same status."""
+    thread = ("import time; t = threading.Thread(target=lambda: (time.sleep(0.3), print('thread done', flush=True)));"
+              " t.start()")
+    res = _run(_EXIT.format(extra=thread))
+    assert res.returncode == 3 and "thread done" in res.stdout and "handler ran" in res.stdout
+    res = _run(_EXIT.format(extra=""), COSTEER_FULL_EXIT="1")
+    assert res.returncode == 3 and "handler ran" in res.stdout
+    res = _run("from costeer.startup import exit_process; import sys; sys.exit(exit_process('bad input'))")
+    assert res.returncode == 1 and "bad input" in res.stderr
+
+
+def test_python_m_costeer_exits_with_the_status():
+    """``python -m costeer`` through console_main: a usage error's status 2, help's 0, output kept."""
+    res = _run("import runpy, sys; sys.argv = ['costeer']; runpy.run_module('costeer', run_name='__main__')")
+    assert res.returncode == 2 and "generate" in res.stdout
+    res = _run("import runpy, sys; sys.argv = ['costeer', 'models', 'list']; runpy.run_module('costeer', run_name='__main__')")
+    assert res.returncode == 0, res.stderr
