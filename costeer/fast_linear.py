@@ -12,20 +12,60 @@ dot products (the summation order differs).
 A layer given the GGML blocks of its own weight (``attach_blocks``: the model cache does it for a
 GGUF model's vocabulary head stored as Q8_0 and its layers stored as Q4_1, Q5_0 or Q8_0) reads
 those instead: 20-34 bytes per 32 weights instead of 128, the float32 weight's result bit for bit
-(``costeer_kernels.blocks``).
+(``costeer_kernels.blocks``). Such a layer also takes the kernel for calls of up to ``block_rows``
+rows (prefill included): on the 2-core AMD Zen 5 measured, SmolLM2's 210 Q4_1 products from
+their blocks beat MKL's float32 GEMM at every row count tried (37 rows 33 against 77 ms, 74 rows
+58 against 121, 1024 rows 0.92 against 1.15 s), so there the default is every call; on Intel CPUs
+(MKL's own, not compared at prefill sizes) the default stays ``max_rows``. ``COSTEER_BLOCK_ROWS``
+(an int, or "all") sets it.
 """
 from __future__ import annotations
+
+import os
+import platform
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["use_linear_rows", "attach_blocks", "detach_blocks", "attach_q8_0", "attached_blocks", "q8_0_weight",
-           "DEFAULT_MAX_ROWS"]
+           "DEFAULT_MAX_ROWS", "default_block_rows"]
 
 # Up to 32-64 rows the kernel beat MKL at every shape of SmolLM2 and Gemma 3 270M measured
 # (bench/bench_linear.py); beyond, the product becomes compute-bound and BLAS's blocking wins.
 DEFAULT_MAX_ROWS = 32
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def default_block_rows(max_rows: int = DEFAULT_MAX_ROWS) -> Optional[int]:
+    """The row limit of the kernel for layers with GGUF blocks attached: ``COSTEER_BLOCK_ROWS``
+    (an int >= 1, or "all": None, no limit), else None on x86-64 CPUs other than Intel's (measured
+    faster than BLAS at every row count on the AMD Zen 5), else ``max_rows``."""
+    env = os.environ.get("COSTEER_BLOCK_ROWS", "").strip()
+    if env:
+        if env.lower() == "all":
+            return None
+        try:
+            rows = int(env)
+        except ValueError:
+            rows = 0
+        if rows < 1:
+            raise ValueError(f"COSTEER_BLOCK_ROWS must be an int >= 1 or \"all\", got {env!r}")
+        return rows
+    if platform.machine().lower() in ("x86_64", "amd64") and _cpu_vendor() not in ("", "GenuineIntel"):
+        return None
+    return max_rows
 
 
 def _kernel():
@@ -103,31 +143,35 @@ class _FewRowForward:
     SmolLM2 decode step makes 210 of these calls, and each microsecond here is 0.2 ms a step
     (parameters read from ``_parameters``, not through ``nn.Module.__getattr__``)."""
 
-    __slots__ = ("module", "max_rows", "kernel", "limit")
+    __slots__ = ("module", "max_rows", "kernel", "limit", "block_limit")
 
-    def __init__(self, module: nn.Linear, max_rows: int, kernel):
+    def __init__(self, module: nn.Linear, max_rows: int, kernel, block_rows: Optional[int] = None):
         self.module = module
         self.max_rows = max_rows
         self.kernel = kernel
         self.limit = max_rows * module.in_features
+        # Elements of x (rows x in_features) up to which a layer with blocks takes the kernel.
+        self.block_limit = float("inf") if block_rows is None else max(max_rows, block_rows) * module.in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         params = m._parameters
         w, b = params["weight"], params["bias"]
         n = x.numel()
-        if (0 < n <= self.limit and x.dtype is torch.float32 and x.is_cpu and w.is_cpu
+        if (0 < n <= self.block_limit and x.dtype is torch.float32 and x.is_cpu and w.is_cpu
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                 and not torch.compiler.is_compiling()):
             rec = m.__dict__.get("_costeer_blocks")
             if rec is not None and rec[1] == w._version and rec[2] == w.data_ptr() and w.dtype is torch.float32:
                 w = rec[0]
+            elif n > self.limit:
+                return F.linear(x, w, b)
             y = self.kernel(x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1]), w, b)
             return y.view(x.shape[:-1] + (y.shape[1],))
         return F.linear(x, w, b)
 
 
-def use_linear_rows(model: nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
+def use_linear_rows(model: nn.Module, max_rows: int = DEFAULT_MAX_ROWS, block_rows="default") -> int:
     """Route ``model``'s ``nn.Linear`` layers through the few-row kernel; returns how many.
 
     Parameters
@@ -138,6 +182,9 @@ def use_linear_rows(model: nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
         ``max_rows``.
     max_rows : int
         Calls with at most this many rows (the product of the leading dimensions) use the kernel.
+    block_rows : int, None or "default"
+        The same for layers with GGUF blocks attached (``attach_blocks``; never below
+        ``max_rows``): None is every call, "default" is ``default_block_rows(max_rows)``.
 
     Returns
     -------
@@ -161,12 +208,16 @@ def use_linear_rows(model: nn.Module, max_rows: int = DEFAULT_MAX_ROWS) -> int:
         raise TypeError(f"max_rows must be an int, got {type(max_rows).__name__}")
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    if isinstance(block_rows, str) and block_rows == "default":
+        block_rows = default_block_rows(max_rows)
+    elif block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
+        raise ValueError(f"block_rows must be an int >= 1, None or \"default\", got {block_rows!r}")
     kernel = _kernel()
     if kernel is None:
         return 0
     n = 0
     for mod in model.modules():
         if type(mod) is nn.Linear:
-            mod.forward = _FewRowForward(mod, max_rows, kernel)
+            mod.forward = _FewRowForward(mod, max_rows, kernel, block_rows)
             n += 1
     return n

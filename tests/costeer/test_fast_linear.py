@@ -189,3 +189,56 @@ def test_attached_q4_1_layers_give_the_float32_logits(monkeypatch):
         attach_blocks(layers[0], torch.zeros(3, 40, dtype=torch.uint8))
     with pytest.raises(TypeError, match="uint8"):
         attach_blocks(layers[0], torch.randn(64, 64))
+
+
+def test_layers_with_blocks_take_the_kernel_up_to_block_rows(monkeypatch):
+    """A layer with GGUF blocks attached takes the kernel for calls of up to block_rows rows
+    (prefill included), reading the blocks: the kernel's result, not BLAS's; beyond it, and for a
+    layer without blocks beyond max_rows, F.linear bit for bit."""
+    from costeer.fast_linear import attach_blocks
+    from costeer_kernels import linear_rows
+    from costeer_kernels.q4_1 import dequantize_q4_1, quantize_q4_1
+
+    lin, plain = nn.Linear(64, 24), nn.Linear(64, 24)
+    with torch.no_grad():
+        lin.weight.copy_(dequantize_q4_1(quantize_q4_1(lin.weight)))
+    from costeer_kernels import _extension
+
+    blocks = quantize_q4_1(lin.weight)
+    attach_blocks(lin, blocks)
+    x = torch.randn(40, 64)
+    seen = []
+    real = _extension.linear_cpp
+    monkeypatch.setattr(_extension, "linear_cpp", lambda a, w, b: seen.append((a.shape[0], w.dtype)) or real(a, w, b))
+    with torch.no_grad():
+        use_linear_rows(lin, max_rows=4, block_rows=None)
+        use_linear_rows(plain, max_rows=4, block_rows=None)
+        assert torch.equal(lin(x), real(x, blocks, lin.bias)) and seen == [(40, torch.uint8)]
+        assert torch.equal(plain(x), nn.functional.linear(x, plain.weight, plain.bias))  # no blocks
+        use_linear_rows(lin, max_rows=4, block_rows=16)
+        assert torch.equal(lin(x), nn.functional.linear(x, lin.weight, lin.bias))  # 40 > 16 rows
+        assert torch.equal(lin(x[:16]), real(x[:16], blocks, lin.bias))
+        assert seen == [(40, torch.uint8), (16, torch.uint8)]
+        assert torch.equal(real(x[:16], blocks, lin.bias), linear_rows(x[:16], blocks, lin.bias, backend="cpu"))
+
+
+def test_default_block_rows(monkeypatch):
+    from costeer import fast_linear
+
+    monkeypatch.setenv("COSTEER_BLOCK_ROWS", "all")
+    assert fast_linear.default_block_rows() is None
+    monkeypatch.setenv("COSTEER_BLOCK_ROWS", "48")
+    assert fast_linear.default_block_rows() == 48
+    for bad in ("0", "many", "-3"):
+        monkeypatch.setenv("COSTEER_BLOCK_ROWS", bad)
+        with pytest.raises(ValueError, match="COSTEER_BLOCK_ROWS must be an int >= 1 or \"all\""):
+            fast_linear.default_block_rows()
+    monkeypatch.delenv("COSTEER_BLOCK_ROWS")
+    monkeypatch.setattr(fast_linear.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(fast_linear, "_cpu_vendor", lambda: "AuthenticAMD")
+    assert fast_linear.default_block_rows(8) is None
+    monkeypatch.setattr(fast_linear, "_cpu_vendor", lambda: "GenuineIntel")
+    assert fast_linear.default_block_rows(8) == 8
+    for bad in (0, True, 2.5, "x"):
+        with pytest.raises(ValueError, match="block_rows must be"):
+            use_linear_rows(nn.Linear(2, 2), block_rows=bad)
