@@ -326,17 +326,22 @@ int parse_q41(c10::string_view name, const char* what) {
   return Q41_NIBBLES;
 }
 
-std::atomic<int> g_q41{-1};  // -1: not chosen yet (COSTEER_Q4_1_FORM is read at first use)
-
-int q41_form() {
-  int f = g_q41.load(std::memory_order_acquire);
-  if (f >= 0) return f;
-  const char* env = std::getenv("COSTEER_Q4_1_FORM");
-  f = env != nullptr && *env != '\0' ? parse_q41(env, "COSTEER_Q4_1_FORM") : q41_auto();
+// The setting held in g (-1: not chosen yet): at first use the environment variable var, parsed
+// (a bad value raises at every use and never silently runs something else), else the default.
+template <typename Parse, typename Default>
+int chosen_once(std::atomic<int>& g, const char* var, Parse parse, Default fallback) {
+  int v = g.load(std::memory_order_acquire);
+  if (v >= 0) return v;
+  const char* env = std::getenv(var);
+  v = env != nullptr && *env != '\0' ? parse(env, var) : fallback();
   int expected = -1;
-  g_q41.compare_exchange_strong(expected, f, std::memory_order_acq_rel);
-  return g_q41.load(std::memory_order_acquire);
+  g.compare_exchange_strong(expected, v, std::memory_order_acq_rel);
+  return g.load(std::memory_order_acquire);
 }
+
+std::atomic<int> g_q41{-1};
+
+int q41_form() { return chosen_once(g_q41, "COSTEER_Q4_1_FORM", parse_q41, q41_auto); }
 
 const Kernels* table_of(int isa) {
 #if STEER_X86_PATHS
@@ -384,18 +389,9 @@ int parse(c10::string_view name, const char* what) {
   return ISA_PORTABLE;
 }
 
-std::atomic<int> g_isa{-1};  // -1: not chosen yet (COSTEER_CPU_ISA is read at first use)
+std::atomic<int> g_isa{-1};
 
-int active() {
-  int isa = g_isa.load(std::memory_order_acquire);
-  if (isa >= 0) return isa;
-  const char* env = std::getenv("COSTEER_CPU_ISA");
-  // A bad value raises at every use (and never silently runs another path than asked for).
-  isa = env != nullptr && *env != '\0' ? parse(env, "COSTEER_CPU_ISA") : best();
-  int expected = -1;
-  g_isa.compare_exchange_strong(expected, isa, std::memory_order_acq_rel);
-  return g_isa.load(std::memory_order_acquire);
-}
+int active() { return chosen_once(g_isa, "COSTEER_CPU_ISA", parse, best); }
 
 }  // namespace
 

@@ -118,18 +118,24 @@ def test_flat_step_after_packed_prefill(monkeypatch, steps):
         assert torch.equal(g, w)
 
 
+def _refused(model, script, want, match):
+    """Plays ``script`` expecting the flat step to be refused with a RuntimeWarning matching
+    ``match``: the outputs are transformers' (``want``), the model keeps its forward for good."""
+    with pytest.warns(RuntimeWarning, match=match):
+        _, got = _play(model, ROWS, script)
+    assert fast_decode.checked(model) is False
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)  # the refused step's output was never returned
+    assert fast_decode.decode_step_for(model) is None  # refused for good on this model
+
+
 def test_a_step_that_differs_is_refused_with_a_warning(monkeypatch, steps):
     model = _llama(seed=1)
     want = _reference(model, ROWS, SCRIPT[:4], monkeypatch)
     real_norm = fast_decode._rms_norm
     monkeypatch.setattr(fast_decode, "_rms_norm", lambda mod, x: real_norm(mod, x) * (1 + 2 ** -20))
-    with pytest.warns(RuntimeWarning, match="transformers' own forward is used"):
-        _, got = _play(model, ROWS, SCRIPT[:4])
-    assert fast_decode.checked(model) is False
+    _refused(model, SCRIPT[:4], want, "transformers' own forward is used")
     assert len(steps) == 1  # the check only: afterwards transformers' forward
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)  # the refused step's output was never returned
-    assert fast_decode.decode_step_for(model) is None  # refused for good on this model
 
 
 def test_where_the_flat_step_does_not_apply():
@@ -186,8 +192,4 @@ def test_a_step_that_raises_is_refused_and_the_cache_restored(monkeypatch, steps
         return real_rotate(x)
 
     monkeypatch.setattr(fast_decode, "_rotate_half", failing)
-    with pytest.warns(RuntimeWarning, match="failed .RuntimeError: changed module layout"):
-        _, got = _play(model, ROWS, SCRIPT[:5])
-    assert fast_decode.checked(model) is False
-    for g, w in zip(got, want):
-        assert torch.equal(g, w)
+    _refused(model, SCRIPT[:5], want, "failed .RuntimeError: changed module layout")
