@@ -37,17 +37,6 @@ __all__ = ["use_linear_rows", "attach_blocks", "detach_blocks", "attach_q8_0", "
 DEFAULT_MAX_ROWS = 32
 
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def default_block_rows(max_rows: int = DEFAULT_MAX_ROWS) -> Optional[int]:
     """The row limit of the kernel for layers with GGUF blocks attached: ``COSTEER_BLOCK_ROWS``
     (an int >= 1, or "all": None, no limit), else None on x86-64 CPUs other than Intel's (measured
@@ -63,7 +52,9 @@ def default_block_rows(max_rows: int = DEFAULT_MAX_ROWS) -> Optional[int]:
         if rows < 1:
             raise ValueError(f"COSTEER_BLOCK_ROWS must be an int >= 1 or \"all\", got {env!r}")
         return rows
-    if platform.machine().lower() in ("x86_64", "amd64") and _cpu_vendor() not in ("", "GenuineIntel"):
+    from costeer_kernels._extension import cpu_vendor
+
+    if platform.machine().lower() in ("x86_64", "amd64") and cpu_vendor() not in ("", "GenuineIntel"):
         return None
     return max_rows
 

@@ -65,6 +65,20 @@ def _jit_build():
     )
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo does not
+    say): what the CPU kernels' vendor-dependent defaults go by (csrc/cpu_isa.cpp asks the
+    compiler's __builtin_cpu_is for the same)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def load_extension() -> bool:
     """Load the ops once (prebuilt, else JIT); True when torch.ops.costeer_ext.steer exists."""
     with _lock:

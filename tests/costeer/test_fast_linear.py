@@ -235,9 +235,11 @@ def test_default_block_rows(monkeypatch):
             fast_linear.default_block_rows()
     monkeypatch.delenv("COSTEER_BLOCK_ROWS")
     monkeypatch.setattr(fast_linear.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(fast_linear, "_cpu_vendor", lambda: "AuthenticAMD")
+    from costeer_kernels import _extension
+
+    monkeypatch.setattr(_extension, "cpu_vendor", lambda: "AuthenticAMD")
     assert fast_linear.default_block_rows(8) is None
-    monkeypatch.setattr(fast_linear, "_cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(_extension, "cpu_vendor", lambda: "GenuineIntel")
     assert fast_linear.default_block_rows(8) == 8
     for bad in (0, True, 2.5, "x"):
         with pytest.raises(ValueError, match="block_rows must be"):
