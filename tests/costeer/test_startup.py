@@ -1,6 +1,7 @@
 """Start-up of `costeer generate` / `costeer serve`: the cyclic GC is paused while the models load
 (costeer/startup.py), only on the process's own command line, and is on again afterwards."""
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,26 +98,20 @@ def test_serve_command_line_resumes_gc_after_a_failed_load(monkeypatch):
     assert seen == [False] and gc.isenabled()
 
 
+def _run(code: str, **env):
+    """``python -c code`` in a fresh process from the checkout (this environment plus ``env``)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+
+
 def test_importing_the_cli_imports_neither_torch_nor_transformers():
     """The pause covers the heavy imports only if they happen after `main()` starts: `costeer.cli`
     itself must stay light."""
     code = ("import sys, costeer.cli; heavy = [m for m in ('torch', 'transformers', 'numpy', 'costeer_kernels') "
             "if m in sys.modules]; print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    out = _run(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
-
-
-def _run(code: str, **env):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    e = dict(os.environ, **env)
-    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=e,
-                          capture_output=True, text=True, timeout=300)
 
 
 _EXIT = ("import atexit, sys, threading\n"
