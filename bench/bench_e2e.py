@@ -183,6 +183,9 @@ def main(argv=None) -> int:
                     help="add the cross-tokenizer rows: Gemma 3 270M as the LLM, the --model as the small model")
     ap.add_argument("--vllm-k", default="4,auto",
                     help="draft lengths of the speculative rows through vLLM, comma-separated ints or 'auto' (empty: none)")
+    ap.add_argument("--vllm-cloud-k", default="4,8",
+                    help="draft lengths of the speculative rows through vLLM whose drafts vLLM itself decodes "
+                         "(Speculation(proposal='cloud')), comma-separated ints (empty: none)")
     ap.add_argument("--vllm-args", default="",
                     help="more vLLM server arguments, one string (e.g. '--block-size 128': the CPU build's default)")
     ap.add_argument("--vllm-score", default="prompts,prompt_logprobs",
@@ -198,6 +201,12 @@ def main(argv=None) -> int:
         args.vllm_k = [parse_k(k) for k in args.vllm_k.split(",") if k.strip()]
     except ValueError as exc:
         ap.error(f"--vllm-k: {exc}")
+    try:
+        args.vllm_cloud_k = [parse_k(k) for k in args.vllm_cloud_k.split(",") if k.strip()]
+    except ValueError as exc:
+        ap.error(f"--vllm-cloud-k: {exc}")
+    if "auto" in args.vllm_cloud_k:
+        ap.error("--vllm-cloud-k: the cloud's drafts take ints only")
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info("cuda" if str(args.device).startswith("cuda") else "cpu")
@@ -285,7 +294,7 @@ def main(argv=None) -> int:
         if args.vllm:
             vllm_proc, vllm_configs = _vllm_configs(model, cfg, N, args.vllm_k, gen_fn, vllm_checks,
                                                       [m for m in args.vllm_score.split(",") if m],
-                                                      tuple(shlex.split(args.vllm_args)))
+                                                      tuple(shlex.split(args.vllm_args)), args.vllm_cloud_k)
             configs += vllm_configs
             vllm_labels = {label for label, _ in vllm_configs}
         for label, fn in configs:  # warm-up (the reference loop excepted: it has no state to warm; vLLM's rows
@@ -376,7 +385,8 @@ def _pinned(fn, cores):
     return run
 
 
-def _vllm_configs(model, cfg, N, ks, gen_fn, checks, scores=("prompts", "prompt_logprobs"), server_args=()):
+def _vllm_configs(model, cfg, N, ks, gen_fn, checks, scores=("prompts", "prompt_logprobs"), server_args=(),
+                  cloud_ks=()):
     """vLLM's CPU build on 127.0.0.1 (``scripts/vllm_cpu.py``) and the rows through it:
 
     * "vLLM decoding alone": one request per prompt, ``max_tokens=N``, greedy, the public prompt: the
@@ -385,7 +395,9 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks, scores=("prompts", "prompt_
       engine's own per-request step rate: the normal loop's bound);
     * CoSteer through vLLM (top-20, restrict), and speculative CoSteer through it, one row per draft
       length in ``ks`` (an int or "auto") and scoring mode in ``scores`` (``OpenAICompletionsStream``:
-      "prompts", one prompt per drafted token on vLLM's prefix cache, or "prompt_logprobs").
+      "prompts", one prompt per drafted token on vLLM's prefix cache, or "prompt_logprobs");
+    * speculative CoSteer whose drafts vLLM decodes itself (``Speculation(k, proposal="cloud")``),
+      one row per draft length in ``cloud_ks``: one ``max_tokens=k+1`` request per round.
 
     llm_ms is the round trip per step (per round for the speculative rows), llm_compute_ms the engine's
     own time per request (``--enable-per-request-metrics``: queue + scheduled-to-first-token),
@@ -407,6 +419,7 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks, scores=("prompts", "prompt_
 
     from costeer.loop import build_prompts
     from costeer.llm import OpenAICompletionsStream
+    from costeer.speculative import Speculation
 
     vc = _load_vllm_script()
     if not vc.venv_ready(vc.DEFAULT_VENV):
@@ -465,8 +478,12 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks, scores=("prompts", "prompt_
                ("CoSteer through vLLM (top-20, restrict)", normal)]
 
     def spec_row(k, score):
+        cloud = score == "cloud drafts"
         label = f"speculative CoSteer through vLLM (k={k}, {score})"
-        spec = Generator(llm=None, slm=model, llm_url=url, remote_model="smollm2", topk=20, cfg=cfg, score=score)
+        spec = Generator(llm=None, slm=model, llm_url=url, remote_model="smollm2", topk=20, cfg=cfg,
+                         score="prompts" if cloud else score)
+        if cloud:
+            k = Speculation(k, proposal="cloud")
 
         def run():
             n, calls, decided, steps, same = 0, 0, 0, [], True
@@ -484,6 +501,7 @@ def _vllm_configs(model, cfg, N, ks, gen_fn, checks, scores=("prompts", "prompt_
         return label, run
 
     configs += [spec_row(k, score) for k in ks for score in scores]
+    configs += [spec_row(k, "cloud drafts") for k in cloud_ks]
     configs = [(label, _pinned(fn, device_cores)) for label, fn in configs]
     # one short request per kind warms the engine up (its first request is seconds); the rows
     # themselves get no warm-up round, which would double the run's length

@@ -51,6 +51,10 @@ def _build_generate_parser(sub):
     g.add_argument("--speculative", default=None, metavar="K",
                    help="speculative steering: draft K tokens on the device per cloud round trip "
                         "(an integer, or 'auto': adapted to the acceptance rate); same output, fewer round trips")
+    g.add_argument("--proposal", default="ctx", choices=("ctx", "proxy", "cloud"),
+                   help="--speculative: who drafts. ctx: the small model with the context (default); proxy: steered "
+                        "by the small model without it; cloud: the LLM itself decodes K+1 tokens per request (one "
+                        "max_tokens request on its prefix cache; an integer K)")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--compare", action="store_true",
                    help="also run the LLM alone and the small model with the context; show all three side by side")
@@ -379,7 +383,7 @@ def _generate(args) -> int:
         from .speculative import Speculation, parse_k
 
         try:
-            spec = Speculation(parse_k(args.speculative))
+            spec = Speculation(parse_k(args.speculative), proposal=args.proposal)
         except ValueError as exc:
             _err(str(exc))
             return 2

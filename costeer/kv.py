@@ -373,10 +373,11 @@ class KVBatch:
 
     # -- speculative steering (costeer/speculative.py): several tokens per row, and rollback
 
-    def extend(self, tokens) -> StepOutput:
+    def extend(self, tokens, head: bool = True) -> StepOutput:
         """Append n tokens to every row (LongTensor / nested list [R, n]) in ONE forward.
 
         Returns the logits of every appended position, float32 [R, n, V] (hidden: [R, n, H] or None).
+        ``head=False`` on a split model skips the vocabulary projection (logits None, hidden only).
         """
         if not self._prefilled:
             raise RuntimeError("KVBatch.extend called before prefill")
@@ -392,12 +393,12 @@ class KVBatch:
         with torch.inference_mode():
             if self._split:
                 h = self._base(input_ids=t, **kw).last_hidden_state
-                logits = self._head(h)
+                logits = self._head(h) if head else None
             else:
                 logits, h = self.model(input_ids=t, **kw).logits, None
         self._next_pos = self._next_pos + n
         self.lengths += n
-        return StepOutput(logits=logits.float(), hidden=h)
+        return StepOutput(logits=None if logits is None else logits.float(), hidden=h)
 
     @property
     def cached(self) -> int:

@@ -81,6 +81,15 @@ class LocalRunner:
         # Every group's rows get the same token: one tensor from the list (Tensor.repeat costs tens of us a step)
         return self._split(self.kv.step(torch.tensor(ids * len(self.names), dtype=torch.long), self.head))
 
+    def extend(self, tokens: Sequence[Sequence[int]]) -> LocalOutput:
+        """Append n tokens per request (``tokens`` [B][n]) to every group in ONE forward; the
+        output's tensors are per position, [B, n, V] / [B, n, H] (speculative rounds whose drafts
+        come from the cloud: all of them are known before the local passes run)."""
+        rows = [[int(t) for t in r] for r in tokens]
+        if len(rows) != self.batch or not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+            raise ValueError(f"tokens needs one equal-length (>= 1) list per request ({self.batch})")
+        return self._split(self.kv.extend(torch.tensor(rows * len(self.names), dtype=torch.long), self.head))
+
     def edit(self, rollback: Sequence[int], tokens: Sequence[Sequence[int]]) -> LocalOutput:
         """Per request: forget its last ``rollback[i]`` tokens and append ``tokens[i]`` in every
         group (``KVBatch.edit``). A request that appends nothing keeps its previous output."""

@@ -25,6 +25,16 @@ Proposals (``Speculation.proposal``):
   "ctx"   q = the with-context small model's distribution (default);
   "proxy" q = steer(z_n, z_c, z_n): the small model without the context stands in for the LLM.
           (With the same model in both roles z_n IS z_L and every draft is accepted.)
+  "cloud" the LLM drafts: one request asks it to continue every row greedily for k + 1 tokens
+          c_1..c_{k+1} and to return its row at each (an engine's plain decoding, on its prefix
+          cache); row i is the LLM's answer for the sequence with c_1..c_{i-1}, so the drafts are
+          c_1..c_k with q_i the point mass on c_i, and the (k+1)-th row is the bonus row. The local
+          passes of x run while the cloud decodes, those of c_1..c_k in one forward afterwards.
+          Verification is the same op: greedy accepts c_i while it is the steered argmax; sampling
+          accepts it with probability p_i(c_i) and draws a rejection from p_i without c_i (the
+          speculative-sampling rule with a point-mass proposal: exact). Worth it where the cloud
+          decodes faster than the device could draft (a large LLM, a GPU engine); a round costs the
+          engine k + 1 decoding steps, whatever is accepted. ``k`` must be an int here.
 
 ``k`` is an int, or "auto": after each round k is set to maximize the expected tokens per second,
 ``E(k) / (t_round + (k + 1) t_local)`` with ``E(k) = (1 - a^(k+1)) / (1 - a)``, from the running
@@ -42,8 +52,9 @@ c_T = 0); the gate then advances by the m + 1 emitted positions. A gate hook (a 
 called once per token in the normal loop, which a round cannot promise: it is refused here.
 
 The LLM: any stream with ``score_send`` / ``score_recv`` (in process, ``costeer serve``'s op
-"score", an OpenAI-compatible endpoint: one prompt per drafted token, or ``prompt_logprobs``). One
-tokenizer for both models.
+"score", an OpenAI-compatible endpoint: one prompt per drafted token, or ``prompt_logprobs``); the
+"cloud" proposal needs ``draft_send`` / ``draft_recv`` (in process, an OpenAI-compatible endpoint:
+``max_tokens=k+1`` with ``logprobs``). One tokenizer for both models.
 When the LLM is the in-process small model itself on the no-context prompt (the embedded default:
 one model in both roles, co-batched), the LLM's score of a draft IS the no-context rows' own output,
 so a round cannot decide more tokens per forward than the co-batched step: the loop runs that step
@@ -64,7 +75,7 @@ from costeer_kernels.torch_backend import llm_max_prob
 
 from .types import Result
 
-PROPOSALS = ("ctx", "proxy")
+PROPOSALS = ("ctx", "proxy", "cloud")
 DRAFT_KEY = 0x9E3779B97F4A7C15  # drafts draw from the request's seed XOR this: a stream of their own
 _UNSTEERED = SteerConfig(T=0)
 
@@ -98,6 +109,9 @@ class Speculation:
             raise ValueError(f"k must be an int >= 1 or 'auto', got {self.k!r}")
         if self.proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}, got {self.proposal!r}")
+        if self.proposal == "cloud" and self.k == "auto":
+            raise ValueError("k='auto' is not available with proposal='cloud': a round's cost there grows with k on "
+                             "the cloud's side (it decodes k + 1 tokens), which AdaptiveK does not model; pass an int")
         if isinstance(self.k_max, bool) or not isinstance(self.k_max, int) or self.k_max < 1:
             raise ValueError(f"k_max must be an int >= 1, got {self.k_max!r}")
 
@@ -207,13 +221,16 @@ class Drafter:
     """Speculative rounds for the B requests of one ``Generator`` run (module docstring).
 
     ``local``: the loop's ``LocalRunner`` (groups "ctx", "noctx"); ``stream``: the LLM stream
-    (``score_send`` / ``score_recv``); ``head``: (W, bias) of a split small model, or None when
-    its local rows are logits; ``V``: the width steered; ``sampling``: the loop's per-row options
+    (``score_send`` / ``score_recv``); ``head``: (W, bias) of a split small model (W float32 or
+    GGML blocks, for ``linear_rows``), or None when its local rows are logits; ``V``: the width steered; ``sampling``: the loop's per-row options
     (``steer_sample`` keywords); ``eos``: end-of-sequence ids (drafting stops once every live row
     drafted one)."""
 
     def __init__(self, spec: Speculation, cfg: SteerConfig, local, stream, head, V: int, sampling: dict, batch: int,
                  eos: Sequence[int], gate=None):
+        if spec.proposal == "cloud" and not hasattr(stream, "draft_send"):
+            raise ValueError(f"proposal 'cloud' needs an LLM that continues a request for several tokens and returns "
+                             f"its rows (in process or an OpenAI-compatible endpoint); {type(stream).__name__} cannot")
         if not hasattr(stream, "score_send"):
             raise ValueError(f"speculative steering needs an LLM that scores several positions per request "
                              f"(in process, `costeer serve` or an OpenAI-compatible endpoint); "
@@ -246,7 +263,7 @@ class Drafter:
         return None, None, (hc, hn)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = torch.nn.functional.linear(h, self.W)
+        out = costeer_kernels.linear_rows(h, self.W)
         return (out if self.bias is None else out + self.bias)[:, :self.V]
 
     def _proposal(self, lo) -> torch.Tensor:
@@ -263,6 +280,8 @@ class Drafter:
 
     def round(self, pending: Sequence[int], position: int, live: Sequence[bool], k: int) -> Round:
         """Draft ``k`` tokens per request after ``pending``, score them in one request, verify."""
+        if self.spec.proposal == "cloud":
+            return self._cloud_round(pending, position, live, k)
         B, V = self.B, self.V
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -298,7 +317,7 @@ class Drafter:
                 zn = torch.stack([o.logits["noctx"][:, :V] for o in outs], 1)
             else:
                 diff = torch.stack([o.hidden["ctx"] - o.hidden["noctx"] for o in outs], 1)
-                zc = torch.nn.functional.linear(diff, self.W)[..., :V]
+                zc = costeer_kernels.linear_rows(diff, self.W)[..., :V]
                 zn = None
             draft_logits = torch.stack(qs, 1) if (k and not self.greedy) else None
             j, y = speculative_verify(zl.reshape(B, k + 1, V), zc, zn, grid, cfg, draft_logits=draft_logits,
@@ -308,6 +327,103 @@ class Drafter:
         cands = [rows[b][:jy[b]] + [jy[B + b]] for b in range(B)]
         return Round(cands, steered, k, len(outs), (t1 - t0), t2 - t1, scored.compute_s,
                      getattr(scored, "transport_s", 0.0), t3 - t2)
+
+    def _cloud_round(self, pending: Sequence[int], position: int, live: Sequence[bool], k: int) -> Round:
+        """The cloud drafts: ONE request continues every row greedily for k + 1 tokens c_1..c_{k+1}
+        and returns its row at each (row i given the sequence, x and c_1..c_{i-1}); the local passes
+        of x run meanwhile, those of c_1..c_k in one forward after the answer; ONE verification op
+        with the proposal q_i = the point mass on c_i (accepted with probability p_i(c_i), the
+        residual p_i without c_i renormalized: exact; greedy: accepted while c_i is the steered
+        argmax). Every row the verification reads is the LLM's answer for a sequence it keeps."""
+        B, V = self.B, self.V
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.stream.draft_send(list(pending), k + 1, rollback=self.rollback)
+            first = self.local.step(list(pending))  # while the cloud decodes
+            t1 = time.perf_counter()
+            if getattr(self.stream, "streams_drafts", False):
+                # position by position as the engine decodes: the local pass of c_i runs while it
+                # decodes c_{i+1}, so the round ends one local step after the engine's last token
+                # Greedy without a gate also cuts the round at the first position where a live row's
+                # steered argmax is not the engine's token: the answer is dropped there (the engine
+                # stops decoding it) instead of decoding positions that cannot be accepted.
+                cut = self.greedy and self.gate is None
+                toks, zrows, local_rows, outs, local_s = [], [], [], [first], 0.0
+                draft = self.stream.draft_iter(k + 1)
+                for i, (tok, row) in enumerate(draft):
+                    tl = time.perf_counter()
+                    toks.append(tok)
+                    zrows.append(row.logits[:, :V])
+                    local_rows.append(self._local_rows(outs[i]))
+                    if i < k and cut:
+                        zc_i, zn_i = local_rows[-1]
+                        best = costeer_kernels.steer_sample(zrows[-1], zc_i, zn_i, self.cfg, validate=False)[0]
+                        if any(live[b] and int(best[b]) != int(tok[b]) for b in range(B)):
+                            draft.close()  # c_{i+1} cannot be accepted: the round ends at this row
+                            local_s += time.perf_counter() - tl
+                            break
+                    if i < k:
+                        outs.append(self.local.step(tok.tolist()))
+                    local_s += time.perf_counter() - tl
+                t2 = time.perf_counter()
+                n = len(toks)
+                if len(outs) > n:  # the engine ended a row early: c_n's local pass is not needed
+                    outs.pop()
+                    self.local.kv.rollback(1)
+                k = n - 1
+                grid = torch.stack(toks, 1)[:, :k]
+                zl = torch.stack(zrows, 1).reshape(B * n, V)
+                compute_s, transport_s, wait_s = 0.0, 0.0, (t2 - t1) - local_s
+                rest = None
+            else:
+                drafted = self.stream.draft_recv(k + 1)
+                t2 = time.perf_counter()
+                k = int(drafted.tokens.shape[1]) - 1  # the engine may end a row early (end of sequence)
+                grid = drafted.tokens[:, :k]
+                rest = self.local.extend(grid.tolist()) if k else None
+                zl = drafted.logits[:, :V]
+                compute_s, transport_s, wait_s, local_s = drafted.compute_s, drafted.transport_s, t2 - t1, 0.0
+                outs = None
+            rows = grid.tolist()
+            cfg, steered = self.cfg, [[True] * (k + 1) for _ in range(B)]
+            if self.gate is not None:
+                cfg, steered = self._gated(zl, live, k)
+
+            def per_position(a, b):  # [B, ...] and [B, k, ...] -> [B, k+1, ...]
+                return a[:, None] if b is None else torch.cat([a[:, None], b], 1)
+
+            if outs is not None:  # streamed: the local rows were made position by position
+                zc = torch.stack([r[0] for r in local_rows], 1)
+                zn = None if self.W is not None else torch.stack([r[1] for r in local_rows], 1)
+            elif self.W is None:
+                zc = per_position(first.logits["ctx"][:, :V], rest.logits["ctx"][..., :V] if k else None)
+                zn = per_position(first.logits["noctx"][:, :V], rest.logits["noctx"][..., :V] if k else None)
+            else:
+                diff = per_position(first.hidden["ctx"] - first.hidden["noctx"],
+                                    rest.hidden["ctx"] - rest.hidden["noctx"] if k else None)
+                zc = costeer_kernels.linear_rows(diff, self.W)[..., :V]
+                zn = None
+            draft_logits = None
+            if k and not self.greedy:
+                draft_logits = torch.full((B, k, V), float("-inf"))
+                draft_logits.scatter_(2, grid[:, :, None], 0.0)
+            t3 = time.perf_counter()
+            j, y = speculative_verify(zl.reshape(B, k + 1, V), zc, zn, grid, cfg, draft_logits=draft_logits,
+                                      offset=position, validate=False, **self.sampling)
+            jy = torch.cat([j, y]).tolist()
+        t4 = time.perf_counter()
+        cands = [rows[b][:jy[b]] + [jy[B + b]] for b in range(B)]
+        steps = len(outs) if outs is not None else 1 + (1 if k else 0)
+        return Round(cands, steered, k, steps, (t1 - t0) + local_s + (t3 - t2), wait_s, compute_s, transport_s,
+                     t4 - t3)
+
+    def _local_rows(self, lo):
+        """One position's local rows for ``steer``: (z_c, z_n) logits, or (W (h_c - h_n), None), the
+        delta of a split small model (the bias cancels)."""
+        V = self.V
+        if self.W is None:
+            return lo.logits["ctx"][:, :V], lo.logits["noctx"][:, :V]
+        return costeer_kernels.linear_rows(lo.hidden["ctx"] - lo.hidden["noctx"], self.W)[:, :V], None
 
     def _gated(self, zl: torch.Tensor, live: Sequence[bool], k: int):
         """The gate's decision at every scored position (before verification): a per-position

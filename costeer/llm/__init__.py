@@ -21,6 +21,11 @@ The protocol of a stream, for a batch of B requests:
 ``send`` returns as soon as the request is on its way, so the caller runs the local small-model
 passes between ``send`` and ``recv``: that is the overlap of local and remote work.
 
+Speculative steering (``costeer.speculative``) adds, where a source can: ``score_send`` /
+``score_recv`` (score n appended tokens in one request: the device drafts) and ``draft_send`` /
+``draft_recv`` (the LLM continues every row greedily for n tokens and returns its rows along the
+way: the cloud drafts; in process and OpenAI-compatible endpoints).
+
 Top-k sources (an OpenAI endpoint, or ``costeer serve`` in "topk" format) give only the k best
 tokens. Policy for the other tokens (``topk_policy``):
 
@@ -31,7 +36,7 @@ tokens. Policy for the other tokens (``topk_policy``):
   ``log((1 - sum(p_topk)) / (V - k))``, capped at the smallest returned log-prob. A strong enough
   small-model delta can then promote a token outside the top k.
 """
-from .base import LLMStep, LLMStream, MAX_VOCAB, StreamError, TOPK_POLICIES, dense_from_topk
+from .base import DraftStep, LLMStep, LLMStream, MAX_VOCAB, StreamError, TOPK_POLICIES, dense_from_topk
 from .inprocess import InProcessLLMStream
 from .openai import API_KEY_ENVS, OPENAI_RECONNECT_TIMEOUT, OpenAICompletionsStream
 from .serve_client import CA_ENV, TOKEN_ENV, WebSocketLLMStream
@@ -39,6 +44,7 @@ from .serve_client import CA_ENV, TOKEN_ENV, WebSocketLLMStream
 __all__ = [
     "API_KEY_ENVS",
     "CA_ENV",
+    "DraftStep",
     "InProcessLLMStream",
     "LLMStep",
     "LLMStream",

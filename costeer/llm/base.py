@@ -33,6 +33,19 @@ class LLMStep:
         return max(0.0, self.roundtrip_s - self.compute_s) if self.roundtrip_s else 0.0
 
 
+@dataclass
+class DraftStep(LLMStep):
+    """The answer to ``draft_send``: the LLM's own greedy continuation of every row and its rows.
+
+    ``tokens`` int64 [B, n]: the LLM's greedy tokens c_1..c_n; ``logits`` [B * n, V] row-major:
+    row (b, i) is the LLM's distribution at c_i's position, given the sequence and c_1..c_{i-1}
+    (so row i is the LLM's answer only for a sequence that keeps c_1..c_{i-1}). n is smaller than
+    requested when the engine ended a row early (its end-of-sequence token): the shortest row's
+    count, every row cut to it."""
+
+    tokens: torch.Tensor = None
+
+
 class StreamError(ConnectionError):
     """The LLM source failed or refused (network error, server error message)."""
 

@@ -8,8 +8,15 @@ from typing import Optional
 
 
 from ..kv import KVBatch
-from .base import LLMStep, LLMStream, _check_prompts
+import torch
 
+import costeer_kernels
+from costeer_kernels import SteerConfig
+
+from .base import DraftStep, LLMStep, LLMStream, _check_prompts
+
+
+_UNSTEERED = SteerConfig(T=0)
 
 # ---------------------------------------------------------------------------------------------
 # (a) in process
@@ -37,7 +44,7 @@ class InProcessLLMStream(LLMStream):
     def _run(self, fn, *args):
         t0 = time.perf_counter()
         out = fn(*args)
-        return out.logits, time.perf_counter() - t0
+        return out, time.perf_counter() - t0
 
     def _start(self, fn, *args):
         self._pending = self._pool.submit(self._run, fn, *args) if self._pool else (fn, args)
@@ -58,10 +65,13 @@ class InProcessLLMStream(LLMStream):
         t0 = time.perf_counter()
         pending, self._pending = self._pending, None
         if isinstance(pending, Future):
-            logits, compute = pending.result()
+            out, compute = pending.result()
         else:
-            logits, compute = self._run(pending[0], *pending[1])
-        return LLMStep(logits=logits, compute_s=compute, wait_s=time.perf_counter() - t0)
+            out, compute = self._run(pending[0], *pending[1])
+        if isinstance(out, DraftStep):
+            out.compute_s, out.wait_s = compute, time.perf_counter() - t0
+            return out
+        return LLMStep(logits=out.logits, compute_s=compute, wait_s=time.perf_counter() - t0)
 
     # -- speculative steering (costeer/speculative.py): several positions per request
 
@@ -84,6 +94,41 @@ class InProcessLLMStream(LLMStream):
     def score_recv(self, n: int) -> LLMStep:
         """The answer to ``score_send``: logits [rows * n, V]."""
         return self.recv()
+
+    def draft_send(self, tokens, n: int, rollback: int = 0) -> None:
+        """Drop the last ``rollback`` positions of every row, append ``tokens`` (one per row) and
+        continue every row greedily for ``n`` positions (n one-token forwards); ``draft_recv``
+        returns the continuation and its rows (``DraftStep``). Afterwards the cache holds the
+        appended token and the first n - 1 drafted ones."""
+        if self._kv is None:
+            raise RuntimeError("draft_send before open")
+        toks = [int(t) for t in tokens]
+        if len(toks) != self._kv.rows:
+            raise ValueError(f"tokens has {len(toks)} entries, expected one per row ({self._kv.rows})")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        self._start(self._draft, toks, n, int(rollback))
+
+    def _draft(self, tokens, n: int, rollback: int) -> DraftStep:
+        self._kv.rollback(rollback)
+        rows, ids = [], []
+        for i in range(n):
+            logits = self._kv.step(tokens).logits
+            # the LLM's own greedy choice, picked by the kernels' sampler as every token (unsteered)
+            c = costeer_kernels.steer_sample(logits, logits, logits, _UNSTEERED, validate=False)[0]
+            rows.append(logits)
+            ids.append(c)
+            if i < n - 1:
+                tokens = c
+        logits = torch.stack(rows, 1)
+        return DraftStep(logits=logits.reshape(-1, logits.shape[-1]), tokens=torch.stack(ids, 1))
+
+    def draft_recv(self, n: int) -> DraftStep:
+        """The answer to ``draft_send``: ``DraftStep`` with tokens [rows, n], logits [rows * n, V]."""
+        out = self.recv()
+        if not isinstance(out, DraftStep) or out.tokens.shape[1] != n:
+            raise RuntimeError(f"draft_recv({n}) does not match the pending request")
+        return out
 
     def close(self):
         self._kv = None

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from .base import LLMStep, LLMStream, StreamError, TOPK_POLICIES, _check_prompts, dense_from_topk
+from .base import DraftStep, LLMStep, LLMStream, StreamError, TOPK_POLICIES, _check_prompts, dense_from_topk
 
 # How score_send asks for the top k after each of n appended tokens (OpenAICompletionsStream).
 SCORE_MODES = ("prompts", "prompt_logprobs")
@@ -77,6 +77,9 @@ class OpenAICompletionsStream(LLMStream):
     does, or a prompt shorter than a block is computed whole n times). ``score="prompt_logprobs"``
     sends the whole sequence once with ``prompt_logprobs=k`` (vLLM only); the engine computes every
     position of such a request, and the logits and top k of all of them (no prefix-cache reuse).
+    ``draft_send`` / ``draft_recv`` (the "cloud" proposal) ask the engine to continue every row
+    greedily for n tokens (``max_tokens=n``, ``logprobs=k``) and return its tokens and the top k at
+    each: a plain completion request, on the prefix cache, any OpenAI-compatible engine.
 
     Timing: ``LLMStep.roundtrip_s`` is the last attempt's request-to-answer time; ``compute_s`` is
     the engine's own time when its answer reports one (vLLM started with
@@ -90,7 +93,7 @@ class OpenAICompletionsStream(LLMStream):
     def __init__(self, base_url: str, *, model: str, vocab_size: int, k: int = 20, topk_policy: str = "restrict",
                  max_len: int | str | None = "auto", timeout: float = 60.0, api_key: Optional[str] = None,
                  reconnect_timeout: float = OPENAI_RECONNECT_TIMEOUT, backoff: float = 0.05, max_backoff: float = 2.0,
-                 score: str = "prompts"):
+                 score: str = "prompts", stream_drafts: bool = True):
         u = urllib.parse.urlsplit(base_url if isinstance(base_url, str) else "")
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"base_url must be an http(s):// URL, got {base_url!r}")
@@ -119,6 +122,7 @@ class OpenAICompletionsStream(LLMStream):
             api_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
         self.base_url = base_url
         self.model, self.vocab_size, self.k, self.policy, self.score = model, vocab_size, k, topk_policy, score
+        self.streams_drafts = bool(stream_drafts)
         self.timeout = float(timeout)
         self.reconnect_timeout, self.backoff, self.max_backoff = float(reconnect_timeout), float(backoff), float(max_backoff)
         self.name = f"{model}@{base_url}"
@@ -138,6 +142,7 @@ class OpenAICompletionsStream(LLMStream):
         self._body: Optional[bytes] = None
         self._written = False
         self._score_n: Optional[int] = None
+        self._draft_n: Optional[int] = None
         self._choices = 0
         self._sent_at = None
         self._server_s = 0.0
@@ -201,6 +206,21 @@ class OpenAICompletionsStream(LLMStream):
 
     def _answer(self) -> dict:
         """The parsed JSON answer to the pending request, resending it as the class docstring says."""
+        raw = self._response()[1]
+        try:
+            data = json.loads(raw)
+            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StreamError(f"{self.url} gave a malformed answer ({type(exc).__name__}: {exc}): {raw[:200]!r}") from None
+        if len(choices) != self._choices:
+            raise StreamError(f"{self.url} answered {len(choices)} choices for {self._choices} prompts")
+        self.last_usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+        data["choices"] = choices
+        return data
+
+    def _response(self, read: bool = True):
+        """(response, body) of the pending request once its status is 200, resending it as the class
+        docstring says; ``read=False`` leaves a 200 answer's body unread (b"": a streamed answer)."""
         if self._body is None:
             raise RuntimeError("recv without a pending request")
         deadline = time.monotonic() + self.reconnect_timeout
@@ -209,7 +229,7 @@ class OpenAICompletionsStream(LLMStream):
             if self._written:
                 try:
                     resp = self._conn.getresponse()
-                    raw = resp.read()
+                    raw = resp.read() if read or resp.status != 200 else b""
                 except TimeoutError:
                     self._reset()
                     raise StreamError(f"no answer from {self.url} within {self.timeout:g} s (raise --timeout "
@@ -240,16 +260,7 @@ class OpenAICompletionsStream(LLMStream):
             self.reconnects += 1
             self._written = self._write()
         self._body = None
-        try:
-            data = json.loads(raw)
-            choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise StreamError(f"{self.url} gave a malformed answer ({type(exc).__name__}: {exc}): {raw[:200]!r}") from None
-        if len(choices) != self._choices:
-            raise StreamError(f"{self.url} answered {len(choices)} choices for {self._choices} prompts")
-        self.last_usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
-        data["choices"] = choices
-        return data
+        return resp, raw
 
     # -- the stream protocol --------------------------------------------------------------------
 
@@ -264,7 +275,7 @@ class OpenAICompletionsStream(LLMStream):
 
     def open(self, prompts):
         self._prompts = _check_prompts(prompts, self.vocab_size, self.max_len)
-        self._score_n = None
+        self._score_n = self._draft_n = None
         self._post(self._request())
 
     def send(self, tokens):
@@ -274,7 +285,7 @@ class OpenAICompletionsStream(LLMStream):
         self._check_room(1)
         for p, t in zip(self._prompts, tokens):
             p.append(t)
-        self._score_n = None
+        self._score_n = self._draft_n = None
         self._post(self._request())
 
     def _step(self, t0: float, rows: List[dict]) -> LLMStep:
@@ -307,8 +318,8 @@ class OpenAICompletionsStream(LLMStream):
         return data
 
     def recv(self) -> LLMStep:
-        if self._score_n is not None:
-            raise RuntimeError("the pending request is a score request: read it with score_recv")
+        if self._score_n is not None or self._draft_n is not None:
+            raise RuntimeError("the pending request is a score or draft request: read it with score_recv / draft_recv")
         t0 = time.perf_counter()
         data = self._read()
         return self._step(t0, [self._generated_top(c) for c in data["choices"]])
@@ -332,7 +343,7 @@ class OpenAICompletionsStream(LLMStream):
         self._check_room(n)
         for p, r in zip(self._prompts, rows):
             p.extend(r)
-        self._score_n = n
+        self._score_n, self._draft_n = n, None
         if self.score == "prompts":  # row-major: row r's prompts end at its 1st, ..., n-th appended token
             self._post(self._request(prompt=[p[:len(p) - n + 1 + i] for p in self._prompts for i in range(n)]))
         else:
@@ -359,6 +370,194 @@ class OpenAICompletionsStream(LLMStream):
             out.extend(self._prompt_top(plp[j]) for j in range(len(p) - n + 1, len(p)))
             out.append(self._generated_top(c))
         return self._step(t0, out)
+
+    def draft_send(self, tokens, n: int, rollback: int = 0) -> None:
+        """Drop the last ``rollback`` tokens of every row, append ``tokens`` (one per row) and ask the
+        engine to continue every row greedily for ``n`` tokens with the top k at each
+        (``max_tokens=n``): the cloud drafts. A plain completion request: the engine's prefix cache
+        serves the known sequence and its own decoding the n tokens."""
+        toks = [int(t) for t in tokens] if isinstance(tokens, (list, tuple)) else None
+        if toks is None or len(toks) != len(self._prompts):
+            raise ValueError(f"tokens must hold one token id per row ({len(self._prompts)} rows)")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0 or \
+                any(rollback >= len(p) for p in self._prompts):
+            raise ValueError(f"rollback must be an int in [0, prompt length), got {rollback!r}")
+        for p in self._prompts:
+            del p[len(p) - rollback:]
+        self._check_room(n)
+        for p, t in zip(self._prompts, toks):
+            p.append(t)
+        self._score_n, self._draft_n = None, n
+        extra = {"stream": True} if self.streams_drafts else {}
+        self._post(self._request(max_tokens=n, **extra))
+
+    def draft_recv(self, n: int) -> DraftStep:
+        """The answer to ``draft_send``: the engine's tokens [rows, n'] and log-probs [rows * n', V]
+        (row-major), n' <= n the shortest row's count (the engine ends a row at its end of sequence).
+        The sequence keeps the first n' - 1 drafted tokens (the next request rolls back the rejected)."""
+        if self._draft_n is None or n != self._draft_n:
+            raise RuntimeError(f"draft_recv({n}) does not match the pending draft request ({self._draft_n})")
+        t0 = time.perf_counter()
+        if self.streams_drafts:
+            got = list(self.draft_iter(n))
+            logits = torch.stack([g[1].logits for g in got], 1)
+            return DraftStep(logits=logits.reshape(-1, logits.shape[-1]), wait_s=time.perf_counter() - t0,
+                             roundtrip_s=time.perf_counter() - (self._sent_at or t0),
+                             tokens=torch.stack([g[0] for g in got], 1))
+        data = self._read()
+        self._draft_n = None
+        seqs = []
+        for c in data["choices"]:
+            try:
+                lp = c["logprobs"]
+                ids = [_parse_token_key(str(t)) for t in lp["tokens"]]
+                tops = [{_parse_token_key(key): float(v) for key, v in top.items()} for top in lp["top_logprobs"]]
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                raise StreamError(f"{self.url} gave no tokens and top logprobs per generated token "
+                                  f"({type(exc).__name__}: {exc}): it must support \"logprobs\" up to {self.k} "
+                                  f"(vLLM: --max-logprobs) and return_tokens_as_token_ids") from None
+            if not ids or len(tops) != len(ids) or len(ids) > n:
+                raise StreamError(f"{self.url} answered {len(ids)} tokens with {len(tops)} top-logprob entries "
+                                  f"for max_tokens={n}")
+            seqs.append((ids, tops))
+        m = min(len(ids) for ids, _ in seqs)
+        step = self._step(t0, [tops[i] for _, tops in seqs for i in range(m)])
+        for p, (ids, _) in zip(self._prompts, seqs):
+            p.extend(ids[:m - 1])
+        tokens = torch.tensor([ids[:m] for ids, _ in seqs], dtype=torch.long)
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
+            raise StreamError(f"{self.url} returned a token id outside the vocabulary [0, {self.vocab_size})")
+        return DraftStep(logits=step.logits, compute_s=step.compute_s, wait_s=step.wait_s,
+                         roundtrip_s=step.roundtrip_s, tokens=tokens)
+
+    def draft_iter(self, n: int):
+        """The answer to a streamed ``draft_send`` (``stream_drafts=True``: ``"stream": true``, the
+        engine's server-sent events), position by position as the engine decodes: yields
+        ``(tokens int64 [rows], LLMStep)`` for position i once every row has its i-th token, so the
+        caller's local passes of c_i run while the engine decodes c_{i+1}. Ends after n positions or
+        where the shortest row ended; the sequence then keeps all but the last position's tokens.
+        The caller may close the iteration early (``.close()``): the connection is dropped, so the
+        engine stops decoding the answer, and the sequence keeps the yielded positions but the last.
+
+        An answer cut mid-stream (connection lost, engine restarted) is requested again, as any
+        request (the class docstring's reconnects): greedy decoding of the same sequence gives the
+        same tokens, so the positions already yielded are checked and skipped (a different token is
+        a ``StreamError``: the engine is not deterministic)."""
+        if self._draft_n is None or n != self._draft_n:
+            raise RuntimeError(f"draft_iter({n}) does not match the pending draft request ({self._draft_n})")
+        if not self.streams_drafts:
+            raise RuntimeError("draft_iter needs stream_drafts=True")
+        t0 = time.perf_counter()
+        body = self._body
+        self._draft_n = None
+        self._server_s = 0.0
+        B = len(self._prompts)
+        m = 0  # positions yielded
+        seen: List[List[int]] = []  # the yielded positions' tokens
+        deadline = time.monotonic() + self.reconnect_timeout
+        try:
+            while True:
+                resp, _ = self._response(read=False)
+                ids: List[List[int]] = [[] for _ in range(B)]
+                tops: List[List[dict]] = [[] for _ in range(B)]
+                ended = [False] * B
+                complete, at, events = False, 0, 0
+                try:
+                    while not complete:
+                        line = resp.readline()
+                        if not line:
+                            break
+                        line = line.strip()
+                        if not line.startswith(b"data:"):
+                            if events == 0 and line.startswith((b"{", b"[", b"<")):
+                                raise StreamError(f"{self.url} answered a streamed request without server-sent events "
+                                                  f"({line[:200]!r}): the engine must support \"stream\": true, or "
+                                                  f"use stream_drafts=False")
+                            continue
+                        events += 1
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            complete = True
+                            break
+                        for c in self._event_choices(payload, B):
+                            self._event_tokens(c, ids, tops, ended, n)
+                        while at < n and all(len(r) > at for r in ids):
+                            tokens = [r[at] for r in ids]
+                            if at < m:  # a resent request: its positions must be the ones already used
+                                if tokens != seen[at]:
+                                    raise StreamError(f"{self.url} answered the resent draft request with other tokens "
+                                                      f"at position {at} ({tokens} != {seen[at]}): greedy decoding is "
+                                                      f"not deterministic on this engine")
+                            else:
+                                if min(tokens) < 0 or max(tokens) >= self.vocab_size:
+                                    raise StreamError(f"{self.url} returned a token id outside the vocabulary "
+                                                      f"[0, {self.vocab_size})")
+                                step = self._step(t0, [t[at] for t in tops])
+                                seen.append(tokens)
+                                m += 1
+                                yield torch.tensor(tokens, dtype=torch.long), step
+                            at += 1
+                        if any(ended[i] and len(ids[i]) <= at for i in range(B)) or at == n:
+                            resp.read()  # the round's positions are all here: drain the answer (keep-alive)
+                            complete = True
+                    cause = None if complete else "the answer ended before its last event"
+                except StreamError:
+                    self._reset()
+                    raise
+                except (OSError, http.client.HTTPException) as exc:
+                    self._reset()
+                    cause = f"{type(exc).__name__}: {exc}"
+                except BaseException:
+                    self._reset()  # an unread answer on the connection: the next request opens a new one
+                    raise
+                if cause is None:
+                    break
+                if self.reconnect_timeout <= 0 or time.monotonic() > deadline:
+                    raise StreamError(f"lost the connection to {self.url} while it streamed a draft: {cause}")
+                self._reset()
+                self.reconnects += 1
+                self._body = body
+                self._written = self._write()
+            if m == 0:
+                raise StreamError(f"{self.url} streamed no generated token for max_tokens={n}")
+        finally:
+            # the sequence keeps the yielded positions' tokens but the last (also when the caller
+            # closes the iteration early: the round ended there)
+            for b, p in enumerate(self._prompts):
+                p.extend(seen[t][b] for t in range(m - 1))
+
+    def _event_tokens(self, c: dict, ids, tops, ended, n: int) -> None:
+        """One streamed choice's tokens and top k appended to its row."""
+        i = c.get("index", 0)
+        lp = c.get("logprobs")
+        if lp:
+            try:
+                ids[i].extend(_parse_token_key(str(t)) for t in lp["tokens"])
+                tops[i].extend({_parse_token_key(key): float(v) for key, v in top.items()} for top in lp["top_logprobs"])
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                raise StreamError(f"{self.url} streamed no tokens and top logprobs per generated token "
+                                  f"({type(exc).__name__}: {exc}): it must support \"logprobs\" up to {self.k} "
+                                  f"and return_tokens_as_token_ids") from None
+            if len(tops[i]) != len(ids[i]) or len(ids[i]) > n:
+                raise StreamError(f"{self.url} streamed {len(ids[i])} tokens with {len(tops[i])} top-logprob "
+                                  f"entries for max_tokens={n}")
+        if c.get("finish_reason"):
+            ended[i] = True
+
+    def _event_choices(self, payload: bytes, B: int) -> list:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            raise StreamError(f"{self.url} streamed a malformed event: {payload[:200]!r}") from None
+        if not isinstance(data, dict) or "error" in data:
+            raise StreamError(f"{self.url} streamed an error: {_error_text(payload)}")
+        choices = data.get("choices")
+        if not isinstance(choices, list) or any(not isinstance(c, dict) or not 0 <= c.get("index", 0) < B
+                                                for c in choices):
+            raise StreamError(f"{self.url} streamed an event without valid choices: {payload[:200]!r}")
+        return choices
 
     def _prompt_top(self, entry) -> dict:
         """A ``prompt_logprobs`` entry ({id: {"logprob", "rank"}}) as {id: logprob}, top k only: vLLM adds the

@@ -88,6 +88,68 @@ def test_greedy_auto_k_stop_and_streaming(gen, baselines):
     assert short.token_ids == ref.token_ids[:5] and short.finish_reason == "length"
 
 
+CLOUD = {k: Speculation(k, proposal="cloud") for k in (1, 3, 8)}
+
+
+@pytest.mark.parametrize("prompt,context", CASES)
+def test_cloud_drafts_greedy_identical_to_normal_loop(gen, baselines, prompt, context):
+    """The LLM drafts (its own greedy continuation, one request per round): token for token the
+    normal loop; each round asks the LLM for k + 1 positions."""
+    ref = baselines[prompt]
+    for k, spec in CLOUD.items():
+        res = gen.generate(prompt, context=context, max_new_tokens=N, speculative=spec)
+        assert res.token_ids == ref.token_ids and res.text == ref.text and res.finish_reason == ref.finish_reason, k
+        assert res.decided == len(ref.token_ids) + (ref.finish_reason == "eos")
+        assert res.llm_calls == res.rounds + 1 and all(1 <= x <= k for x in res.ks[:-1])
+        assert res.cloud_tokens == 1 + sum(x + 1 for x in res.ks)
+        assert 0 <= res.accepted <= res.drafted
+        if k >= 3:
+            assert res.round_trips_per_token < 1.0
+
+
+def test_cloud_drafts_batch_stop_strings_gate_and_resume(smol, gen, baselines):
+    from costeer.gating import ConfidenceGate
+
+    word = baselines[CASES[2][0]].text.split()[4]
+    reqs = [Request(prompt=p, context=c, stop=[word] if i == 2 else ()) for i, (p, c) in enumerate(CASES)]
+    normal = gen.generate(reqs, max_new_tokens=N)
+    chunks = list(gen.stream(reqs, max_new_tokens=N, speculative=CLOUD[3]))
+    by_index = {ch.index: ch.result for ch in chunks if ch.done}
+    for i in range(len(reqs)):
+        a, b = normal[i], by_index[i]
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason, i
+        assert "".join(ch.text for ch in chunks if ch.index == i) == b.text
+    g = Generator(llm=smol, slm=smol, cfg=gen.cfg, gate=ConfidenceGate(threshold=0.5, patience=2), cobatch=False)
+    reqs = [Request(prompt=p, context=c) for p, c in CASES]
+    gated = g.generate(reqs, max_new_tokens=N)
+    spec = g.generate(reqs, max_new_tokens=N, speculative=CLOUD[3])
+    assert [r.token_ids for r in spec] == [r.token_ids for r in gated]
+    assert [r.steered_tokens for r in spec] == [r.steered_tokens for r in gated]
+    prompt, context = CASES[0]
+    full = gen.generate(prompt, context=context, max_new_tokens=N, speculative=CLOUD[3], temperature=0.9, seed=5)
+    assert full.token_ids == gen.generate(prompt, context=context, max_new_tokens=N, speculative=CLOUD[3],
+                                          temperature=0.9, seed=5).token_ids  # reproducible from the seed
+    for cut in (1, 7):
+        res = gen.generate(prompt, context=context, max_new_tokens=N, speculative=CLOUD[3], temperature=0.9, seed=5,
+                           prefix=[full.token_ids[:cut]])
+        assert res.token_ids == full.token_ids, cut
+
+
+def test_cloud_drafts_need_a_stream_that_continues(gen):
+    from costeer.speculative import Drafter
+
+    with pytest.raises(ValueError, match="k='auto' is not available with proposal='cloud'"):
+        Speculation("auto", proposal="cloud")
+
+    class ScoresOnly:
+        def score_send(self, tokens, rollback=0):
+            pass
+
+    with pytest.raises(ValueError, match="proposal 'cloud' needs an LLM that continues"):
+        Drafter(CLOUD[1], gen.cfg, None, ScoresOnly(), None, 10, {}, 1, [])
+    Drafter(Speculation(1), gen.cfg, None, ScoresOnly(), None, 10, {}, 1, [])  # the device's drafts need scores only
+
+
 def test_one_model_cobatched_runs_the_step(smol, baselines):
     """The LLM is the in-process small model itself (co-batched): a round's LLM scores would be the
     no-context rows' own, so speculation runs the co-batched step: same tokens, no rounds."""
@@ -262,7 +324,7 @@ def _exact_joint(llm, slm, cfg, pub, ctx, noctx, V, n_tok):
     return exact
 
 
-@pytest.mark.parametrize("proposal", ["ctx", "proxy"])
+@pytest.mark.parametrize("proposal", ["ctx", "proxy", "cloud"])
 def test_sampling_distribution_tiny_model(proposal):
     """End to end on tiny random models (LLM != small model): the joint distribution of the first
     3 sampled tokens equals the steered distribution computed exactly by enumeration."""

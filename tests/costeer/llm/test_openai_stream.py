@@ -29,6 +29,7 @@ class Endpoint:
 
     def __init__(self, model):
         self.model, self.seen, self.headers, self.script = model, [], [], []
+        self.short_rows = {}  # choice index -> tokens it answers at most (an engine ending a row at its EOS)
         self.close_after_answer = False
         self.connections = set()
         ep = self
@@ -72,7 +73,31 @@ class Endpoint:
                     return self._send(200, {"choices": [{"index": 0, "text": "x"}]})
                 if body["model"] != MODEL:
                     return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
-                self._send(200, ep.answer(body))
+                answer = ep.answer(body)
+                if not body.get("stream"):
+                    return self._send(200, answer)
+                # server-sent events as vLLM streams a completion: one event per token and choice
+                events = []
+                for c in answer["choices"]:
+                    lp = c["logprobs"]
+                    for t, (tok, top) in enumerate(zip(lp["tokens"], lp["top_logprobs"])):
+                        last = t == len(lp["tokens"]) - 1
+                        events.append((t, {"choices": [{"index": c["index"], "text": "", "finish_reason":
+                                                        ("length" if last else None),
+                                                        "logprobs": {"tokens": [tok], "top_logprobs": [top]}}]}))
+                events.sort(key=lambda e: e[0])
+                data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for _, e in events) + b"data: [DONE]\n\n"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if action == "cut-stream":  # the engine goes away mid-answer: half the events, then the close
+                    self.wfile.write(data[: data.index(b"data:", len(data) // 2)])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+                self.wfile.flush()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -86,10 +111,17 @@ class Endpoint:
         for i, p in enumerate(body["prompt"]):
             with torch.inference_mode():
                 lp = torch.log_softmax(self.model.model(torch.tensor([p])).logits[0].float(), -1)
-            v, ix = torch.topk(lp[-1], body["logprobs"])
-            top = {f"token_id:{int(t)}": float(x) for t, x in zip(ix, v)}
-            c = {"index": i, "text": "", "logprobs": {"tokens": [f"token_id:{int(ix[0])}"], "token_logprobs": [float(v[0])],
-                                                      "top_logprobs": [top]}}
+            toks, tops, seq, last = [], [], list(p), lp[-1]
+            n = min(body.get("max_tokens", 1), self.short_rows.get(i, 10**9))
+            for t in range(n):  # greedy, as temperature 0 asks; max_tokens > 1: the cloud drafts
+                if t:
+                    with torch.inference_mode():
+                        last = torch.log_softmax(self.model.model(torch.tensor([seq])).logits[0, -1].float(), -1)
+                v, ix = torch.topk(last, body["logprobs"])
+                tops.append({f"token_id:{int(x)}": float(y) for x, y in zip(ix, v)})
+                toks.append(f"token_id:{int(ix[0])}")
+                seq.append(int(ix[0]))
+            c = {"index": i, "text": "", "logprobs": {"tokens": toks, "top_logprobs": tops}}
             if body.get("prompt_logprobs"):
                 k = body["prompt_logprobs"]
                 entries = [None]
@@ -240,6 +272,102 @@ def test_score_matches_one_step_at_a_time(endpoint, score):
     torch.testing.assert_close(scored, torch.stack(steps))
     with pytest.raises(ValueError, match="rollback"):
         s.score_send([[1]], rollback=99)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_draft_is_the_engines_greedy_continuation(endpoint, streamed):
+    """draft_send / draft_recv: one max_tokens=n request; the tokens are the engine's greedy ones, row
+    i is what one step after the first i - 1 of them gives, the sequence keeps n - 1 of them (the
+    next request's rollback drops the rejected), and a row the engine ended early cuts the round."""
+    s = _stream(endpoint, k=5, stream_drafts=streamed)
+    s.open([[1, 2, 3], [7, 8, 9]])
+    first = s.recv().logits
+    s.draft_send([40, 41], 3)
+    with pytest.raises(RuntimeError, match="draft"):
+        s.recv()
+    d = s.draft_recv(3)
+    assert endpoint.seen[-1]["max_tokens"] == 3 and endpoint.seen[-1]["prompt"] == [[1, 2, 3, 40], [7, 8, 9, 41]]
+    assert endpoint.seen[-1].get("stream", False) is streamed
+    assert d.tokens.shape == (2, 3) and d.logits.shape == (6, 49152)
+    assert first.shape == (2, 49152)
+    steps = []
+    for b, x in enumerate((40, 41)):
+        seq = [[1, 2, 3], [7, 8, 9]][b] + [x]
+        for i in range(3):
+            s2 = _stream(endpoint, k=5)
+            s2.open([seq])
+            row = s2.recv().logits[0]
+            steps.append(row)
+            assert int(row.argmax()) == int(d.tokens[b, i])
+            seq = seq + [int(d.tokens[b, i])]
+    torch.testing.assert_close(d.logits, torch.stack(steps))
+    endpoint.short_rows = {1: 2}
+    s.draft_send([50, 51], 4, rollback=1)  # drops the second drafted token of each row
+    kept = [[1, 2, 3, 40, int(d.tokens[0, 0])], [7, 8, 9, 41, int(d.tokens[1, 0])]]
+    d2 = s.draft_recv(4)
+    assert endpoint.seen[-1]["prompt"] == [kept[0] + [50], kept[1] + [51]]
+    assert d2.tokens.shape == (2, 2) and d2.logits.shape == (4, 49152)
+    assert s._prompts == [kept[0] + [50, int(d2.tokens[0, 0])], kept[1] + [51, int(d2.tokens[1, 0])]]
+    with pytest.raises(ValueError, match="one token id per row"):
+        s.draft_send([1], 2)
+    with pytest.raises(ValueError, match="n must be"):
+        s.draft_send([1, 2], 0)
+    s.open([[1, 2, 3]])
+    s.recv()
+    endpoint.script = ["no-logprobs"]
+    s.draft_send([4], 2)
+    with pytest.raises(StreamError, match="top logprobs per generated token" if not streamed else "without server-sent events"):
+        s.draft_recv(2)
+
+
+def test_streamed_draft_cut_mid_answer_is_requested_again(endpoint):
+    """The engine closes the connection half-way through a streamed draft: the stream sends the request
+    again, checks the positions it already yielded against the new answer and goes on; with
+    reconnects off the cut is a StreamError naming the URL."""
+    s = _stream(endpoint, k=5)
+    s.open([[1, 2, 3], [7, 8, 9]])
+    s.recv()
+    s.draft_send([40, 41], 4)
+    want = s.draft_recv(4)
+    s.open([[1, 2, 3], [7, 8, 9]])
+    s.recv()
+    endpoint.script = ["cut-stream"]
+    s.draft_send([40, 41], 4)
+    got = list(s.draft_iter(4))
+    assert s.reconnects == 1 and len(got) == 4
+    assert torch.equal(torch.stack([g[0] for g in got], 1), want.tokens)
+    torch.testing.assert_close(torch.stack([g[1].logits for g in got], 1).reshape(8, -1), want.logits)
+    assert s._prompts[0] == [1, 2, 3, 40] + want.tokens[0, :3].tolist()
+    s2 = _stream(endpoint, k=5, reconnect_timeout=0)
+    s2.open([[1, 2, 3]])
+    s2.recv()
+    endpoint.script = ["cut-stream"]
+    s2.draft_send([40], 4)
+    with pytest.raises(StreamError, match="while it streamed a draft"):
+        s2.draft_recv(4)
+
+
+def test_cloud_drafted_generation_streams_and_cuts_at_the_first_rejection(endpoint, smol):
+    """Generator with Speculation(proposal="cloud") through the endpoint: streamed max_tokens=k+1
+    requests; greedy output equals the normal loop's through the same endpoint; a round whose draft
+    is rejected early is cut there (its connection dropped: the engine stops decoding it), so some
+    round uses fewer than k + 1 positions, and the rollback rides on the next request."""
+    from costeer.speculative import Speculation
+
+    g = Generator(llm=None, slm=smol, llm_url=endpoint.url, remote_model=MODEL, topk=20)
+    normal = g.generate(PROMPT, context=CONTEXT, max_new_tokens=16)
+    n0 = len(endpoint.seen)
+    spec = g.generate(PROMPT, context=CONTEXT, max_new_tokens=16, speculative=Speculation(4, proposal="cloud"))
+    assert spec.finish_reason != "error", spec.error
+    assert spec.token_ids == normal.token_ids, (spec.text, normal.text)
+    sent = endpoint.seen[n0:]
+    assert len(sent) == spec.llm_calls and all(b["stream"] is True for b in sent[1:])
+    assert all(b["max_tokens"] == 5 for b in sent[1:-1])
+    assert any(k < 4 for k in spec.ks[:-1]), spec.ks  # a cut round (SmolLM2 steered disagrees with its greedy)
+    pub = sent[0]["prompt"][0]
+    for body in sent[1:]:  # each request holds exactly the emitted text: the rejected drafts rolled back
+        p = body["prompt"][0]
+        assert p == pub + spec.token_ids[:len(p) - len(pub)]
 
 
 def test_api_key_from_cli_and_environment(endpoint, smol, monkeypatch, tmp_path):

@@ -238,6 +238,28 @@ def test_speculative_through_vllm_equals_the_normal_loop(vllm, smol, score):
             assert body.get("prompt_logprobs") == K
 
 
+def test_cloud_drafted_speculation_through_vllm_equals_the_normal_loop(vllm, smol):
+    """vLLM drafts (Speculation(proposal="cloud")): one streamed max_tokens=k+1 request per round, its
+    greedy tokens and top 20 per position (a round cut at its first rejection); the steered output is
+    token for token the normal loop's."""
+    from costeer.speculative import Speculation
+
+    g = _remote(vllm, smol)
+    prompt, context = CASES[0]
+    normal = g.generate(prompt, context=context, max_new_tokens=24)
+    n0 = len(vllm.requests())
+    spec = g.generate(prompt, context=context, max_new_tokens=24, speculative=Speculation(3, proposal="cloud"))
+    assert spec.finish_reason != "error", spec.error
+    assert spec.token_ids == normal.token_ids, (spec.text, normal.text)
+    sent = vllm.requests()[n0:]
+    assert len(sent) == spec.llm_calls < len(spec.token_ids)
+    assert all(b["max_tokens"] == 4 and b["stream"] is True and "prompt_logprobs" not in b for b in sent[1:-1])
+    pub = sent[0]["prompt"][0]
+    for body in sent[1:]:  # each request holds exactly the emitted text: the rejected drafts rolled back
+        p = body["prompt"][0]
+        assert p == pub + spec.token_ids[:len(p) - len(pub)]
+
+
 def test_generation_survives_a_vllm_restart_mid_generation(vllm, smol):
     """vLLM killed after the 4th piece of text and started again on the same port (about a minute): the
     generation, with the default settings, waits for it and gives the uninterrupted run's tokens."""
