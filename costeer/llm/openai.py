@@ -326,6 +326,18 @@ class OpenAICompletionsStream(LLMStream):
 
     # -- speculative steering (costeer/speculative.py's rounds)
 
+    def _roll_and_append(self, rollback, rows: List[List[int]], n: int) -> None:
+        """Drop the last ``rollback`` tokens of every row, check that ``n`` more positions fit the
+        window, append ``rows`` (one list per row)."""
+        if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0 or \
+                any(rollback >= len(p) for p in self._prompts):
+            raise ValueError(f"rollback must be an int in [0, prompt length), got {rollback!r}")
+        for p in self._prompts:
+            del p[len(p) - rollback:]
+        self._check_room(n)
+        for p, r in zip(self._prompts, rows):
+            p.extend(r)
+
     def score_send(self, tokens, rollback: int = 0) -> None:
         """Drop the last ``rollback`` tokens of every row, append ``tokens`` (one equal-length list per row)
         and request the next-token top k after each appended token (as ``score`` says)."""
@@ -335,14 +347,7 @@ class OpenAICompletionsStream(LLMStream):
         n = len(rows[0]) if rows else 0
         if n < 1 or any(len(r) != n for r in rows):
             raise ValueError("score: every row needs the same number (>= 1) of tokens")
-        if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0 or \
-                any(rollback >= len(p) for p in self._prompts):
-            raise ValueError(f"rollback must be an int in [0, prompt length), got {rollback!r}")
-        for p in self._prompts:
-            del p[len(p) - rollback:]
-        self._check_room(n)
-        for p, r in zip(self._prompts, rows):
-            p.extend(r)
+        self._roll_and_append(rollback, rows, n)
         self._score_n, self._draft_n = n, None
         if self.score == "prompts":  # row-major: row r's prompts end at its 1st, ..., n-th appended token
             self._post(self._request(prompt=[p[:len(p) - n + 1 + i] for p in self._prompts for i in range(n)]))
@@ -381,14 +386,7 @@ class OpenAICompletionsStream(LLMStream):
             raise ValueError(f"tokens must hold one token id per row ({len(self._prompts)} rows)")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
-        if isinstance(rollback, bool) or not isinstance(rollback, int) or rollback < 0 or \
-                any(rollback >= len(p) for p in self._prompts):
-            raise ValueError(f"rollback must be an int in [0, prompt length), got {rollback!r}")
-        for p in self._prompts:
-            del p[len(p) - rollback:]
-        self._check_room(n)
-        for p, t in zip(self._prompts, toks):
-            p.append(t)
+        self._roll_and_append(rollback, [[t] for t in toks], n)
         self._score_n, self._draft_n = None, n
         extra = {"stream": True} if self.streams_drafts else {}
         self._post(self._request(max_tokens=n, **extra))
