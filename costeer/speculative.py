@@ -338,7 +338,7 @@ class Drafter:
         B, V = self.B, self.V
         t0 = time.perf_counter()
         with torch.inference_mode():
-            self.stream.draft_send(list(pending), k + 1, rollback=self.rollback)
+            self.stream.draft_send(list(pending), k + 1, rollback=self.rollback, live=list(live))
             first = self.local.step(list(pending))  # while the cloud decodes
             t1 = time.perf_counter()
             if getattr(self.stream, "streams_drafts", False):
@@ -350,21 +350,23 @@ class Drafter:
                 cut = self.greedy and self.gate is None
                 toks, zrows, local_rows, outs, local_s = [], [], [], [first], 0.0
                 draft = self.stream.draft_iter(k + 1)
-                for i, (tok, row) in enumerate(draft):
-                    tl = time.perf_counter()
-                    toks.append(tok)
-                    zrows.append(row.logits[:, :V])
-                    local_rows.append(self._local_rows(outs[i]))
-                    if i < k and cut:
-                        zc_i, zn_i = local_rows[-1]
-                        best = costeer_kernels.steer_sample(zrows[-1], zc_i, zn_i, self.cfg, validate=False)[0]
-                        if any(live[b] and int(best[b]) != int(tok[b]) for b in range(B)):
-                            draft.close()  # c_{i+1} cannot be accepted: the round ends at this row
-                            local_s += time.perf_counter() - tl
-                            break
-                    if i < k:
-                        outs.append(self.local.step(tok.tolist()))
-                    local_s += time.perf_counter() - tl
+                try:
+                    for i, (tok, row) in enumerate(draft):
+                        tl = time.perf_counter()
+                        toks.append(tok)
+                        zrows.append(row.logits[:, :V])
+                        local_rows.append(self._local_rows(outs[i]))
+                        if i < k and cut:
+                            zc_i, zn_i = local_rows[-1]
+                            best = costeer_kernels.steer_sample(zrows[-1], zc_i, zn_i, self.cfg, validate=False)[0]
+                            if any(live[b] and int(best[b]) != int(tok[b]) for b in range(B)):
+                                local_s += time.perf_counter() - tl
+                                break  # c_{i+1} cannot be accepted: the round ends at this row
+                        if i < k:
+                            outs.append(self.local.step(tok.tolist()))
+                        local_s += time.perf_counter() - tl
+                finally:
+                    draft.close()  # after a cut or a failure: the engine stops decoding the answer
                 t2 = time.perf_counter()
                 n = len(toks)
                 if len(outs) > n:  # the engine ended a row early: c_n's local pass is not needed

@@ -95,11 +95,12 @@ class InProcessLLMStream(LLMStream):
         """The answer to ``score_send``: logits [rows * n, V]."""
         return self.recv()
 
-    def draft_send(self, tokens, n: int, rollback: int = 0) -> None:
+    def draft_send(self, tokens, n: int, rollback: int = 0, live=None) -> None:
         """Drop the last ``rollback`` positions of every row, append ``tokens`` (one per row) and
         continue every row greedily for ``n`` positions (n one-token forwards); ``draft_recv``
         returns the continuation and its rows (``DraftStep``). Afterwards the cache holds the
-        appended token and the first n - 1 drafted ones."""
+        appended token and the first n - 1 drafted ones. ``live`` is accepted for the OpenAI
+        stream's signature: no row ends early here."""
         if self._kv is None:
             raise RuntimeError("draft_send before open")
         toks = [int(t) for t in tokens]
@@ -115,7 +116,8 @@ class InProcessLLMStream(LLMStream):
         for i in range(n):
             logits = self._kv.step(tokens).logits
             # the LLM's own greedy choice, picked by the kernels' sampler as every token (unsteered)
-            c = costeer_kernels.steer_sample(logits, logits, logits, _UNSTEERED, validate=False)[0]
+            w = logits[:, :self.vocab_size]  # never a padded column of the head
+            c = costeer_kernels.steer_sample(w, w, w, _UNSTEERED, validate=False)[0]
             rows.append(logits)
             ids.append(c)
             if i < n - 1:

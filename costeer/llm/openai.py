@@ -143,6 +143,7 @@ class OpenAICompletionsStream(LLMStream):
         self._written = False
         self._score_n: Optional[int] = None
         self._draft_n: Optional[int] = None
+        self._draft_live: List[bool] = []
         self._choices = 0
         self._sent_at = None
         self._server_s = 0.0
@@ -376,18 +377,23 @@ class OpenAICompletionsStream(LLMStream):
             out.append(self._generated_top(c))
         return self._step(t0, out)
 
-    def draft_send(self, tokens, n: int, rollback: int = 0) -> None:
+    def draft_send(self, tokens, n: int, rollback: int = 0, live=None) -> None:
         """Drop the last ``rollback`` tokens of every row, append ``tokens`` (one per row) and ask the
         engine to continue every row greedily for ``n`` tokens with the top k at each
         (``max_tokens=n``): the cloud drafts. A plain completion request: the engine's prefix cache
-        serves the known sequence and its own decoding the n tokens."""
+        serves the known sequence and its own decoding the n tokens. ``live`` (one bool per row,
+        default all): False marks a row whose generation already ended; the engine may end it at
+        once, so it never shortens the round, and its answer is replaced by a live row's (filler)."""
         toks = [int(t) for t in tokens] if isinstance(tokens, (list, tuple)) else None
         if toks is None or len(toks) != len(self._prompts):
             raise ValueError(f"tokens must hold one token id per row ({len(self._prompts)} rows)")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
+        live = [True] * len(toks) if live is None else [bool(x) for x in live]
+        if len(live) != len(toks) or not any(live):
+            raise ValueError(f"live must hold one bool per row ({len(toks)} rows), at least one True")
         self._roll_and_append(rollback, [[t] for t in toks], n)
-        self._score_n, self._draft_n = None, n
+        self._score_n, self._draft_n, self._draft_live = None, n, live
         extra = {"stream": True} if self.streams_drafts else {}
         self._post(self._request(max_tokens=n, **extra))
 
@@ -420,7 +426,10 @@ class OpenAICompletionsStream(LLMStream):
                 raise StreamError(f"{self.url} answered {len(ids)} tokens with {len(tops)} top-logprob entries "
                                   f"for max_tokens={n}")
             seqs.append((ids, tops))
-        m = min(len(ids) for ids, _ in seqs)
+        live = self._draft_live
+        m = min(len(ids) for (ids, _), on in zip(seqs, live) if on)
+        ref = seqs[live.index(True)]
+        seqs = [seq if on else ref for seq, on in zip(seqs, live)]  # an ended generation's row: filler
         step = self._step(t0, [tops[i] for _, tops in seqs for i in range(m)])
         for p, (ids, _) in zip(self._prompts, seqs):
             p.extend(ids[:m - 1])
@@ -452,9 +461,11 @@ class OpenAICompletionsStream(LLMStream):
         self._draft_n = None
         self._server_s = 0.0
         B = len(self._prompts)
+        live = [i for i in range(B) if self._draft_live[i]]
         m = 0  # positions yielded
         seen: List[List[int]] = []  # the yielded positions' tokens
         deadline = time.monotonic() + self.reconnect_timeout
+        delay, resends = self.backoff, 0
         try:
             while True:
                 resp, _ = self._response(read=False)
@@ -477,14 +488,20 @@ class OpenAICompletionsStream(LLMStream):
                         events += 1
                         payload = line[5:].strip()
                         if payload == b"[DONE]":
-                            complete = True
+                            complete = self._drain(resp)
                             break
                         for c in self._event_choices(payload, B):
-                            self._event_tokens(c, ids, tops, ended, n)
-                        while at < n and all(len(r) > at for r in ids):
+                            if self._draft_live[c.get("index", 0)]:  # an ended generation's row: filler below
+                                self._event_tokens(c, ids, tops, ended, n)
+                        while at < n and all(len(ids[i]) > at for i in live):
+                            # a row whose generation ended gets a live row's entry as filler
+                            for i in range(B):
+                                if not self._draft_live[i]:
+                                    ids[i].append(ids[live[0]][at])
+                                    tops[i].append(tops[live[0]][at])
                             tokens = [r[at] for r in ids]
                             if at < m:  # a resent request: its positions must be the ones already used
-                                if tokens != seen[at]:
+                                if [tokens[i] for i in live] != [seen[at][i] for i in live]:
                                     raise StreamError(f"{self.url} answered the resent draft request with other tokens "
                                                       f"at position {at} ({tokens} != {seen[at]}): greedy decoding is "
                                                       f"not deterministic on this engine")
@@ -497,13 +514,21 @@ class OpenAICompletionsStream(LLMStream):
                                 m += 1
                                 yield torch.tensor(tokens, dtype=torch.long), step
                             at += 1
-                        if any(ended[i] and len(ids[i]) <= at for i in range(B)) or at == n:
-                            resp.read()  # the round's positions are all here: drain the answer (keep-alive)
+                        if at == n:  # the round's positions are all here: drain the answer (keep-alive)
+                            complete = self._drain(resp)
+                        elif any(ended[i] and len(ids[i]) <= at for i in live):
+                            # a live row ended (its end of sequence): the round ends with it; drop the
+                            # connection rather than wait for the other rows' decoding
+                            self._reset()
                             complete = True
                     cause = None if complete else "the answer ended before its last event"
                 except StreamError:
                     self._reset()
                     raise
+                except TimeoutError:
+                    self._reset()
+                    raise StreamError(f"no event from {self.url} within {self.timeout:g} s while it streamed a draft "
+                                      f"(raise --timeout for slow steps)") from None
                 except (OSError, http.client.HTTPException) as exc:
                     self._reset()
                     cause = f"{type(exc).__name__}: {exc}"
@@ -512,8 +537,12 @@ class OpenAICompletionsStream(LLMStream):
                     raise
                 if cause is None:
                     break
-                if self.reconnect_timeout <= 0 or time.monotonic() > deadline:
+                if self.reconnect_timeout <= 0 or time.monotonic() + (delay if resends else 0) > deadline:
                     raise StreamError(f"lost the connection to {self.url} while it streamed a draft: {cause}")
+                if resends:  # the first resend goes at once, then with the same backoff as any request
+                    time.sleep(delay)
+                    delay = min(self.max_backoff, max(2 * delay, 0.01))
+                resends += 1
                 self._reset()
                 self.reconnects += 1
                 self._body = body
@@ -525,6 +554,15 @@ class OpenAICompletionsStream(LLMStream):
             # closes the iteration early: the round ended there)
             for b, p in enumerate(self._prompts):
                 p.extend(seen[t][b] for t in range(m - 1))
+
+    def _drain(self, resp) -> bool:
+        """Read the rest of a streamed answer so that the connection can carry the next request;
+        a failure there only costs the connection (every position is already read). True."""
+        try:
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            self._reset()
+        return True
 
     def _event_tokens(self, c: dict, ids, tops, ended, n: int) -> None:
         """One streamed choice's tokens and top k appended to its row."""
@@ -552,7 +590,8 @@ class OpenAICompletionsStream(LLMStream):
         if not isinstance(data, dict) or "error" in data:
             raise StreamError(f"{self.url} streamed an error: {_error_text(payload)}")
         choices = data.get("choices")
-        if not isinstance(choices, list) or any(not isinstance(c, dict) or not 0 <= c.get("index", 0) < B
+        if not isinstance(choices, list) or any(not isinstance(c, dict) or not isinstance(c.get("index", 0), int)
+                                                or isinstance(c.get("index", 0), bool) or not 0 <= c.get("index", 0) < B
                                                 for c in choices):
             raise StreamError(f"{self.url} streamed an event without valid choices: {payload[:200]!r}")
         return choices

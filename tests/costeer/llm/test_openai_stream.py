@@ -308,6 +308,13 @@ def test_draft_is_the_engines_greedy_continuation(endpoint, streamed):
     assert endpoint.seen[-1]["prompt"] == [kept[0] + [50], kept[1] + [51]]
     assert d2.tokens.shape == (2, 2) and d2.logits.shape == (4, 49152)
     assert s._prompts == [kept[0] + [50, int(d2.tokens[0, 0])], kept[1] + [51, int(d2.tokens[1, 0])]]
+    endpoint.short_rows = {1: 1}  # a row whose generation ended (fed its EOS): the engine ends it at once
+    s.draft_send([60, 61], 3, live=[True, False])
+    d3 = s.draft_recv(3)
+    assert d3.tokens.shape == (2, 3) and d3.logits.shape == (6, 49152)  # the dead row does not cut the round
+    assert torch.equal(d3.tokens[1], d3.tokens[0]) and torch.equal(d3.logits[3:], d3.logits[:3])  # filler
+    with pytest.raises(ValueError, match="live"):
+        s.draft_send([1, 2], 2, live=[False, False])
     with pytest.raises(ValueError, match="one token id per row"):
         s.draft_send([1], 2)
     with pytest.raises(ValueError, match="n must be"):
