@@ -375,6 +375,17 @@ def test_cloud_drafted_generation_streams_and_cuts_at_the_first_rejection(endpoi
     for body in sent[1:]:  # each request holds exactly the emitted text: the rejected drafts rolled back
         p = body["prompt"][0]
         assert p == pub + spec.token_ids[:len(p) - len(pub)]
+    # a batch whose second request stops early (a stop string): its finished row is marked dead, so
+    # the engine ending that row at once does not shorten the first request's rounds
+    from costeer import Request
+
+    word = normal.text.split()[2]
+    reqs = [Request(prompt=PROMPT, context=CONTEXT), Request(prompt=PROMPT, context=CONTEXT, stop=[word])]
+    want = g.generate(reqs, max_new_tokens=16)
+    endpoint.short_rows = {1: 1}
+    got = g.generate(reqs, max_new_tokens=16, speculative=Speculation(4, proposal="cloud"))
+    assert [r.token_ids for r in got] == [r.token_ids for r in want] and got[1].finish_reason == "stop"
+    assert got[0].token_ids == normal.token_ids and got[0].rounds < len(got[0].token_ids) - 1
 
 
 def test_api_key_from_cli_and_environment(endpoint, smol, monkeypatch, tmp_path):
