@@ -331,7 +331,8 @@ class Drafter:
     def _cloud_round(self, pending: Sequence[int], position: int, live: Sequence[bool], k: int) -> Round:
         """The cloud drafts: ONE request continues every row greedily for k + 1 tokens c_1..c_{k+1}
         and returns its row at each (row i given the sequence, x and c_1..c_{i-1}); the local passes
-        of x run meanwhile, those of c_1..c_k in one forward after the answer; ONE verification op
+        of x run meanwhile, those of each c_i as it streams in (or of c_1..c_k in one forward after
+        a non-streamed answer); ONE verification op
         with the proposal q_i = the point mass on c_i (accepted with probability p_i(c_i), the
         residual p_i without c_i renormalized: exact; greedy: accepted while c_i is the steered
         argmax). Every row the verification reads is the LLM's answer for a sequence it keeps."""
@@ -348,6 +349,7 @@ class Drafter:
                 # steered argmax is not the engine's token: the answer is dropped there (the engine
                 # stops decoding it) instead of decoding positions that cannot be accepted.
                 cut = self.greedy and self.gate is None
+                live_rows = torch.tensor(list(live))
                 toks, zrows, local_rows, outs, local_s = [], [], [], [first], 0.0
                 draft = self.stream.draft_iter(k + 1)
                 try:
@@ -359,7 +361,7 @@ class Drafter:
                         if i < k and cut:
                             zc_i, zn_i = local_rows[-1]
                             best = costeer_kernels.steer_sample(zrows[-1], zc_i, zn_i, self.cfg, validate=False)[0]
-                            if any(live[b] and int(best[b]) != int(tok[b]) for b in range(B)):
+                            if bool(((best != tok) & live_rows).any()):  # one read-back per position
                                 local_s += time.perf_counter() - tl
                                 break  # c_{i+1} cannot be accepted: the round ends at this row
                         if i < k:
@@ -397,14 +399,10 @@ class Drafter:
             if outs is not None:  # streamed: the local rows were made position by position
                 zc = torch.stack([r[0] for r in local_rows], 1)
                 zn = None if self.W is not None else torch.stack([r[1] for r in local_rows], 1)
-            elif self.W is None:
-                zc = per_position(first.logits["ctx"][:, :V], rest.logits["ctx"][..., :V] if k else None)
-                zn = per_position(first.logits["noctx"][:, :V], rest.logits["noctx"][..., :V] if k else None)
-            else:
-                diff = per_position(first.hidden["ctx"] - first.hidden["noctx"],
-                                    rest.hidden["ctx"] - rest.hidden["noctx"] if k else None)
-                zc = costeer_kernels.linear_rows(diff, self.W)[..., :V]
-                zn = None
+            else:  # x's rows and the one forward's [B, k, ...] rows of c_1..c_k
+                (zc0, zn0), (zc1, zn1) = self._local_rows(first), self._local_rows(rest) if k else (None, None)
+                zc = per_position(zc0, zc1)
+                zn = None if self.W is not None else per_position(zn0, zn1)
             draft_logits = None
             if k and not self.greedy:
                 draft_logits = torch.full((B, k, V), float("-inf"))
@@ -420,12 +418,12 @@ class Drafter:
                      t4 - t3)
 
     def _local_rows(self, lo):
-        """One position's local rows for ``steer``: (z_c, z_n) logits, or (W (h_c - h_n), None), the
-        delta of a split small model (the bias cancels)."""
+        """Local rows for ``steer`` ([B, ...] or [B, n, ...]): (z_c, z_n) logits, or (W (h_c - h_n),
+        None), the delta of a split small model (the bias cancels)."""
         V = self.V
         if self.W is None:
-            return lo.logits["ctx"][:, :V], lo.logits["noctx"][:, :V]
-        return costeer_kernels.linear_rows(lo.hidden["ctx"] - lo.hidden["noctx"], self.W)[:, :V], None
+            return lo.logits["ctx"][..., :V], lo.logits["noctx"][..., :V]
+        return costeer_kernels.linear_rows(lo.hidden["ctx"] - lo.hidden["noctx"], self.W)[..., :V], None
 
     def _gated(self, zl: torch.Tensor, live: Sequence[bool], k: int):
         """The gate's decision at every scored position (before verification): a per-position

@@ -232,9 +232,7 @@ class OpenAICompletionsStream(LLMStream):
                     resp = self._conn.getresponse()
                     raw = resp.read() if read or resp.status != 200 else b""
                 except TimeoutError:
-                    self._reset()
-                    raise StreamError(f"no answer from {self.url} within {self.timeout:g} s (raise --timeout "
-                                      f"for slow steps)") from None
+                    raise self._timed_out("no answer") from None
                 except (OSError, http.client.HTTPException) as exc:
                     self._reset()
                     cause = f"{type(exc).__name__}: {exc}"
@@ -526,9 +524,7 @@ class OpenAICompletionsStream(LLMStream):
                     self._reset()
                     raise
                 except TimeoutError:
-                    self._reset()
-                    raise StreamError(f"no event from {self.url} within {self.timeout:g} s while it streamed a draft "
-                                      f"(raise --timeout for slow steps)") from None
+                    raise self._timed_out("no event", " while it streamed a draft") from None
                 except (OSError, http.client.HTTPException) as exc:
                     self._reset()
                     cause = f"{type(exc).__name__}: {exc}"
@@ -554,6 +550,10 @@ class OpenAICompletionsStream(LLMStream):
             # closes the iteration early: the round ended there)
             for b, p in enumerate(self._prompts):
                 p.extend(seen[t][b] for t in range(m - 1))
+
+    def _timed_out(self, what: str, during: str = "") -> StreamError:
+        self._reset()
+        return StreamError(f"{what} from {self.url} within {self.timeout:g} s{during} (raise --timeout for slow steps)")
 
     def _drain(self, resp) -> bool:
         """Read the rest of a streamed answer so that the connection can carry the next request;
