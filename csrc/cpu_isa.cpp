@@ -93,9 +93,16 @@ struct Avx2 {
     const __m256i e = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000));
     return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
   }
-  // p 2^n for t as above, as n << 23 added to p's bits (t << 23 is n << 23: the rest shifts out).
-  static V scale_by_rounded(V p, V t) {
-    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+  // vexp_sum's table: 2^(m / 8) for t = m + 1.5 * 2^23, as 2^(j / 8) (j = m & 7, the entry the
+  // permute picks from t's low bits) with (m >> 3) << 23 added to its bits. Each entry is the bits
+  // of float(2^(j / 8)) less j << 20, so that adding t << 20 (= m << 20: j << 20 plus the exponent)
+  // leaves exactly the exponent step.
+  static constexpr int EXP_TABLE = 8;
+  static V pow2_frac_of_rounded(V t) {
+    const __m256i tbl = _mm256_setr_epi32(0x3F800000, 0x3F7B95C2, 0x3F7837F0, 0x3F75FED7, 0x3F7504F3, 0x3F75672A,
+                                          0x3F7744FD, 0x3F7AC0C7);
+    const __m256i ti = _mm256_castps_si256(t);
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_permutevar8x32_epi32(tbl, ti), _mm256_slli_epi32(ti, 20)));
   }
   // Per-lane counters of mask lanes (a true lane is all ones: -1).
   using CI = __m256i;
@@ -212,8 +219,14 @@ struct Avx512 {
     const __m512i e = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000));
     return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
   }
-  static V scale_by_rounded(V p, V t) {
-    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+  // As Avx2's, with 16 entries (one 16-lane permute): float(2^(j / 16)) less j << 19.
+  static constexpr int EXP_TABLE = 16;
+  static V pow2_frac_of_rounded(V t) {
+    const __m512i tbl = _mm512_setr_epi32(0x3F800000, 0x3F7DAAC3, 0x3F7B95C2, 0x3F79C3D3, 0x3F7837F0, 0x3F76F532,
+                                          0x3F75FED7, 0x3F75583F, 0x3F7504F3, 0x3F7508A4, 0x3F75672A, 0x3F76248C,
+                                          0x3F7744FD, 0x3F78CCDF, 0x3F7AC0C7, 0x3F7D257D);
+    const __m512i ti = _mm512_castps_si512(t);
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_permutexvar_epi32(ti, tbl), _mm512_slli_epi32(ti, 19)));
   }
   using CI = __m512i;
   static CI zero_i() { return _mm512_setzero_si512(); }

@@ -2,6 +2,7 @@
 instruction-set path this CPU runs (test ids name it: portable, avx2, avx512), status bits, the
 row-split path, the fused sampler and projection, the bound on T, and the CUDA kernel's compile
 (nvcc, sm_80 + sm_90, no register spills)."""
+import math
 import os
 import re
 import shutil
@@ -113,6 +114,24 @@ def test_cpu_paths_match_reference(isa, shape, scale):
     zl, zc, zn = make_logits(*shape, scale=scale, mask_frac=0.05, seed=int(scale))
     zl[0, -1] = 60.0 * scale  # a late, much larger max: the running offset moves by > 64
     check_accuracy(steer(zl, zc, zn, backend="cpu"), zl, zc, zn)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+@pytest.mark.parametrize("V", [2000, 4099, 33333, 152064])
+def test_exp_sums_at_float32_resolution(isa, V, scale):
+    """The log-sum-exp alone, read where the output's rounding cannot hide it: z_c = z_n (no
+    steering), z_L[0] = 0 and the other tokens near log(1 / V), so out[0] = -lse rounds at lse's
+    small magnitude. The vector paths' table exponential (cpu_simd.inc vexp_sum, 1.1e-7 relative)
+    and their float32 sums are measured at <= 6e-7 here; one table entry off by 3e-5 gives 3.7e-6."""
+    bound = 3e-6 if isa == "portable" else 1e-6  # portable: steer_exp and its own sum order, measured <= 2.4e-6
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        zl = (math.log(1.0 / V) + torch.randn(2, V, generator=g, dtype=torch.float64) * scale).float()
+        zl[:, 0] = 0.0
+        zc = torch.randn(2, V, generator=g)
+        out = steer(zl, zc, zc.clone(), backend="cpu")
+        err = (out[:, 0].double() + torch.logsumexp(zl.double(), -1)).abs().max().item()
+        assert err <= bound, f"log-sum-exp error {err:.3g} > {bound:.1g} (V={V}, scale={scale}, seed={seed})"
 
 
 @pytest.mark.parametrize("shape,dtype,mode", [
