@@ -10,7 +10,7 @@ import math
 import os
 import time
 import urllib.parse
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -412,14 +412,7 @@ class OpenAICompletionsStream(LLMStream):
         self._draft_n = None
         seqs = []
         for c in data["choices"]:
-            try:
-                lp = c["logprobs"]
-                ids = [_parse_token_key(str(t)) for t in lp["tokens"]]
-                tops = [{_parse_token_key(key): float(v) for key, v in top.items()} for top in lp["top_logprobs"]]
-            except (KeyError, TypeError, AttributeError, ValueError) as exc:
-                raise StreamError(f"{self.url} gave no tokens and top logprobs per generated token "
-                                  f"({type(exc).__name__}: {exc}): it must support \"logprobs\" up to {self.k} "
-                                  f"(vLLM: --max-logprobs) and return_tokens_as_token_ids") from None
+            ids, tops = self._choice_tokens(c.get("logprobs") if isinstance(c, dict) else None, "gave")
             if not ids or len(tops) != len(ids) or len(ids) > n:
                 raise StreamError(f"{self.url} answered {len(ids)} tokens with {len(tops)} top-logprob entries "
                                   f"for max_tokens={n}")
@@ -564,18 +557,25 @@ class OpenAICompletionsStream(LLMStream):
             self._reset()
         return True
 
+    def _choice_tokens(self, lp, verb: str) -> Tuple[List[int], List[dict]]:
+        """A generated choice's ``logprobs`` (one answer's, or one server-sent event's) as (token ids,
+        top k {id: logprob} per token); ``verb`` says how it came in the error ("gave", "streamed")."""
+        try:
+            return ([_parse_token_key(str(t)) for t in lp["tokens"]],
+                    [{_parse_token_key(key): float(v) for key, v in top.items()} for top in lp["top_logprobs"]])
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise StreamError(f"{self.url} {verb} no tokens and top logprobs per generated token "
+                              f"({type(exc).__name__}: {exc}): it must support \"logprobs\" up to {self.k} "
+                              f"(vLLM: --max-logprobs) and return_tokens_as_token_ids") from None
+
     def _event_tokens(self, c: dict, ids, tops, ended, n: int) -> None:
         """One streamed choice's tokens and top k appended to its row."""
         i = c.get("index", 0)
         lp = c.get("logprobs")
         if lp:
-            try:
-                ids[i].extend(_parse_token_key(str(t)) for t in lp["tokens"])
-                tops[i].extend({_parse_token_key(key): float(v) for key, v in top.items()} for top in lp["top_logprobs"])
-            except (KeyError, TypeError, AttributeError, ValueError) as exc:
-                raise StreamError(f"{self.url} streamed no tokens and top logprobs per generated token "
-                                  f"({type(exc).__name__}: {exc}): it must support \"logprobs\" up to {self.k} "
-                                  f"and return_tokens_as_token_ids") from None
+            got_ids, got_tops = self._choice_tokens(lp, "streamed")
+            ids[i].extend(got_ids)
+            tops[i].extend(got_tops)
             if len(tops[i]) != len(ids[i]) or len(ids[i]) > n:
                 raise StreamError(f"{self.url} streamed {len(ids[i])} tokens with {len(tops[i])} top-logprob "
                                   f"entries for max_tokens={n}")

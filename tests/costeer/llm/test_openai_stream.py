@@ -24,7 +24,7 @@ class Endpoint:
     ``close_after_answer``: close the connection after every answer WITHOUT a ``Connection: close``
     header, as vLLM does to a keep-alive connection left idle for 5 s: the client only learns it when
     it reuses the connection. ``script``: answers to give before the real ones ("503", "500", "401",
-    "garbage", "no-logprobs", ("sleep", s)).
+    "garbage", "no-logprobs", "event-without-top", "cut-stream", ("sleep", s)).
     """
 
     def __init__(self, model):
@@ -71,6 +71,15 @@ class Endpoint:
                     return self._send(200, b"<html>not json</html>")
                 elif action == "no-logprobs":
                     return self._send(200, {"choices": [{"index": 0, "text": "x"}]})
+                elif action == "event-without-top":  # a server-sent event whose logprobs lack the top k
+                    data = b'data: {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:5"]}}]}\n\n'
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                    return
                 if body["model"] != MODEL:
                     return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
                 answer = ep.answer(body)
@@ -325,6 +334,13 @@ def test_draft_is_the_engines_greedy_continuation(endpoint, streamed):
     s.draft_send([4], 2)
     with pytest.raises(StreamError, match="top logprobs per generated token" if not streamed else "without server-sent events"):
         s.draft_recv(2)
+    if streamed:
+        s.open([[1, 2, 3]])
+        s.recv()
+        endpoint.script = ["event-without-top"]
+        s.draft_send([4], 2)
+        with pytest.raises(StreamError, match="streamed no tokens and top logprobs per generated token"):
+            s.draft_recv(2)
 
 
 def test_streamed_draft_cut_mid_answer_is_requested_again(endpoint):
