@@ -72,13 +72,7 @@ class Endpoint:
                 elif action == "no-logprobs":
                     return self._send(200, {"choices": [{"index": 0, "text": "x"}]})
                 elif action == "event-without-top":  # a server-sent event whose logprobs lack the top k
-                    data = b'data: {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:5"]}}]}\n\n'
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    self.wfile.flush()
+                    self._send_events(b'data: {"choices": [{"index": 0, "logprobs": {"tokens": ["token_id:5"]}}]}\n\n')
                     return
                 if body["model"] != MODEL:
                     return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
@@ -96,16 +90,19 @@ class Endpoint:
                                                         "logprobs": {"tokens": [tok], "top_logprobs": [top]}}]}))
                 events.sort(key=lambda e: e[0])
                 data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for _, e in events) + b"data: [DONE]\n\n"
+                if action == "cut-stream":  # the engine goes away mid-answer: half the events, then the close
+                    self._send_events(data, data[: data.index(b"data:", len(data) // 2)])
+                    self.close_connection = True
+                    return
+                self._send_events(data)
+
+            def _send_events(self, data, sent=None):
+                """A server-sent-events answer announcing ``data``; ``sent`` (default all) is what is written."""
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if action == "cut-stream":  # the engine goes away mid-answer: half the events, then the close
-                    self.wfile.write(data[: data.index(b"data:", len(data) // 2)])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(data)
+                self.wfile.write(data if sent is None else sent)
                 self.wfile.flush()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
