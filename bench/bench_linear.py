@@ -1,6 +1,7 @@
 """Few-row products: ``costeer_kernels.linear_rows`` against ``F.linear`` (BLAS) at decode shapes.
 
     python bench/bench_linear.py [--rows 1,2,3,4,8,16,24,32] [--threads 2] [--runs 15] [--no-model]
+        [--parts matrices,q8_0,q4_1,k_quants,decode,gemma_k]
 
 Part 1, the matrices of SmolLM2-135M and Gemma 3 270M (random float32 weights): each timed call
 multiplies the M rows by a set of distinct matrices totalling >= 200 MB (a model's worth), so the
@@ -15,7 +16,10 @@ then with the layers read as their GGUF Q4_1 blocks too (what the model cache at
 logits bit for bit). Part 3, the SmolLM2 head alone as float32 and as Q8_0 blocks, both on the
 kernel, each from a set of distinct copies >= 600 MB (DRAM, as in a step). Part 4, SmolLM2's layer
 matrices as float32 and as Q4_1 blocks on the kernel, each from a set >= 200 MB of float32 (DRAM).
-Writes JSON and Markdown under bench/results/<machine>/.
+Part 5 (``k_quants``), Gemma 3 270M's Q4_K / Q6_K matrix shapes the same way (random blocks).
+Part 6 (``gemma_k``), one decode step of Gemma 3 270M as ``load_model`` gives it (every layer on its
+GGUF blocks) against the same model with its 27 Q4_K and 9 Q6_K layers read as float32.
+``--parts`` picks parts. Writes JSON and Markdown under bench/results/<machine>/.
 """
 from __future__ import annotations
 
@@ -179,13 +183,117 @@ def q4_1_layers(rows, runs):
     return out
 
 
+def k_quant_layers(rows, runs):
+    """Gemma 3 270M's Q4_K / Q6_K matrix shapes on the kernel as float32 and as their blocks (random
+    super-blocks: every byte random but finite float16 scales; "blas" columns: float32 on the
+    kernel), each from a set of distinct matrices >= 100 MB of float32 (DRAM)."""
+    from costeer_kernels.blocks import dequantize_blocks
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for label, fmt, nbytes, (N, K) in (("gemma3-270m o_proj 640x1024", "Q4_K", 144, (640, 1024)),
+                                       ("gemma3-270m down 640x2048", "Q4_K", 144, (640, 2048)),
+                                       ("gemma3-270m down 640x2048", "Q6_K", 210, (640, 2048))):
+        count = max(1, min(64, (100 << 20) // (N * K * 4)))
+        blocks = []
+        for _ in range(count):
+            raw = torch.randint(0, 256, (N, K // 256, nbytes), generator=g, dtype=torch.uint8)
+            where = slice(0, 4) if fmt == "Q4_K" else slice(208, 210)  # float16 d (and dmin)
+            scales = (torch.randn(N, K // 256, (where.stop - where.start) // 2, generator=g) * 0.02).half()
+            raw[..., where] = scales.view(torch.uint8).reshape(N, K // 256, -1)
+            blocks.append(raw.reshape(N, -1))
+        dense = [dequantize_blocks(b, K) for b in blocks]
+        for M in rows:
+            x = torch.randn(M, K)
+            f32 = lambda: [linear_rows(x, t) for t in dense]  # noqa: E731
+            q = lambda: [linear_rows(x, t) for t in blocks]  # noqa: E731
+            tf, tq = interleaved([f32, q], runs, warmup=1)
+            tf, tq = tf / count, tq / count
+            out.append({"matrix": f"{label} float32 vs {fmt} (kernel)", "rows": M, "blas_us": tf * 1e6,
+                        "kernel_us": tq * 1e6, "blas_GBps": N * K * 4 / tf / 1e9,
+                        "kernel_GBps": N * K * nbytes / 256 / tq / 1e9, "speedup": tf / tq})
+            print(f"  {label:30s} M={M:3d}  float32 {tf * 1e6:8.1f} us  {fmt} {tq * 1e6:8.1f} us  x{tf / tq:.2f}",
+                  flush=True)
+        del blocks, dense
+    return out
+
+
+def gemma_k_quant_step(rows, runs):
+    """One decode step of Gemma 3 270M (KV cache of 64 positions) as ``load_model`` gives it (every
+    layer on its GGUF blocks, the 27 Q4_K and 9 Q6_K ones included) against the same model with
+    only its Q4_K / Q6_K layers read as float32 (what the model cache did before it kept their
+    blocks), interleaved: one model, those layers' blocks detached before each float32 call and
+    attached again before each blocks call. Both steps start from copies of one prefilled cache, so
+    their logits must be the same bit for bit (checked and reported)."""
+    from costeer.fast_linear import attach_blocks, attached_blocks, detach_blocks
+    from costeer.models import load_model
+
+    try:
+        model = load_model("gemma3-270m").model
+    except Exception as exc:  # noqa: BLE001 - not installed: say so, skip the part
+        print(f"  gemma3-270m unavailable ({exc}): part skipped")
+        return []
+    k_layers = {}
+    for _, m in model.named_modules():
+        got = attached_blocks(m)
+        if got is not None and got[1] in ("q4_k", "q6_k"):
+            k_layers[m] = got[0]
+    if not k_layers:
+        print("  gemma3-270m has no Q4_K / Q6_K layer blocks attached (an old cache entry?): part skipped")
+        return []
+
+    def as_float32():
+        for m in k_layers:
+            detach_blocks(m)
+
+    def as_blocks():
+        for m, b in k_layers.items():
+            attach_blocks(m, b)
+
+    vocab = model.config.vocab_size
+    out = []
+    for M in rows:
+        ids = torch.randint(0, vocab, (M, 64), generator=torch.Generator().manual_seed(M))
+        nxt = torch.randint(0, vocab, (M, 1), generator=torch.Generator().manual_seed(M + 1))
+        with torch.inference_mode():
+            prefilled = model(ids, use_cache=True).past_key_values
+            caches = [copy.deepcopy(prefilled), copy.deepcopy(prefilled)]
+            logits = []
+            for cache, mode in zip(caches, (as_float32, as_blocks)):
+                mode()
+                logits.append(model(nxt, past_key_values=cache, use_cache=True).logits)
+                cache.crop(-1)
+            same = torch.equal(logits[0], logits[1])
+
+            def step(cache, mode):
+                def run():
+                    mode()
+                    model(nxt, past_key_values=cache, use_cache=True)
+                    cache.crop(-1)  # drop the appended position: every round the same 64-position step
+                return run
+
+            tf, tb = interleaved([step(caches[0], as_float32), step(caches[1], as_blocks)], runs, warmup=1)
+        as_blocks()
+        out.append({"matrix": f"Gemma 3 270M decode step, its {len(k_layers)} Q4_K/Q6_K layers float32 vs blocks",
+                    "rows": M, "blas_us": tf * 1e6, "kernel_us": tb * 1e6, "speedup": tf / tb, "same_logits": same})
+        print(f"  Gemma decode step M={M:3d}  Q4_K/Q6_K layers float32 {tf * 1e3:7.2f} ms  as blocks {tb * 1e3:7.2f} ms"
+              f"  x{tf / tb:.2f}  logits identical: {same}", flush=True)
+    return out
+
+
+PARTS = ("matrices", "q8_0", "q4_1", "k_quants", "decode", "gemma_k")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,2,3,4,8,16,24,32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--no-model", action="store_true", help="skip part 2 (the SmolLM2 decode step)")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
     ap.add_argument("--out", type=Path, help="output folder (default bench/results/<machine>/)")
+    ap.add_argument("--name", default="linear", help="file stem of the report (default: linear)")
     args = ap.parse_args(argv)
     try:
         rows = [int(r) for r in args.rows.split(",") if r.strip()]
@@ -201,16 +309,26 @@ def main(argv=None) -> int:
     isa = torch.ops.costeer_ext.cpu_isa() if load_extension() else "- (C++ extension unavailable)"
     print(f"{info['cpu']}, torch {info['torch']}, threads {torch.get_num_threads()}, kernel path {isa}, "
           f"load average {info.get('load_avg')}")
-    results = matrices(rows, args.runs)
-    results += q8_0_head([r for r in rows if r <= 8] or rows[:1], args.runs)
-    results += q4_1_layers([r for r in rows if r <= 8] or rows[:1], args.runs)
-    if not args.no_model:
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - set(PARTS):
+        ap.error(f"--parts: comma-separated names of {','.join(PARTS)}, got {args.parts!r}")
+    few = [r for r in rows if r <= 8] or rows[:1]
+    results = matrices(rows, args.runs) if "matrices" in parts else []
+    if "q8_0" in parts:
+        results += q8_0_head(few, args.runs)
+    if "q4_1" in parts:
+        results += q4_1_layers(few, args.runs)
+    if "k_quants" in parts:
+        results += k_quant_layers(few, args.runs)
+    if "decode" in parts and not args.no_model:
         results += decode_steps([r for r in rows if r in (1, 2, 3, 8, 24)] or rows[:1], args.runs)
+    if "gemma_k" in parts:
+        results += gemma_k_quant_step([r for r in rows if r in (1, 2, 3, 8)] or rows[:1], args.runs)
     info["load_avg_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     info["cpu_isa"] = isa
     report = Report(f"few-row products: linear_rows vs F.linear (git {git_rev()}, kernel path {isa})", info,
                     "python bench/bench_linear.py " + " ".join(argv if argv is not None else sys.argv[1:]), results)
-    out = report.write("linear", ["matrix", "rows", "blas_us", "kernel_us", "blas_GBps", "kernel_GBps", "speedup"],
+    out = report.write(args.name, ["matrix", "rows", "blas_us", "kernel_us", "blas_GBps", "kernel_GBps", "speedup"],
                        args.out)
     print(f"wrote {out}")
     return 0

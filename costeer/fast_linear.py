@@ -10,8 +10,8 @@ GPU, half precision) keeps ``F.linear``. Results equal ``F.linear`` up to float3
 dot products (the summation order differs).
 
 A layer given the GGML blocks of its own weight (``attach_blocks``: the model cache does it for a
-GGUF model's vocabulary head stored as Q8_0 and its layers stored as Q4_1, Q5_0 or Q8_0) reads
-those instead: 20-34 bytes per 32 weights instead of 128, the float32 weight's result bit for bit
+GGUF model's vocabulary head stored as Q8_0 and its layers stored as Q4_1, Q5_0, Q8_0, Q4_K or
+Q6_K) reads those instead: 18-34 bytes per 32 weights instead of 128, the float32 weight's result bit for bit
 (``costeer_kernels.blocks``). Such a layer also takes the kernel for calls of up to ``block_rows``
 rows (prefill included): on the 2-core AMD Zen 5 measured, SmolLM2's 210 Q4_1 products from
 their blocks beat MKL's float32 GEMM at every row count tried (37 rows 33 against 77 ms, 74 rows
@@ -68,9 +68,9 @@ def _kernel():
 
 
 def attach_blocks(module: nn.Linear, blocks: torch.Tensor) -> str:
-    """Give ``module`` the GGML blocks (Q8_0, Q5_0 or Q4_1, a uint8 tensor) of its float32 weight
-    (exactly its values, the caller's guarantee: the model cache checks it at the build), for the
-    few-row kernel to read instead; returns the format ("q8_0", "q5_0" or "q4_1").
+    """Give ``module`` the GGML blocks (Q8_0, Q5_0, Q4_1, Q4_K or Q6_K, a uint8 tensor) of its float32
+    weight (exactly its values, the caller's guarantee: the model cache checks it at the build), for
+    the few-row kernel to read instead; returns the format ("q8_0", "q5_0", "q4_1", "q4_k", "q6_k").
 
     They are used while the weight is the one they were attached to, unchanged: a weight written
     in place (its version counter moves), replaced or converted to another dtype or device drops
@@ -81,7 +81,8 @@ def attach_blocks(module: nn.Linear, blocks: torch.Tensor) -> str:
     from costeer_kernels.blocks import block_format
 
     if type(module) is not nn.Linear or not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
-        raise TypeError("attach_blocks needs an nn.Linear and its GGML blocks (Q8_0, Q5_0, Q4_1) as a uint8 tensor")
+        raise TypeError("attach_blocks needs an nn.Linear and its GGML blocks (Q8_0, Q5_0, Q4_1, Q4_K, Q6_K) as a "
+                        "uint8 tensor")
     fmt = block_format(blocks, module.in_features, "blocks")
     if blocks.shape[0] != module.out_features:
         raise ValueError(f"blocks hold {blocks.shape[0]} rows but the layer has {module.out_features} outputs")

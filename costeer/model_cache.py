@@ -34,7 +34,10 @@ model's output layer (``costeer.fast_linear.attach_q8_0``): its few-row products
 delta read 30 MB instead of 113 MB for SmolLM2, with the same result bit for bit. So are the blocks
 of the layers' linear weights stored as Q4_1, Q5_0 or Q8_0 (20-34 bytes per 32 weights,
 ``costeer_kernels.blocks.exact_blocks``; ``attach_blocks``): a decode step of SmolLM2 reads
-61 MB of layer weights instead of 390 MB. The float32 weights stay in model.safetensors for
+61 MB of layer weights instead of 390 MB. Layers stored as Q4_K or Q6_K (18 or 26.25 bytes per
+32; Gemma 3 270M's attention outputs and some MLP down projections) cannot be recovered from
+their values: their blocks are read from the GGUF file and kept where they de-quantize to the
+layer's float32 weight bit for bit. The float32 weights stay in model.safetensors for
 everything else (prefill, vLLM, other dtypes).
 """
 from __future__ import annotations
@@ -56,7 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-FORMAT_VERSION = 4  # 2: the build record says how the entry is loaded ("load"); 3: lm_head.q8_0; 4: layers.ggml
+FORMAT_VERSION = 5  # 2: the build record says how the entry is loaded ("load"); 3: lm_head.q8_0; 4: layers.ggml;
+# 5: layers.ggml also holds Q4_K / Q6_K layers (read from the GGUF file)
 ENV_VAR = "COSTEER_MODEL_CACHE"
 WEIGHTS_FILE = "model.safetensors"
 HEAD_Q8_0_FILE = "lm_head.q8_0"
@@ -436,10 +440,12 @@ def _head_q8_0(model) -> Tuple[Optional[Any], str]:
     return (blocks, "Q8_0") if blocks is not None else (None, "the head's values are not exactly Q8_0 blocks")
 
 
-def _layer_blocks(model) -> Tuple[Dict[str, Any], str]:
-    """The GGML blocks (uint8: Q4_1, Q5_0 or Q8_0, ``costeer_kernels.blocks``) of every float32
-    ``nn.Linear`` below the output layer whose values are exactly one of them (a GGUF layer stored
-    so: the file's own blocks, recovered from the values), by module name; and what was found."""
+def _layer_blocks(model, gguf_path: Optional[Path] = None) -> Tuple[Dict[str, Any], str]:
+    """The GGML blocks (uint8, ``costeer_kernels.blocks``) of every float32 ``nn.Linear`` below the
+    output layer, by module name, and what was found: Q4_1, Q5_0 or Q8_0 where its values are
+    exactly such blocks (a GGUF layer stored so: the file's own blocks, recovered from the values),
+    else Q4_K or Q6_K as stored in ``gguf_path`` (not recoverable from values: read from the file,
+    ``_gguf_k_quants``) where they de-quantize to the layer's weight bit for bit."""
     import torch
 
     from costeer_kernels.blocks import FORMATS, exact_blocks
@@ -453,8 +459,122 @@ def _layer_blocks(model) -> Tuple[Dict[str, Any], str]:
         if got is not None:
             count[got[0]] += 1
             found[name] = got[1]
+    rest = [(n, m) for n, m in linears if n not in found]
+    if rest and gguf_path is not None:
+        for name, (fmt, blocks) in _gguf_k_quants(gguf_path, model, rest).items():
+            count[fmt] += 1
+            found[name] = blocks
     kinds = ", ".join(f"{n} {fmt.upper()}" for fmt, n in count.items() if n)
     return found, f"{kinds or 'none'} of {len(linears)} linear layers"
+
+
+# GGUF metadata value types (gguf-py's GGUFValueType) -> fixed byte size; 8 = string, 9 = array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _gguf_tensor_index(path: Path) -> Tuple[Dict[str, Tuple[int, Tuple[int, ...], int]], str, Any]:
+    """{tensor name: (GGML type, dims, absolute byte offset)} of a GGUF file (v2/v3), its
+    ``general.architecture`` and its read-only memory map. gguf-py's ``GGUFReader`` builds a memory-mapped view of every metadata
+    element first (Gemma 3 270M's 262144-token vocabulary: 14 s on a 2-core machine); this walks
+    the metadata by sizes only (0.1 s). Whatever it returns is checked before use: the blocks read
+    at an offset must de-quantize to the loaded layer's weight bit for bit."""
+    import mmap
+
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, mm, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals if len(vals) > 1 else vals[0]
+
+    def string() -> str:
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return bytes(mm[pos - n:pos]).decode("utf-8", "replace")
+
+    def skip(vtype: int) -> None:
+        nonlocal pos
+        if vtype in _GGUF_SIZES:
+            pos += _GGUF_SIZES[vtype]
+        elif vtype == 8:
+            n = take("Q")  # (not `pos += take(...)`: that adds to pos as it was before the length)
+            pos += n
+        elif vtype == 9:
+            etype, count = take("IQ")
+            if etype in _GGUF_SIZES:
+                pos += count * _GGUF_SIZES[etype]
+            else:
+                for _ in range(count):
+                    skip(etype)
+        else:
+            raise ValueError(f"unknown GGUF value type {vtype} at byte {pos}")
+
+    if mm[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    pos = 4
+    version, n_tensors, n_kv = take("IQQ")
+    if version < 2:
+        raise ValueError(f"{path}: GGUF version {version} (2 or 3 expected)")
+    alignment, arch = 32, ""
+    for _ in range(n_kv):
+        key, vtype = string(), take("I")
+        if key == "general.alignment" and vtype == 4:
+            alignment = take("I")
+        elif key == "general.architecture" and vtype == 8:
+            arch = string()
+        else:
+            skip(vtype)
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = string(), take("I")
+        dims = tuple(take("Q") for _ in range(n_dims))
+        ttype, offset = take("IQ")
+        infos.append((name, ttype, dims, offset))
+    start = (pos + alignment - 1) // alignment * alignment
+    return {name: (ttype, dims, start + offset) for name, ttype, dims, offset in infos}, arch, mm
+
+
+def _gguf_k_quants(gguf_path: Path, model, linears) -> Dict[str, Tuple[str, Any]]:
+    """{module name: (format, blocks)} for those of ``linears`` stored as Q4_K or Q6_K in the GGUF
+    file (names mapped by gguf-py's tensor-name map of the model's architecture) whose blocks
+    de-quantize to the layer's float32 weight bit for bit; a file or architecture this cannot read
+    gives none (the layers keep their float32 weights)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from costeer_kernels._ggml import same_bits
+    from costeer_kernels.blocks import FORMATS
+
+    kinds = {int(gguf.GGMLQuantizationType.Q4_K): "q4_k", int(gguf.GGMLQuantizationType.Q6_K): "q6_k"}
+    try:
+        index, arch_name, mm = _gguf_tensor_index(gguf_path)
+        arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+        names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    except (OSError, ValueError, struct.error, StopIteration, AttributeError, KeyError):
+        return {}
+    found = {}
+    for name, mod in linears:
+        gguf_name = names.get_name(name)
+        info = index.get(f"{gguf_name}.weight") if gguf_name else None
+        if info is None or info[0] not in kinds:
+            continue
+        fmt = kinds[info[0]]
+        f = FORMATS[fmt]
+        N, K = mod.weight.shape
+        if info[1] != (K, N) or K % f.per:
+            continue
+        size = N * (K // f.per) * f.nbytes
+        if info[2] + size > len(mm):
+            continue
+        blocks = torch.from_numpy(np.frombuffer(mm, dtype=np.uint8, count=size, offset=info[2]).copy()).reshape(N, -1)
+        if same_bits(f.dequantize(blocks), mod.weight.detach()):
+            found[name] = (fmt, blocks)
+    return found
 
 
 def _state_dict_untied(model) -> Tuple[Dict[str, Any], List[str]]:
@@ -503,7 +623,7 @@ def _write_entry(tmp: Path, model, tokenizer, head_q8_0=None, layer_blocks=None)
     if head_q8_0 is not None:
         save_file({"weight": head_q8_0}, str(tmp / HEAD_Q8_0_FILE), metadata={"format": "ggml-q8_0"})
     if layer_blocks:
-        save_file(layer_blocks, str(tmp / LAYERS_FILE), metadata={"format": "ggml-q4_1-q5_0-q8_0"})
+        save_file(layer_blocks, str(tmp / LAYERS_FILE), metadata={"format": "ggml-q4_1-q5_0-q8_0-q4_k-q6_k"})
     _fsync_tree(tmp)
     return {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}, tied
 
@@ -618,7 +738,7 @@ def _build(entry: CacheEntry, progress: bool) -> Tuple[Any, Any]:
             t = time.perf_counter()
             step("writing safetensors")
             head_q8_0, head_note = _head_q8_0(model)
-            layer_blocks, layers_note = _layer_blocks(model)
+            layer_blocks, layers_note = _layer_blocks(model, entry.gguf)
             files, tied = _write_entry(tmp, model, tokenizer, head_q8_0, layer_blocks)
             timings["write_s"] = time.perf_counter() - t
             bar.update()

@@ -20,13 +20,14 @@ def _shape_text(weight) -> str:
     return str(tuple(weight.shape)) if isinstance(weight, torch.Tensor) else type(weight).__name__
 
 
-def block_shape(weight: torch.Tensor, fmt: str, nbytes: int, name: str) -> Tuple[int, int]:
-    """``(N, K)`` of a uint8 weight [N, K / 32 * nbytes] of format ``fmt``; ValueError naming ``name``."""
+def block_shape(weight: torch.Tensor, fmt: str, nbytes: int, name: str, per: int = BLOCK) -> Tuple[int, int]:
+    """``(N, K)`` of a uint8 weight [N, K / per * nbytes] of format ``fmt`` (``nbytes``-byte blocks of
+    ``per`` weights); ValueError naming ``name``."""
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.uint8 or weight.dim() != 2 \
             or weight.shape[1] % nbytes != 0:
-        raise ValueError(f"{name}: a {fmt} weight is uint8 rows [N, K / 32 * {nbytes}] ({nbytes}-byte blocks of 32 "
-                         f"weights), got {_shape_text(weight)}")
-    return weight.shape[0], weight.shape[1] // nbytes * BLOCK
+        raise ValueError(f"{name}: a {fmt} weight is uint8 rows [N, K / {per} * {nbytes}] ({nbytes}-byte blocks of "
+                         f"{per} weights), got {_shape_text(weight)}")
+    return weight.shape[0], weight.shape[1] // nbytes * per
 
 
 def gguf_quantize(weight: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -48,7 +48,7 @@ def _check(x, weight, bias, weight_format=None) -> None:
             raise TypeError(f"linear_rows: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOATS and not (name == "weight" and t.dtype == torch.uint8):
             raise TypeError(f"linear_rows: {name} must be float32, float16 or bfloat16"
-                            f"{' (or uint8: GGML Q8_0, Q5_0 or Q4_1 blocks)' if name == 'weight' else ''}, got {t.dtype}")
+                            f"{' (or uint8: GGML Q8_0, Q5_0, Q4_1, Q4_K or Q6_K blocks)' if name == 'weight' else ''}, got {t.dtype}")
     if weight_format is not None:
         if not isinstance(weight_format, str) or weight_format not in FORMATS:
             raise ValueError(f"linear_rows: weight_format must be one of {sorted(FORMATS)} or None, got {weight_format!r}")
@@ -118,7 +118,8 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         a quarter of float32's bytes, or uint8 [N, K / 32 * 20]: GGML Q4_1 blocks
         (``costeer_kernels.q4_1``), a sixth and a half; the "cpu" backend returns exactly what it
         returns for the de-quantized float32 matrix; or Q5_0 blocks [N, K / 32 * 22]
-        (``costeer_kernels.q5_0``). The formats are told apart by the bytes per row for the K of
+        (``costeer_kernels.q5_0``), or the K-quants Q4_K [N, K / 256 * 144] and Q6_K
+        [N, K / 256 * 210] (``costeer_kernels.k_quants``, read from a GGUF file). The formats are told apart by the bytes per row for the K of
         ``x`` (``costeer_kernels.blocks``); for a wrong K a row size can fit another format (220
         bytes: Q4_1 of K = 352 or Q5_0 of K = 320), which ``weight_format`` rules out.
     bias : torch.Tensor, optional
@@ -127,7 +128,7 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         "cpu", "torch", or None for the device's default (the C++ kernel on CPU when it is built,
         else ``F.linear``).
     weight_format : str, optional
-        "q8_0", "q5_0" or "q4_1": the format a uint8 ``weight`` must be for the K of ``x``
+        "q8_0", "q5_0", "q4_1", "q4_k" or "q6_k": the format a uint8 ``weight`` must be for the K of ``x``
         (ValueError otherwise). None: told by the bytes per row alone.
 
     Returns

@@ -156,6 +156,11 @@ struct Avx2 {
     const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)qh), lane), _mm256_set1_epi32(1));
     return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_or_si256(nib, _mm256_slli_epi32(bit, 4)), _mm256_set1_epi32(16)));
   }
+  // ((qh >> shift) & 3) << 4 | nib, less 32, as float32: a Q6_K weight's code (steer_cpu.h).
+  static V q6_minus32(CI nib, CI qh, int shift) {
+    const __m256i high = _mm256_and_si256(_mm256_srl_epi32(qh, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(3));
+    return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_or_si256(nib, _mm256_slli_epi32(high, 4)), _mm256_set1_epi32(32)));
+  }
   static V load_i8(const char* p) {  // 8 int8 as float32
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
@@ -280,6 +285,10 @@ struct Avx512 {
                                           _mm512_set1_epi32(first));
     const __m512i bit = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)qh), lane), _mm512_set1_epi32(1));
     return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(nib, _mm512_slli_epi32(bit, 4)), _mm512_set1_epi32(16)));
+  }
+  static V q6_minus32(CI nib, CI qh, int shift) {
+    const __m512i high = _mm512_and_si512(_mm512_srl_epi32(qh, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(3));
+    return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_or_si512(nib, _mm512_slli_epi32(high, 4)), _mm512_set1_epi32(32)));
   }
   static V load_i8(const char* p) {  // 16 int8 as float32
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));

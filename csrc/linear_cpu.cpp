@@ -7,8 +7,8 @@
 // of the steering kernels (Kernels::project: each block of four weight rows loaded once, in
 // registers, for all M rows) reads W once at any M. Weight rows are split across threads in
 // blocks, so each thread streams its own contiguous part of W. A uint8 weight is GGML's Q8_0 (a
-// GGUF model's vocabulary head as stored: a quarter of the float32 bytes), Q5_0 or Q4_1 (its
-// layers: 22 or 20 bytes per 32 weights), with the float32 weight's result.
+// GGUF model's vocabulary head as stored: a quarter of the float32 bytes), Q5_0, Q4_1, Q4_K or Q6_K
+// (its layers: 22, 20, 18 or 26.25 bytes per 32 weights), with the float32 weight's result.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -26,8 +26,9 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x [M, K] and weight [N, K] expected, got x ",
               x.sizes(), " and weight ", weight.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  // uint8 weight: GGML Q8_0, Q5_0 or Q4_1 rows of K / 32 blocks (steer_cpu.h), told apart by their
-  // bytes per row (34, 22 or 20 per block); the float32 path's result exactly.
+  // uint8 weight: GGML Q8_0, Q5_0 or Q4_1 rows of K / 32 blocks, or Q4_K or Q6_K rows of K / 256
+  // super-blocks (steer_cpu.h), told apart by their bytes per row (34, 22, 20 per 32; 144, 210 per
+  // 256); the float32 path's result exactly.
   const bool blocks = weight.scalar_type() == at::kByte;
   int block_dtype = cpu::F32;
   if (blocks && K > 0 && K % 32 == 0) {  // every format: blocks of 32 weights
@@ -36,9 +37,15 @@ at::Tensor linear_rows_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     for (const auto& [dtype, bytes] : formats)
       if (weight.size(1) == K / 32 * bytes) block_dtype = dtype;
   }
+  if (blocks && K > 0 && K % 256 == 0) {  // the K-quants: super-blocks of 256 (no row size shared with the above)
+    const std::pair<int, int64_t> formats[] = {{cpu::Q4_K, cpu::Q4_K_BYTES}, {cpu::Q6_K, cpu::Q6_K_BYTES}};
+    for (const auto& [dtype, bytes] : formats)
+      if (weight.size(1) == K / 256 * bytes) block_dtype = dtype;
+  }
   if (blocks) {
     TORCH_CHECK(block_dtype != cpu::F32, op,
-                ": a uint8 weight holds Q8_0, Q5_0 or Q4_1 rows (K / 32 blocks of 34, 22 or 20 bytes); x has K = ",
+                ": a uint8 weight holds Q8_0, Q5_0 or Q4_1 rows (K / 32 blocks of 34, 22 or 20 bytes) or Q4_K or Q6_K "
+                "rows (K / 256 super-blocks of 144 or 210 bytes); x has K = ",
                 K, " but weight has ", weight.size(1), " bytes per row");
   } else {
     TORCH_CHECK(weight.size(1) == K, op, ": x has K = ", K, " columns but weight has ", weight.size(1));

@@ -16,7 +16,7 @@ namespace cpu {
 
 // Elements per chunk: three float32 input chunks plus x stay in L1.
 constexpr int64_t CHUNK = 2048;
-enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_1 = 4, Q5_0 = 5 };
+enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_1 = 4, Q5_0 = 5, Q4_K = 6, Q6_K = 7 };
 
 // GGML's Q8_0 weight rows (Kernels::project only): per 32 elements, the fp16 scale d then 32 int8
 // q, element d * q. The product is exact in float32 (11 + 8 significant bits), so a weight
@@ -37,6 +37,21 @@ constexpr int64_t Q4_1_BYTES = 20;
 // d * (q - 16), exact in float32 (11 + 5 bits).
 constexpr int64_t Q5_0_BLOCK = 32;
 constexpr int64_t Q5_0_BYTES = 22;
+
+// GGML's K-quant weight rows (Kernels::project only), super-blocks of 256 elements, de-quantized as
+// gguf-py does. Q4_K: fp16 d, fp16 dmin, 12 bytes packing eight 6-bit scales sc and mins m, then
+// 128 bytes: per 64 elements, 32 bytes whose low nibbles are the first 32 and high nibbles the
+// next 32 (sub-blocks s = 2g, 2g + 1); element (d * sc_s) * q - dmin * m_s. d * sc_s and dmin * m_s
+// are exact in float32 (11 + 6 bits), so is their product with q (+ 4 bits): one rounding, in the
+// subtraction, which fma(q, d * sc_s, -(dmin * m_s)) makes too.
+constexpr int64_t Q4_K_BLOCK = 256;
+constexpr int64_t Q4_K_BYTES = 144;
+
+// Q6_K: 128 bytes of low nibbles ql, 64 bytes of 2-bit high parts qh, 16 int8 scales sc, fp16 d;
+// element i = (d * sc[i / 16]) * (q - 32), q = low | high << 4. d * sc is exact (11 + 8 bits), its
+// product with q - 32 one rounding, the same in registers.
+constexpr int64_t Q6_K_BLOCK = 256;
+constexpr int64_t Q6_K_BYTES = 210;
 
 struct Operand {
   const char* base = nullptr;

@@ -183,7 +183,7 @@ def test_attached_q4_1_layers_give_the_float32_logits(monkeypatch):
         assert detach_blocks(lin) and not detach_blocks(lin)
         assert attached_blocks(lin) is None
         assert torch.equal(lin(x), real(x, lin.weight, lin.bias))
-    with pytest.raises(ValueError, match="Q8_0 \\[N, 68\\], Q5_0 \\[N, 44\\] or Q4_1 \\[N, 40\\]"):
+    with pytest.raises(ValueError, match="Q4_1 \\[N, 40\\], Q5_0 \\[N, 44\\] or Q8_0 \\[N, 68\\]"):
         attach_blocks(layers[0], torch.zeros(layers[0].out_features, 41, dtype=torch.uint8))
     with pytest.raises(ValueError, match="blocks hold 3 rows"):
         attach_blocks(layers[0], torch.zeros(3, 40, dtype=torch.uint8))

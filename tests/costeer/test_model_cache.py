@@ -445,3 +445,73 @@ def test_a_path_to_an_embedded_file_shares_the_alias_entry_name():
         assert _cache_name(alias, emb.filename) == alias
         assert _cache_name(os.path.join("/somewhere", emb.filename), emb.filename) == alias
     assert _cache_name("/data/other-model.gguf", "other-model.gguf") == "other-model"
+
+
+def test_gguf_tensor_index_matches_the_gguf_package(gguf, tmp_path):
+    """The metadata walk that finds tensors by name (costeer/model_cache.py ``_gguf_tensor_index``,
+    ~0.1 s where gguf-py's reader takes ~14 s on Gemma's file) gives gguf-py's type, shape and data
+    offset for every tensor of the real SmolLM2 file; a file that is not GGUF, or is cut short, is an
+    error there and no blocks at all for the cache (the layers keep their float32 weights)."""
+    import gguf as gguf_py
+
+    index, arch, _ = mc._gguf_tensor_index(gguf)
+    reader = gguf_py.GGUFReader(gguf)
+    assert arch == "llama" and len(index) == len(reader.tensors) == 272
+    for t in reader.tensors:
+        assert index[t.name] == (int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset)), t.name
+    not_gguf = tmp_path / "x.gguf"
+    not_gguf.write_bytes(b"GGML" + bytes(60))
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        mc._gguf_tensor_index(not_gguf)
+    cut = tmp_path / "cut.gguf"
+    with open(gguf, "rb") as f:
+        cut.write_bytes(f.read(100_000))  # inside the vocabulary's metadata
+    with pytest.raises(Exception):
+        mc._gguf_tensor_index(cut)
+    model = torch.nn.Module()
+    model.config = type("C", (), {"num_hidden_layers": 30})()
+    assert mc._gguf_k_quants(cut, model, [("model.layers.0.mlp.down_proj", torch.nn.Linear(1536, 576))]) == {}
+
+
+@pytest.mark.slow
+def test_gemma_k_quant_layers_are_the_gguf_blocks_and_give_the_float32_logits():
+    """Gemma 3 270M's GGUF stores 27 layer weights as Q4_K and 9 as Q6_K, which cannot be recovered
+    from their de-quantized values: the entry reads their blocks from the file (the bytes there, at
+    the offsets gguf-py gives), the warm start attaches them, and a decode step gives the float32
+    weights' logits bit for bit (the same prefilled cache, those layers' blocks detached or not)."""
+    import copy
+
+    import numpy as np
+
+    from costeer.fast_linear import attach_blocks, attached_blocks, detach_blocks
+    from costeer.models import load_model
+
+    try:
+        where, name = resolve_model("gemma3-270m")
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    loaded = load_model("gemma3-270m")  # the user's cache (shared with the pair's tests)
+    entry = mc.entry_for_gguf(os.path.join(where, name), "gemma3-270m")
+    assert mc.entry_info(entry.path)["layer_blocks"] == "81 Q5_0, 9 Q8_0, 27 Q4_K, 9 Q6_K of 126 linear layers"
+    model = loaded.model
+    k_layers = {n: attached_blocks(m) for n, m in model.named_modules()}
+    k_layers = {n: got[0] for n, got in k_layers.items() if got is not None and got[1] in ("q4_k", "q6_k")}
+    assert len(k_layers) == 36 and all(n.endswith(("self_attn.o_proj", "mlp.down_proj")) for n in k_layers)
+    index, arch, mm = mc._gguf_tensor_index(entry.gguf)
+    ttype, dims, offset = index["blk.0.attn_output.weight"]
+    raw = np.frombuffer(mm, dtype=np.uint8, count=640 * 4 * 144, offset=offset)
+    assert arch == "gemma3" and ttype == 12 and dims == (1024, 640)  # GGML type 12: Q4_K
+    assert torch.equal(k_layers["model.layers.0.self_attn.o_proj"].flatten(), torch.from_numpy(raw.copy()))
+    modules = dict(model.named_modules())
+    ids = torch.tensor([loaded.tokenizer.encode(PROMPT)] * 2)
+    with torch.inference_mode():
+        prefilled = model(ids, use_cache=True).past_key_values
+        nxt = torch.tensor([[17], [23]])
+        logits = []
+        for attached in (True, False):
+            for n, blocks in k_layers.items():
+                attach_blocks(modules[n], blocks) if attached else detach_blocks(modules[n])
+            logits.append(model(nxt, past_key_values=copy.deepcopy(prefilled)).logits)
+    for n, blocks in k_layers.items():
+        attach_blocks(modules[n], blocks)
+    assert torch.equal(logits[0], logits[1])

@@ -1,5 +1,6 @@
 """linear_rows (costeer_kernels/linear.py, csrc/linear_cpu.cpp): x @ W.T + b for a few rows, against
 float64 of the same inputs on every CPU instruction-set path."""
+import functools
 import os
 import platform
 import subprocess
@@ -94,7 +95,9 @@ def test_default_backend_on_cpu_is_the_kernel(ext):
 @pytest.mark.parametrize("call,exc,words", [
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 5)), ValueError, "with K = 5"),
     (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 35, dtype=torch.uint8)), ValueError,
-     "weight: a uint8 weight for rows of K = 32 is GGML Q8_0 [N, 34], Q5_0 [N, 22] or Q4_1 [N, 20]"),
+     "weight: a uint8 weight for rows of K = 32 is GGML Q4_1 [N, 20], Q5_0 [N, 22] or Q8_0 [N, 34]"),
+    (lambda: linear_rows(torch.randn(2, 512), torch.zeros(3, 289, dtype=torch.uint8)), ValueError,
+     "Q8_0 [N, 544], Q4_K [N, 288] or Q6_K [N, 420]"),
     (lambda: linear_rows(torch.randn(2, 32), torch.zeros(3, 68, dtype=torch.uint8)), ValueError, "got shape (3, 68)"),
     (lambda: linear_rows(torch.randn(2, 48), torch.zeros(3, 51, dtype=torch.uint8)), ValueError, "K a multiple of 32"),
     (lambda: linear_rows(torch.randn(2, 0), torch.zeros(3, 0, dtype=torch.uint8)), ValueError, "got K = 0"),
@@ -106,7 +109,7 @@ def test_default_backend_on_cpu_is_the_kernel(ext):
     (lambda: linear_rows(torch.randn(2, 32), torch.randn(3, 32), weight_format="q8_0"), ValueError,
      "names GGML blocks, but weight is torch.float32"),
     (lambda: linear_rows(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8)), TypeError,
-     "(or uint8: GGML Q8_0, Q5_0 or Q4_1 blocks)"),
+     "(or uint8: GGML Q8_0, Q5_0, Q4_1, Q4_K or Q6_K blocks)"),
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4, 1)), ValueError, "weight must be 2-D"),
     (lambda: linear_rows(torch.ones(2, 4, dtype=torch.int32), torch.randn(3, 4)), TypeError, "x must be float32"),
     (lambda: linear_rows(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError, "bias must be [N] = [3]"),
@@ -301,6 +304,13 @@ def test_low_bit_row_stride_torch_backend_nan_and_empty(ext, fmt):
     assert linear_rows(x, blocks[:0], backend="cpu").shape == (3, 0)
 
 
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path):
+    import gguf
+
+    return gguf.GGUFReader(path)  # ~10 s for Gemma's file: once for the fixtures that read it
+
+
 def _real_layers(path, qtype, names=None, count=3):
     """(name, file bytes, gguf-py's float32) of the first ``count`` tensors of type ``qtype`` named
     in ``names`` (any name when None), and how many tensors of that type the file has."""
@@ -308,7 +318,7 @@ def _real_layers(path, qtype, names=None, count=3):
     import numpy as np
 
     kind = getattr(gguf.GGMLQuantizationType, qtype)
-    tensors = [t for t in gguf.GGUFReader(path).tensors if t.tensor_type == kind]
+    tensors = [t for t in _gguf_reader(path).tensors if t.tensor_type == kind]
     picked = [t for t in tensors if names is None or t.name in names][:count] if names else tensors[:2] + tensors[-1:]
     out = []
     for t in picked:
@@ -423,3 +433,93 @@ def test_exact_low_bit_recovers_the_blocks_or_says_none(fmt):
     assert exact(deq[:, :48]) is None  # K not a multiple of 32
     assert exact(deq.double()) is None
     assert exact(torch.randn(8, 64)) is None
+
+
+# --- Q4_K and Q6_K weights (uint8 GGML super-blocks of 256: costeer_kernels/k_quants.py) ------------------
+
+K_QUANTS = {"q4_k": (144, "Q4_K"), "q6_k": (210, "Q6_K")}
+
+
+def _k_blocks(fmt, N, K, seed):
+    """Random super-blocks (every byte random: all codes, scales and mins) with finite float16 scales
+    of mixed sign, and gguf-py's de-quantized float32 matrix of them."""
+    import gguf
+    import numpy as np
+
+    nbytes, qtype = K_QUANTS[fmt]
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (N, K // 256, nbytes), generator=g, dtype=torch.uint8)
+    where = slice(0, 4) if fmt == "q4_k" else slice(208, 210)  # Q4_K: d, dmin; Q6_K: d
+    halves = (torch.randn(N, K // 256, (where.stop - where.start) // 2, generator=g) * 0.02).half()
+    raw[..., where] = halves.view(torch.uint8).reshape(N, K // 256, -1)
+    raw = raw.reshape(N, -1)
+    deq = gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, qtype))
+    return raw, torch.from_numpy(np.ascontiguousarray(deq)).reshape(N, K)
+
+
+@pytest.mark.parametrize("fmt", sorted(K_QUANTS))
+def test_k_quant_dequantize_matches_the_gguf_package(fmt):
+    raw, deq = _k_blocks(fmt, 37, 768, 1)
+    assert same_bits(dequantize_blocks(raw, 768), deq)
+    assert dequantize_blocks(raw, 768).abs().max() > 0
+
+
+@pytest.mark.parametrize("fmt", sorted(K_QUANTS))
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("N,K", [(1, 256), (13, 512), (67, 1024), (640, 2048)])
+def test_k_quant_is_the_float32_result_bit_for_bit(isa, fmt, M, N, K):
+    """Each weight formed in registers is gguf-py's value (one rounding: Q4_K's subtraction, Q6_K's
+    product with q - 32), summed in the float32 path's order: the same result, bit for bit."""
+    raw, deq = _k_blocks(fmt, N, K, M * 100 + N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    y = linear_rows(x, raw, backend="cpu")
+    assert torch.equal(y, linear_rows(x, deq, backend="cpu"))
+    _check(y, x, deq)
+    b = torch.randn(N)
+    _check(linear_rows(x, raw, b, backend="cpu", weight_format=fmt), x, deq, b)
+
+
+@pytest.mark.parametrize("fmt", sorted(K_QUANTS))
+def test_k_quant_row_stride_torch_backend_nan_and_errors(ext, fmt):
+    raw, deq = _k_blocks(fmt, 40, 512, 3)
+    x = torch.randn(3, 512)
+    assert torch.equal(linear_rows(x, raw[::2], backend="cpu"), linear_rows(x, deq[::2].contiguous(), backend="cpu"))
+    _check(linear_rows(x, raw, backend="torch"), x, deq)
+    bad = raw.clone()
+    nbytes = K_QUANTS[fmt][0]
+    at = nbytes + (0 if fmt == "q4_k" else 208)  # row 5, super-block 1: d float16 NaN
+    bad[5, at:at + 2] = torch.tensor([0x00, 0x7E], dtype=torch.uint8)
+    y = linear_rows(x, bad, backend="cpu")
+    assert torch.isnan(y[:, 5]).all() and torch.isfinite(y[:, [0, 4, 6, 39]]).all()
+    assert linear_rows(torch.randn(0, 512), raw, backend="cpu").shape == (0, 40)
+    with pytest.raises(ValueError, match="exact_blocks: q4_k blocks are not recovered from values"):
+        from costeer_kernels.blocks import exact_blocks
+        exact_blocks(deq, formats=("q4_k",))
+    torch.library.opcheck(torch.ops.costeer.linear_rows.default, (x, raw, None, "auto"))
+
+
+@pytest.fixture(scope="module")
+def gemma_k_quant_layers():
+    import os
+
+    from costeer.models import resolve_model
+
+    try:
+        where, gguf_file = resolve_model("gemma3-270m")
+    except Exception as exc:  # noqa: BLE001 - not installed or not assembled: say why
+        pytest.skip(f"gemma3-270m unavailable: {exc}")
+    path = os.path.join(where, gguf_file)
+    return _real_layers(path, "Q4_K") + _real_layers(path, "Q6_K")
+
+
+def test_k_quant_blocks_of_the_real_gemma_layers(isa, gemma_k_quant_layers):
+    """Gemma 3 270M's Q4_K (27) and Q6_K (9) layers as its q4_k_m GGUF stores them: the file's bytes
+    de-quantize to gguf-py's float32 and give that matrix's result bit for bit."""
+    q4k, n4, q6k, n6 = gemma_k_quant_layers
+    assert (n4, n6) == (27, 9) and len(q4k) == len(q6k) == 3
+    for name, raw, deq in q4k + q6k:
+        K = deq.shape[1]
+        assert same_bits(dequantize_blocks(raw, K), deq), name
+        for M in (1, 3, 8):
+            x = torch.randn(M, K)
+            assert torch.equal(linear_rows(x, raw, backend="cpu"), linear_rows(x, deq, backend="cpu")), (name, M)
