@@ -155,6 +155,24 @@ def q8_0_head(rows, runs):
     return out
 
 
+def _float32_vs_blocks(label, fmt, bytes_per_weight, dense, blocks, rows, runs):
+    """Rows of the table: each set of matrices on the kernel as float32 (the "blas" columns) and as
+    blocks, interleaved, per M, from DRAM (both sets are distinct matrices)."""
+    N, K = dense[0].shape
+    out = []
+    for M in rows:
+        x = torch.randn(M, K)
+        f32 = lambda: [linear_rows(x, t) for t in dense]  # noqa: E731
+        q = lambda: [linear_rows(x, t) for t in blocks]  # noqa: E731
+        tf, tq = interleaved([f32, q], runs, warmup=1)
+        tf, tq = tf / len(dense), tq / len(blocks)
+        out.append({"matrix": f"{label} float32 vs {fmt} (kernel)", "rows": M, "blas_us": tf * 1e6,
+                    "kernel_us": tq * 1e6, "blas_GBps": N * K * 4 / tf / 1e9,
+                    "kernel_GBps": N * K * bytes_per_weight / tq / 1e9, "speedup": tf / tq})
+        print(f"  {label:30s} M={M:3d}  float32 {tf * 1e6:8.1f} us  {fmt} {tq * 1e6:8.1f} us  x{tf / tq:.2f}", flush=True)
+    return out
+
+
 def q4_1_layers(rows, runs):
     """SmolLM2's layer matrices on the kernel as float32 and as Q4_1 blocks (random weights
     quantized; "blas" columns: float32 on the kernel), each from a set of distinct matrices >= 200 MB
@@ -168,17 +186,7 @@ def q4_1_layers(rows, runs):
         count = max(1, min(64, (200 << 20) // (N * K * 4)))
         q4 = [quantize_q4_1(torch.randn(N, K)) for _ in range(count)]
         dense = [dequantize_q4_1(b) for b in q4]
-        for M in rows:
-            x = torch.randn(M, K)
-            f32 = lambda: [linear_rows(x, t) for t in dense]  # noqa: E731
-            q = lambda: [linear_rows(x, t) for t in q4]  # noqa: E731
-            tf, tq = interleaved([f32, q], runs, warmup=1)
-            tf, tq = tf / count, tq / count
-            out.append({"matrix": f"{label} float32 vs Q4_1 (kernel)", "rows": M, "blas_us": tf * 1e6,
-                        "kernel_us": tq * 1e6, "blas_GBps": N * K * 4 / tf / 1e9,
-                        "kernel_GBps": N * K * 20 / 32 / tq / 1e9, "speedup": tf / tq})
-            print(f"  {label:30s} M={M:3d}  float32 {tf * 1e6:8.1f} us  Q4_1 {tq * 1e6:8.1f} us  x{tf / tq:.2f}",
-                  flush=True)
+        out += _float32_vs_blocks(label, "Q4_1", 20 / 32, dense, q4, rows, runs)
         del q4, dense
     return out
 
@@ -187,6 +195,7 @@ def k_quant_layers(rows, runs):
     """Gemma 3 270M's Q4_K / Q6_K matrix shapes on the kernel as float32 and as their blocks (random
     super-blocks: every byte random but finite float16 scales; "blas" columns: float32 on the
     kernel), each from a set of distinct matrices >= 100 MB of float32 (DRAM)."""
+    from bench.bench_block_layers import random_k_quant
     from costeer_kernels.blocks import dequantize_blocks
 
     g = torch.Generator().manual_seed(0)
@@ -195,25 +204,9 @@ def k_quant_layers(rows, runs):
                                        ("gemma3-270m down 640x2048", "Q4_K", 144, (640, 2048)),
                                        ("gemma3-270m down 640x2048", "Q6_K", 210, (640, 2048))):
         count = max(1, min(64, (100 << 20) // (N * K * 4)))
-        blocks = []
-        for _ in range(count):
-            raw = torch.randint(0, 256, (N, K // 256, nbytes), generator=g, dtype=torch.uint8)
-            where = slice(0, 4) if fmt == "Q4_K" else slice(208, 210)  # float16 d (and dmin)
-            scales = (torch.randn(N, K // 256, (where.stop - where.start) // 2, generator=g) * 0.02).half()
-            raw[..., where] = scales.view(torch.uint8).reshape(N, K // 256, -1)
-            blocks.append(raw.reshape(N, -1))
+        blocks = [random_k_quant(fmt.lower(), N, K, g) for _ in range(count)]
         dense = [dequantize_blocks(b, K) for b in blocks]
-        for M in rows:
-            x = torch.randn(M, K)
-            f32 = lambda: [linear_rows(x, t) for t in dense]  # noqa: E731
-            q = lambda: [linear_rows(x, t) for t in blocks]  # noqa: E731
-            tf, tq = interleaved([f32, q], runs, warmup=1)
-            tf, tq = tf / count, tq / count
-            out.append({"matrix": f"{label} float32 vs {fmt} (kernel)", "rows": M, "blas_us": tf * 1e6,
-                        "kernel_us": tq * 1e6, "blas_GBps": N * K * 4 / tf / 1e9,
-                        "kernel_GBps": N * K * nbytes / 256 / tq / 1e9, "speedup": tf / tq})
-            print(f"  {label:30s} M={M:3d}  float32 {tf * 1e6:8.1f} us  {fmt} {tq * 1e6:8.1f} us  x{tf / tq:.2f}",
-                  flush=True)
+        out += _float32_vs_blocks(label, fmt, nbytes / 256, dense, blocks, rows, runs)
         del blocks, dense
     return out
 

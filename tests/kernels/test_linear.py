@@ -158,7 +158,7 @@ def test_q8_0_dequantize_matches_the_gguf_package():
     assert torch.equal(deq, torch.from_numpy(np.ascontiguousarray(theirs)).reshape(37, 96))
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 17, 24, 33])  # 8-row passes, widened (csrc: rows8_max)
 @pytest.mark.parametrize("N,K", [(1, 32), (13, 64), (192, 576), (67, 1536)])
 def test_q8_0_is_the_float32_result_bit_for_bit(isa, M, N, K):
     """d * q is exact in float32: the kernel forms the de-quantized weights in registers and sums in
@@ -273,7 +273,7 @@ def test_low_bit_dequantize_matches_the_gguf_package(fmt):
 
 
 @pytest.mark.parametrize("fmt", sorted(LOW_BIT))
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 17, 24, 33])  # 8-row passes, widened (csrc: rows8_max)
 @pytest.mark.parametrize("N,K", [(1, 32), (13, 64), (192, 576), (67, 1536)])
 def test_low_bit_is_the_float32_result_bit_for_bit(isa, q4_1_form, fmt, M, N, K):
     """The de-quantized value is one exact product (and for Q4_1 one rounding of its sum with m, as
@@ -335,8 +335,7 @@ def smollm2_q4_1_layers():
                         ("blk.0.attn_k.weight", "blk.0.ffn_down.weight", "blk.29.ffn_gate.weight"))
 
 
-@pytest.fixture(scope="module")
-def gemma_q5_0_layers():
+def _gemma_gguf():
     import os
 
     from costeer.models import resolve_model
@@ -345,7 +344,12 @@ def gemma_q5_0_layers():
         where, gguf_file = resolve_model("gemma3-270m")
     except Exception as exc:  # noqa: BLE001 - not installed or not assembled: say why
         pytest.skip(f"gemma3-270m unavailable: {exc}")
-    return _real_layers(os.path.join(where, gguf_file), "Q5_0")  # reading the file: ~15 s, once
+    return os.path.join(where, gguf_file)
+
+
+@pytest.fixture(scope="module")
+def gemma_q5_0_layers():
+    return _real_layers(_gemma_gguf(), "Q5_0")
 
 
 def _exact_and_bit_for_bit(layers, fmt):
@@ -465,7 +469,7 @@ def test_k_quant_dequantize_matches_the_gguf_package(fmt):
 
 
 @pytest.mark.parametrize("fmt", sorted(K_QUANTS))
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 17, 24, 33])  # 8-row passes, widened (csrc: rows8_max)
 @pytest.mark.parametrize("N,K", [(1, 256), (13, 512), (67, 1024), (640, 2048)])
 def test_k_quant_is_the_float32_result_bit_for_bit(isa, fmt, M, N, K):
     """Each weight formed in registers is gguf-py's value (one rounding: Q4_K's subtraction, Q6_K's
@@ -500,16 +504,7 @@ def test_k_quant_row_stride_torch_backend_nan_and_errors(ext, fmt):
 
 @pytest.fixture(scope="module")
 def gemma_k_quant_layers():
-    import os
-
-    from costeer.models import resolve_model
-
-    try:
-        where, gguf_file = resolve_model("gemma3-270m")
-    except Exception as exc:  # noqa: BLE001 - not installed or not assembled: say why
-        pytest.skip(f"gemma3-270m unavailable: {exc}")
-    path = os.path.join(where, gguf_file)
-    return _real_layers(path, "Q4_K") + _real_layers(path, "Q6_K")
+    return _real_layers(_gemma_gguf(), "Q4_K") + _real_layers(_gemma_gguf(), "Q6_K")
 
 
 def test_k_quant_blocks_of_the_real_gemma_layers(isa, gemma_k_quant_layers):
