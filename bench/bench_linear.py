@@ -141,18 +141,7 @@ def q8_0_head(rows, runs):
     dense = [w.clone() for _ in range(6)]  # 680 MB
     q8 = quantize_q8_0(w)
     blocks = [q8.clone() for _ in range(20)]  # 600 MB
-    out = []
-    for M in rows:
-        x = torch.randn(M, K)
-        f32 = lambda: [linear_rows(x, t) for t in dense]  # noqa: E731
-        q = lambda: [linear_rows(x, t) for t in blocks]  # noqa: E731
-        tf, tq = interleaved([f32, q], runs, warmup=1)
-        tf, tq = tf / len(dense), tq / len(blocks)
-        out.append({"matrix": "smollm2 head float32 vs Q8_0 (kernel)", "rows": M, "blas_us": tf * 1e6,
-                    "kernel_us": tq * 1e6, "blas_GBps": N * K * 4 / tf / 1e9, "kernel_GBps": N * K * 34 / 32 / tq / 1e9,
-                    "speedup": tf / tq})
-        print(f"  head M={M:3d}  float32 {tf * 1e6:8.1f} us  Q8_0 {tq * 1e6:8.1f} us  x{tf / tq:.2f}", flush=True)
-    return out
+    return _float32_vs_blocks("smollm2 head", "Q8_0", 34 / 32, dense, blocks, rows, runs)
 
 
 def _float32_vs_blocks(label, fmt, bytes_per_weight, dense, blocks, rows, runs):
