@@ -544,11 +544,6 @@ def _gguf_k_quants(gguf_path: Path, model, linears) -> Dict[str, Tuple[str, Any]
     de-quantize to the layer's float32 weight bit for bit; a file or architecture this cannot read
     gives none (the layers keep their float32 weights)."""
     import gguf
-    import numpy as np
-    import torch
-
-    from costeer_kernels._ggml import same_bits
-    from costeer_kernels.blocks import FORMATS
 
     kinds = {int(gguf.GGMLQuantizationType.Q4_K): "q4_k", int(gguf.GGMLQuantizationType.Q6_K): "q6_k"}
     try:
@@ -557,6 +552,19 @@ def _gguf_k_quants(gguf_path: Path, model, linears) -> Dict[str, Tuple[str, Any]
         names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     except (OSError, ValueError, struct.error, StopIteration, AttributeError, KeyError):
         return {}
+    try:
+        return _read_k_quants(index, mm, names, kinds, linears)
+    finally:
+        mm.close()  # every block read was copied out
+
+
+def _read_k_quants(index, mm, names, kinds, linears) -> Dict[str, Tuple[str, Any]]:
+    import numpy as np
+    import torch
+
+    from costeer_kernels._ggml import same_bits
+    from costeer_kernels.blocks import FORMATS
+
     found = {}
     for name, mod in linears:
         gguf_name = names.get_name(name)

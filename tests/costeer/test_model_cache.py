@@ -488,8 +488,8 @@ def test_gemma_k_quant_layers_are_the_gguf_blocks_and_give_the_float32_logits():
 
     try:
         where, name = resolve_model("gemma3-270m")
-    except ModelNotFoundError as exc:
-        pytest.skip(str(exc))
+    except ModelNotFoundError as exc:  # the package is not installed: the message names its pip command
+        pytest.skip(f"gemma3-270m unavailable: {exc}")
     loaded = load_model("gemma3-270m")  # the user's cache (shared with the pair's tests)
     entry = mc.entry_for_gguf(os.path.join(where, name), "gemma3-270m")
     assert mc.entry_info(entry.path)["layer_blocks"] == "81 Q5_0, 9 Q8_0, 27 Q4_K, 9 Q6_K of 126 linear layers"
